@@ -1,0 +1,38 @@
+"""Hash layers (Roller et al. 2021): a fixed random table maps each token id to one expert."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from routerlab.errors import ConfigError
+from routerlab.routers.base import Router, Routing
+from routerlab.routers.registry import RouterParams, register_router, require
+
+
+@dataclass(frozen=True)
+class HashParams(RouterParams):
+    seed: int = 0  # seed of the random table
+    table_size: int = 65536  # token ids are taken modulo this
+
+    def __post_init__(self) -> None:
+        require(self.table_size >= 1, f"table_size must be >= 1, got {self.table_size}")
+
+
+@register_router("hash", HashParams)
+class Hash(Router):
+    """Fixed random token-id -> expert table; no parameters, no aux loss, weight 1."""
+
+    needs_token_ids = True
+
+    def __init__(self, d_model: int, num_experts: int, params: HashParams) -> None:
+        super().__init__(d_model, num_experts, params)
+        g = torch.Generator().manual_seed(params.seed)
+        self.register_buffer("table", torch.randint(num_experts, (params.table_size,), generator=g))
+
+    def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
+        if token_ids is None:
+            raise ConfigError(f"router {self.router_name!r} needs token ids; this task has none (use 'lsh' or a learned router)")
+        experts = self.table[token_ids % self.table.numel()].unsqueeze(1)
+        return Routing(experts, torch.ones(experts.shape, dtype=x.dtype, device=x.device))
