@@ -45,6 +45,9 @@ class Router(nn.Module):
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:  # pragma: no cover
         raise NotImplementedError
 
+    def before_step(self) -> None:
+        """Called by the trainer after backward, before the optimizer step (e.g. a router-only grad clip)."""
+
     def after_step(self, stats) -> None:
         """Called by the trainer after each optimizer step with this layer's `RoutingStats`."""
 
