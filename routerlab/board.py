@@ -1,0 +1,103 @@
+"""TensorBoard output of a training run: scalars, per-expert load histograms, the load heatmap,
+hparams, and a custom-scalars layout that groups the routing dashboards.
+
+Tags:  train/loss, train/aux/<layer>/<name>, train/lr, perf/tokens_per_s,
+       eval/loss, eval/accuracy | eval/perplexity,
+       routing/<metric>/layer<i> (training batches), eval_routing/<metric>/layer<i> (evaluation),
+       load/layer<i> (histogram over expert index), load/heatmap (figure).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROUTING_METRICS = (
+    "load_cv", "max_vio", "dropped_frac", "dead_experts", "router_entropy", "usage_entropy",
+    "z_value", "max_logit", "switch_balance", "specialization", "fluctuation",
+)
+
+
+def custom_layout() -> dict:
+    def charts(prefix: str) -> dict:
+        return {m: ["Multiline", [rf"{prefix}/{m}/.*"]] for m in ROUTING_METRICS}
+
+    return {
+        "task": {"loss": ["Multiline", [r"train/loss", r"eval/loss"]], "quality": ["Multiline", [r"eval/accuracy", r"eval/perplexity"]]},
+        "routing (training batches)": charts("routing"),
+        "routing (evaluation)": charts("eval_routing"),
+        "auxiliary losses": {"aux": ["Multiline", [r"train/aux/.*"]]},
+    }
+
+
+def load_heatmap(loads: list[np.ndarray], title: str = "expert load (share of token-slots)"):
+    """Figure: rows = MoE layers, columns = experts, colour = share of the layer's token-slots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = np.stack([l / max(l.sum(), 1.0) for l in loads])
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * shares.shape[1] + 2), 0.6 * shares.shape[0] + 1.5))
+    im = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(shares.shape[0]))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def flat_hparams(config) -> dict[str, Any]:
+    """Config as the flat scalar dict TensorBoard's hparams plugin wants."""
+    out: dict[str, Any] = {"seed": config.seed}
+    for section in ("task", "router"):
+        for key, value in getattr(config, section).items():
+            out[f"{section}.{key}"] = value
+    for section in ("model", "train"):
+        for key, value in getattr(config, section).model_dump().items():
+            out[f"{section}.{key}"] = value
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in out.items()}
+
+
+class Board:
+    """A SummaryWriter with routerlab's layout. `purge_step` drops events a killed run left past it."""
+
+    def __init__(self, run_dir: str | Path, purge_step: int = 0) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step or None)
+        if not purge_step:
+            self.writer.add_custom_scalars(custom_layout())
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def routing(self, prefix: str, per_layer: list[dict[str, float]], step: int) -> None:
+        for i, metrics in enumerate(per_layer):
+            for name, value in metrics.items():
+                if name in ROUTING_METRICS:
+                    self.writer.add_scalar(f"{prefix}/{name}/layer{i}", value, step)
+
+    def loads(self, loads: list[np.ndarray], step: int) -> None:
+        for i, load in enumerate(loads):
+            edges = np.arange(len(load), dtype=np.float64) + 0.5  # bucket e covers (e - 0.5, e + 0.5]
+            idx = np.arange(len(load), dtype=np.float64)
+            total = float(load.sum())
+            self.writer.add_histogram_raw(
+                f"load/layer{i}", min=0.0, max=float(len(load) - 1), num=total, sum=float((idx * load).sum()),
+                sum_squares=float((idx**2 * load).sum()), bucket_limits=edges.tolist(), bucket_counts=load.tolist(), global_step=step,
+            )
+        if loads:
+            self.writer.add_figure("load/heatmap", load_heatmap(loads), step)
+
+    def hparams(self, config, metrics: dict[str, float]) -> None:
+        final = {f"hparam/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+        self.writer.add_hparams(flat_hparams(config), final, run_name=".")
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()

@@ -1,0 +1,52 @@
+"""`clusters`: K latent Gaussian clusters, each with its own nonlinear labelling function.
+
+The ground truth for specialization: an expert per cluster can learn that cluster's function, so a
+good router learns cluster -> expert. `zipf` skews cluster frequencies (p_i proportional to
+1 / (i+1)^zipf), which makes unbalanced routers collapse.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from routerlab.tasks.base import ClassificationTask, TaskParams, register_task
+
+
+class ClustersParams(TaskParams):
+    num_clusters: int = Field(8, ge=1)
+    input_dim: int = Field(32, ge=2)
+    num_classes: int = Field(4, ge=2)
+    train_size: int = Field(16384, ge=1)
+    val_size: int = Field(2048, ge=1)
+    spread: float = Field(0.5, gt=0)  # within-cluster std, relative to unit-norm-scaled centers
+    zipf: float = Field(0.0, ge=0)
+    seed: int = 0  # data seed, independent of the training seed
+
+
+@register_task("clusters", ClustersParams)
+class Clusters(ClassificationTask):
+    """Synthetic classification from K latent clusters with per-cluster labelling functions."""
+
+    label_name = "cluster"
+
+    def __init__(self, params: ClustersParams) -> None:
+        self.params = params
+        self.num_labels = params.num_clusters
+        self.num_classes = params.num_classes
+        self.input_dim = params.input_dim
+        g = torch.Generator().manual_seed(params.seed)
+        K, d, C, hidden = params.num_clusters, params.input_dim, params.num_classes, 16
+        self.centers = torch.randn(K, d, generator=g) * 2.0
+        self.w1 = torch.randn(K, d, hidden, generator=g)
+        self.w2 = torch.randn(K, hidden, C, generator=g)
+        freq = 1.0 / torch.arange(1, K + 1, dtype=torch.float64) ** params.zipf
+        self.cluster_probs = (freq / freq.sum()).float()
+        self.data = {"train": self._make(params.train_size, g), "val": self._make(params.val_size, g)}
+
+    def _make(self, n: int, g: torch.Generator):
+        cluster = torch.multinomial(self.cluster_probs, n, replacement=True, generator=g)
+        offset = torch.randn(n, self.input_dim, generator=g) * self.params.spread
+        x = self.centers[cluster] + offset
+        hidden = torch.tanh(torch.einsum("nd,ndh->nh", offset, self.w1[cluster]))
+        y = torch.einsum("nh,nhc->nc", hidden, self.w2[cluster]).argmax(-1)
+        return x, y, cluster

@@ -1,0 +1,34 @@
+"""`digits`: scikit-learn's bundled 8x8 digit images (1797 images, 10 classes), no download."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from routerlab.tasks.base import ClassificationTask, TaskParams, register_task
+
+
+class DigitsParams(TaskParams):
+    val_frac: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0  # split seed
+
+
+@register_task("digits", DigitsParams)
+class Digits(ClassificationTask):
+    """scikit-learn's 8x8 handwritten digits; the specialization label is the class."""
+
+    label_name = "class"
+    num_labels = 10
+    num_classes = 10
+    input_dim = 64
+
+    def __init__(self, params: DigitsParams) -> None:
+        from sklearn.datasets import load_digits
+
+        self.params = params
+        bunch = load_digits()
+        x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
+        y = torch.tensor(bunch.target, dtype=torch.long)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(params.seed))
+        n_val = int(round(params.val_frac * len(y)))
+        val, train = order[:n_val], order[n_val:]
+        self.data = {"train": (x[train], y[train], y[train]), "val": (x[val], y[val], y[val])}

@@ -1,0 +1,291 @@
+"""The one trainer. The CLI, ablations, Optuna objectives, Flower clients and the RL environment all
+train through `Trainer`; nobody writes a second loop.
+
+    trainer = Trainer(config)          # builds task, model, optimizer; seeds everything
+    metrics = trainer.fit()            # trains to config.train.steps, evaluates, logs, checkpoints
+    Trainer(config, resume="runs/x/checkpoint.pt").fit()   # continues bit-exactly on CPU
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from routerlab.board import Board
+from routerlab.checkpoint import load_checkpoint, save_checkpoint
+from routerlab.config import Config
+from routerlab.errors import ConfigError
+from routerlab.models import build_model
+from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization
+from routerlab.tasks import Batch, Task, build_task
+
+EVAL_SEED = 1234  # the evaluation batches are the same for every run of a task
+
+
+def check_compatible(model, task: Task, config: Config) -> None:
+    """Refuse router/task pairs that cannot work, with the reason and the way out."""
+    for layer in model.moe_layers():
+        router = layer.router
+        if router.needs_token_ids and not task.has_token_ids:
+            raise ConfigError(f"router {config.router['name']!r} routes by token id, but task {task.name!r} has no token ids; use a task with tokens (chars) or a router that reads hidden states (for example lsh)")
+        if task.kind == "lm" and not router.causal and not config.router.get("allow_noncausal", False):
+            raise ConfigError(f"router {config.router['name']!r} is not causal (a token's routing depends on later tokens), so it would leak the future in the causal LM task {task.name!r}; set router.allow_noncausal=true to run it anyway")
+
+
+def lr_lambda(config: Config) -> Callable[[int], float]:
+    t = config.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine to 10% of lr
+
+    return factor
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        task: Task | None = None,
+        run_dir: str | Path | None = None,
+        log: bool = True,
+        progress: bool = False,
+        resume: str | Path | None = None,
+    ) -> None:
+        self.config = config
+        self.progress = progress
+        torch.manual_seed(config.seed)
+        self.device = torch.device(config.train.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
+        self.dtype = getattr(torch, config.train.dtype)
+        self.task = task if task is not None else build_task(config.task)
+        self.model = build_model(config.model, config.router, self.task).to(self.device, self.dtype)
+        self.layers = self.model.moe_layers()
+        check_compatible(self.model, self.task, config)
+        t = config.train
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.data_rng = torch.Generator().manual_seed(config.seed + 1)
+        eval_rng = torch.Generator().manual_seed(EVAL_SEED)
+        self.eval_set = [self.task.batch("val", t.batch_size, eval_rng) for _ in range(t.eval_batches)]
+        self.step = 0
+        self.losses: list[float] = []  # training loss of every step
+        self.probe_top1: list[torch.Tensor] | None = None  # for routing fluctuation
+        self.last_eval: dict[str, float] = {}
+        self.train_time = 0.0
+        self.train_tokens = 0
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
+        if resume is not None:
+            self.load(resume)
+        self.board = Board(self.run_dir, purge_step=self.step) if log else None
+        self._window: list[RoutingStats | None] = [None] * len(self.layers)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def task_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(batch.inputs, batch.token_ids)
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        return F.cross_entropy(logits, batch.targets.reshape(-1)), logits
+
+    def train_step(self, batch: Batch | None = None) -> float:
+        self.model.train()
+        batch = (batch or self.task.batch("train", self.config.train.batch_size, self.data_rng)).to(self.device)
+        start = time.perf_counter()
+        loss, _ = self.task_loss(batch)
+        aux = self.model.aux_losses()
+        total = loss + sum(aux.values()) if aux else loss
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        for layer in self.layers:
+            layer.router.before_step()
+        if self.config.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        for layer in self.layers:
+            layer.router.after_step(layer.stats)
+        value = loss.item()
+        self.train_time += time.perf_counter() - start
+        self.train_tokens += batch.num_tokens
+        self.step += 1
+        self.losses.append(value)
+        self._window = [s if w is None else w.merge(s) for w, s in zip(self._window, (l.stats for l in self.layers))]
+        if self.board and self.step % self.config.train.log_every == 0:
+            self._log_train(aux)
+        return value
+
+    def _log_train(self, aux: dict[str, torch.Tensor]) -> None:
+        window = self.config.train.log_every
+        values = {"train/loss": float(np.mean(self.losses[-window:])), "train/lr": self.scheduler.get_last_lr()[0]}
+        values.update({f"train/aux/{k}": float(v.detach()) for k, v in aux.items()})
+        values["perf/tokens_per_s"] = self.tokens_per_s
+        self.board.scalars(values, self.step)
+        self.board.routing("routing", [routing_metrics(s) for s in self._window if s is not None], self.step)
+        self._window = [None] * len(self.layers)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.train_tokens / self.train_time if self.train_time > 0 else 0.0
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Task and routing metrics on the fixed evaluation batches (per layer and mean over layers)."""
+        self.model.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        stats: list[RoutingStats | None] = [None] * len(self.layers)
+        top1: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        labels = []
+        for batch in self.eval_set:
+            batch = batch.to(self.device)
+            loss, logits = self.task_loss(batch)
+            n = batch.targets.numel()
+            loss_sum += loss.item() * n
+            correct += int((logits.argmax(-1) == batch.targets.reshape(-1)).sum())
+            count += n
+            labels.append(batch.labels.reshape(-1).cpu())
+            for i, layer in enumerate(self.layers):
+                stats[i] = layer.stats if stats[i] is None else stats[i].merge(layer.stats)
+                top1[i].append(layer.top1.cpu())
+        self.model.train()
+
+        metrics: dict[str, float] = {"loss": loss_sum / count}
+        if self.task.kind == "lm":
+            metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        metrics["accuracy"] = correct / count
+        all_labels = torch.cat(labels)
+        per_layer = []
+        for i, layer in enumerate(self.layers):
+            m = routing_metrics(stats[i])
+            m["specialization"] = specialization(all_labels, torch.cat(top1[i]), self.task.num_labels, layer.experts.num_experts)
+            if self.probe_top1 is not None:
+                m["fluctuation"] = fluctuation(self.probe_top1[i], top1[i][0])
+            per_layer.append(m)
+        self.probe_top1 = [t[0] for t in top1]
+        for name in per_layer[0] if per_layer else {}:
+            metrics[name] = float(np.mean([m[name] for m in per_layer]))
+            for i, m in enumerate(per_layer):
+                metrics[f"layer{i}/{name}"] = m[name]
+        metrics.update(self.param_counts(stats))
+        metrics["tokens_per_s"] = self.tokens_per_s
+        metrics["step"] = self.step
+        self.last_eval = metrics
+        if self.board:
+            self.board.scalars({f"eval/{k}": metrics[k] for k in ("loss", "accuracy", "perplexity") if k in metrics}, self.step)
+            self.board.routing("eval_routing", per_layer, self.step)
+            self.board.loads([s.load.double().cpu().numpy() for s in stats], self.step)
+        return metrics
+
+    def param_counts(self, stats: list[RoutingStats]) -> dict[str, float]:
+        """Total parameters, and those a token uses: expert weights count k_eff/E, k_eff = slots per token."""
+        total = sum(p.numel() for p in self.model.parameters())
+        active = total
+        for layer, s in zip(self.layers, stats):
+            expert_params = sum(p.numel() for p in layer.experts.parameters())
+            k_eff = float(s.load.sum() / s.tokens.clamp_min(1))
+            active -= expert_params * (1 - k_eff / layer.experts.num_experts)
+        return {"params_total": float(total), "params_active": float(active)}
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def fit(self, until: int | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+        """Train to step `until` (default: config.train.steps), evaluating every eval_every steps and at the end.
+
+        on_eval(step, metrics) is called after each evaluation (Optuna reports and prunes from it).
+        Returns the last evaluation's metrics (plus train_loss, the mean of the last log window).
+        """
+        t = self.config.train
+        until = t.steps if until is None else min(until, t.steps)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        with Progress(*columns, disable=not self.progress, transient=False) as bar:
+            job = bar.add_task(self.config.run_name(), total=until, completed=self.step, info="")
+            while self.step < until:
+                self.train_step()
+                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    metrics = self.evaluate()
+                    if on_eval is not None:
+                        on_eval(self.step, metrics)
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.config.run.checkpoint:
+                    self.save()
+                if self.step % t.log_every == 0 or self.step == until:
+                    info = f"loss {np.mean(self.losses[-t.log_every:]):.4f}"
+                    if self.last_eval:
+                        info += f"  eval {self.last_eval['loss']:.4f}  load_cv {self.last_eval.get('load_cv', 0):.2f}"
+                    bar.update(job, completed=self.step, info=info)
+        if not self.last_eval or self.last_eval.get("step") != self.step:
+            self.evaluate()
+        result = dict(self.last_eval)
+        result["train_loss"] = float(np.mean(self.losses[-t.log_every:])) if self.losses else float("nan")
+        if self.config.run.checkpoint:
+            self.save()
+        if self.board and self.step >= t.steps:
+            self.board.hparams(self.config, result)
+        if self.board:
+            self.board.writer.flush()
+        return result
+
+    def close(self) -> None:
+        if self.board:
+            self.board.close()
+            self.board = None
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def state_dict(self) -> dict:
+        state = {
+            "fingerprint": self.config.fingerprint(),
+            "config": self.config.model_dump(mode="json"),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data_rng": self.data_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "probe_top1": self.probe_top1,
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self, path: str | Path | None = None) -> Path:
+        return save_checkpoint(path or self.checkpoint_path, self.state_dict())
+
+    def load(self, path: str | Path) -> None:
+        state = load_checkpoint(path, self.config.fingerprint())
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError(f"checkpoint {str(path)!r} does not fit this model: {str(err).splitlines()[0]}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data_rng.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step = state["step"]
+        self.losses = state["losses"].tolist()
+        self.probe_top1 = state["probe_top1"]
+
+
+def train(config: Config, **kwargs) -> dict[str, float]:
+    """Train one run to the end and return its final metrics."""
+    trainer = Trainer(config, **kwargs)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
