@@ -1,0 +1,106 @@
+"""The `routerlab` command line. Bad input ends with one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from routerlab.errors import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="routerlab: a playground for Mixture-of-Experts routing policies.")
+console = Console()
+
+
+def fail(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn ConfigError (bad input) into one line and exit code 2, without a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            fail(str(err))
+
+    return wrapper
+
+
+def metrics_table(metrics: dict[str, float], title: str) -> Table:
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if "/" in key:
+            continue
+        text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+        table.add_row(key, text)
+    return table
+
+
+@app.command()
+@user_errors
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; omitted: built-in defaults"),
+    set_: List[str] = typer.Option([], "--set", "-s", help="override a key: --set router.name=switch --set train.steps=500"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue from this checkpoint"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train one model with one router; logs to TensorBoard under run.dir."""
+    from routerlab.config import load_config
+    from routerlab.train import Trainer
+
+    cfg = load_config(config, set_)
+    trainer = Trainer(cfg, progress=progress and sys.stderr.isatty(), resume=resume)
+    try:
+        metrics = trainer.fit()
+    finally:
+        trainer.close()
+    console.print(metrics_table(metrics, f"{cfg.run_name()} after {trainer.step} steps"))
+    console.print(f"TensorBoard: [bold]tensorboard --logdir {cfg.run.dir}[/]   checkpoint: {trainer.checkpoint_path}")
+
+
+@app.command()
+@user_errors
+def routers() -> None:
+    """List every registered router with its parameters and defaults."""
+    from routerlab.routers import describe_routers
+
+    table = Table(show_header=True, header_style="bold", show_lines=False)
+    table.add_column("router")
+    table.add_column("what it does")
+    table.add_column("parameters (defaults)")
+    for name, doc, params in describe_routers():
+        table.add_row(name, doc, ", ".join(f"{k}={v}" for k, v in params.items()) or "-")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def tasks() -> None:
+    """List the tasks with their parameters and defaults."""
+    from routerlab.tasks import describe_tasks
+
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("task")
+    table.add_column("what it is")
+    table.add_column("parameters (defaults)")
+    for name, doc, params in describe_tasks():
+        table.add_row(name, doc, ", ".join(f"{k}={v}" for k, v in params.items()))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
