@@ -38,6 +38,8 @@ def read_corpus(path: str) -> str:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"corpus file {path!r} is not valid UTF-8 (byte {err.start}); give a UTF-8 text file") from None
+    if not text:
+        raise ConfigError(f"corpus file {path!r} is empty; give a UTF-8 text file with some text in it")
     return text
 
 
