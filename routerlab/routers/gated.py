@@ -97,21 +97,26 @@ class GatedRouter(Router):
             return F.linear(x.float(), gate.weight.float(), None if gate.bias is None else gate.bias.float())
         return gate(x)
 
+    def apply_temperature(self, logits: Tensor) -> Tensor:
+        t = self.params.temperature
+        return logits if t == 1.0 else logits / t
+
+    def apply_smoothing(self, logits: Tensor) -> Tensor:
+        """p~ = (1 - smoothing) softmax(logits) + smoothing * EMA; returns lse(logits) + log p~ ([T, E])."""
+        p = self.params
+        if p.smoothing == 0:
+            return logits
+        probs = logits.softmax(-1)
+        mixed = (1 - p.smoothing) * probs + p.smoothing * self.gate_ema.to(probs.dtype)
+        if self.training:
+            with torch.no_grad():
+                self.gate_ema.mul_(p.ema_decay).add_((1 - p.ema_decay) * probs.detach().mean(0).to(self.gate_ema.dtype))
+        # softmax(lse + log p~) = p~ and logsumexp(...) = lse, so the z-loss still sees the logit scale
+        return torch.logsumexp(logits, -1, keepdim=True) + mixed.clamp_min(1e-30).log()
+
     def postprocess(self, logits: Tensor) -> Tensor:
         """Temperature, then gate smoothing toward the EMA of gate probabilities ([T, E] logits in and out)."""
-        p = self.params
-        if p.temperature != 1.0:
-            logits = logits / p.temperature
-        if p.smoothing > 0:
-            probs = logits.softmax(-1)
-            ema = self.gate_ema.to(probs.dtype)
-            mixed = (1 - p.smoothing) * probs + p.smoothing * ema
-            if self.training:
-                with torch.no_grad():
-                    self.gate_ema.mul_(p.ema_decay).add_((1 - p.ema_decay) * probs.detach().mean(0).to(self.gate_ema.dtype))
-            # softmax(lse + log p~) = p~ and logsumexp(...) = lse, so the z-loss still sees the logit scale
-            logits = torch.logsumexp(logits, -1, keepdim=True) + mixed.clamp_min(1e-30).log()
-        return logits
+        return self.apply_smoothing(self.apply_temperature(logits))
 
     def gate_logits(self, x: Tensor) -> Tensor:
         return self.postprocess(self.raw_logits(x))

@@ -1,0 +1,82 @@
+"""GShard top-2 gating (Lepikhin et al. 2020).
+
+g = softmax(W x); e1, e2 = the two largest; g1, g2 renormalized to g1 + g2 = 1.
+Random routing: in training the second expert is used with probability min(1, 2 * g2) (always at evaluation
+unless `random_routing_eval`). Group-level capacity: tokens are cut into G groups (in order) and each expert
+takes at most ceil(capacity_factor * (T/G) / E) slots per group (2N/(G E) with the default factor 2),
+first choices before second choices, earlier tokens first; slots over capacity are marked unused (-1).
+Aux loss: alpha * E * sum_e f_e P_e per group, f from first choices (GShard's c_e / S), averaged over groups.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from routerlab.routers.base import Routing
+from routerlab.routers.gated import GateParams, GatedRouter, switch_style_balance
+from routerlab.routers.registry import register_router, require
+
+
+@dataclass(frozen=True)
+class GShardTop2Params(GateParams):
+    alpha: float = 1e-2  # GShard aux loss coefficient
+    groups: int = 1  # G: capacity and aux loss are computed per group of consecutive tokens
+    capacity_factor: float = 2.0  # per-group expert capacity ceil(cf * (T/G) / E); 0 = no router-level capacity
+    random_routing: bool = True  # drop the second expert with probability 1 - min(1, 2 g2) in training
+    random_routing_eval: bool = False  # also at evaluation (default: keep both experts at evaluation)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
+        require(self.groups >= 1, f"groups must be >= 1, got {self.groups}")
+        require(self.capacity_factor >= 0, f"capacity_factor must be >= 0 (0 = off), got {self.capacity_factor}")
+
+
+@register_router("gshard_top2", GShardTop2Params)
+class GShardTop2(GatedRouter):
+    """Top-2 with GShard random routing of the second expert, group-level capacity and aux loss."""
+
+    def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
+        p = self.params
+        E = self.num_experts
+        logits = self.gate_logits(x)
+        probs = logits.softmax(-1)
+        top, experts = probs.topk(min(2, E), dim=-1)
+        weights = top / top.sum(-1, keepdim=True).clamp_min(1e-9)
+        experts = experts.clone()
+        if experts.shape[1] == 2 and p.random_routing and (self.training or p.random_routing_eval):
+            use_second = torch.rand_like(weights[:, 1]) < (2 * weights[:, 1].detach()).clamp(max=1.0)
+            experts[:, 1] = torch.where(use_second, experts[:, 1], torch.full_like(experts[:, 1], -1))
+        T = x.shape[0]
+        G = max(1, min(p.groups, T))
+        bounds = [(g * T) // G for g in range(G + 1)]
+        aux = self.stability_losses(logits, experts)
+        first = experts[:, :1].clone()  # GShard's c_e counts first choices, before capacity
+        balance = []
+        for g in range(G):
+            lo, hi = bounds[g], bounds[g + 1]
+            if hi == lo:
+                continue
+            if p.capacity_factor > 0:
+                capacity = math.ceil(p.capacity_factor * (hi - lo) / E)
+                experts[lo:hi] = _apply_capacity(experts[lo:hi], E, capacity)
+            if p.alpha > 0 and self.training:
+                balance.append(switch_style_balance(probs[lo:hi], first[lo:hi], E))
+        if balance:
+            aux["balance"] = p.alpha * torch.stack(balance).mean()
+        weights = torch.where(experts >= 0, weights, torch.zeros_like(weights))
+        return Routing(experts, weights.to(x.dtype), logits, aux)
+
+
+def _apply_capacity(experts: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """Mark slots past `capacity` per expert as -1; first choices before second ones, token order within."""
+    flat = experts.t().reshape(-1)
+    valid = flat >= 0
+    onehot = torch.zeros(flat.numel(), num_experts, dtype=torch.long, device=flat.device)
+    onehot[valid, flat[valid]] = 1
+    position = onehot.cumsum(0).gather(1, flat.clamp_min(0)[:, None]).squeeze(1) - 1
+    flat = torch.where(valid & (position < capacity), flat, torch.full_like(flat, -1))
+    return flat.view(experts.shape[1], -1).t()
