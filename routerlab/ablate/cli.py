@@ -1,0 +1,60 @@
+"""`routerlab ablate FILE [--workers N] [--out results/NAME] [--runs DIR]`."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from routerlab.cli import console, user_errors
+
+    @app.command()
+    @user_errors
+    def ablate(
+        file: Path = typer.Argument(..., help="ablation YAML (see docs/ablations.md)"),
+        workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="parallel runs; default one per CPU core (one per GPU on CUDA)"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="results folder; default results/<ablation name>"),
+        runs: Optional[Path] = typer.Option(None, "--runs", help="TensorBoard folder; default <base run.dir>/<name of --out>"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the cells, run nothing"),
+    ) -> None:
+        """Run a grid of routers x tasks x settings x seeds in parallel; resumable; writes CSV, summary and plots."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from routerlab.ablate.study import plan_ablation, run_ablation
+
+        if dry_run:
+            plan, out_dir = plan_ablation(file, out, runs)
+            for cell in plan.cells:
+                console.print(f"{cell.id}  {' / '.join(cell.labels.values())}  seed {cell.seed}", highlight=False)
+            for labels, reason in plan.skipped:
+                console.print(f"[yellow]skip[/] {' / '.join(labels.values())}: {reason}", highlight=False)
+            console.print(f"{len(plan.cells)} runs, {len(plan.skipped)} skipped; results would go to {out_dir}")
+            return
+
+        command = "routerlab ablate " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == "ablate" else None
+        columns = [TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"), TimeElapsedColumn()]
+        with Progress(*columns, console=console, transient=False) as bar:
+            job = bar.add_task("cells", total=None, state="")
+
+            def on_plan(plan, total):
+                for labels, reason in plan.skipped:
+                    bar.console.print(f"[yellow]skip[/] {' / '.join(labels.values())}: {reason}", highlight=False, soft_wrap=True)
+                bar.update(job, total=total)
+
+            def on_update(done, running, left):
+                bar.update(job, completed=done, state=f"done {done}  running {running}  left {left}")
+
+            result = run_ablation(file, out=out, runs=runs, workers=workers, command=command, on_plan=on_plan, on_update=on_update)
+        from routerlab.ablate.report import rich_table
+
+        console.print(rich_table(result.plan, result.stats))
+        console.print(f"trained {result.ran} runs now, {len(result.results) - result.ran} were done before; results: {result.out}/summary.md, results.csv, *.png")
+        console.print(f"TensorBoard: [bold]tensorboard --logdir {result.plan.cells[0].config.run.dir}[/]")
+        if result.errors:
+            for cid, err in result.errors.items():
+                console.print(f"[red]failed[/] {cid}: {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)

@@ -1,0 +1,62 @@
+"""One ablation from file to report: plan, run what is not done, assemble CSV, summary and plots."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from routerlab.ablate import plots, report
+from routerlab.ablate.runner import run_plan
+from routerlab.ablate.spec import Plan, expand, load_spec
+from routerlab.checkpoint import atomic_write_text
+
+
+@dataclass
+class AblationReport:
+    plan: Plan
+    out: Path
+    results: dict[str, dict[str, Any]]
+    errors: dict[str, str]
+    ran: int  # cells trained by this call (the rest were done before)
+    stats: list[dict[str, Any]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def resolve_paths(spec, out: str | Path | None, runs: str | Path | None) -> tuple[Path, Path]:
+    out = Path(out) if out is not None else Path("results") / spec.name
+    base_runs = spec.base.get("run", {}).get("dir", "runs")
+    runs = Path(runs) if runs is not None else Path(base_runs) / out.name
+    return out, runs
+
+
+def plan_ablation(path: str | Path, out: str | Path | None = None, runs: str | Path | None = None) -> tuple[Plan, Path]:
+    spec = load_spec(path)
+    out, runs_dir = resolve_paths(spec, out, runs)
+    return expand(spec, runs_dir), out
+
+
+def run_ablation(
+    path: str | Path,
+    *,
+    out: str | Path | None = None,
+    runs: str | Path | None = None,
+    workers: int | None = None,
+    command: str | None = None,
+    on_plan: Callable[[Plan, int], None] | None = None,
+    on_update: Callable[[int, int, int], None] | None = None,
+) -> AblationReport:
+    """Validate every cell, run the unfinished ones, then write results.csv, summary.md and the plots."""
+    plan, out = plan_ablation(path, out, runs)
+    if on_plan is not None:
+        on_plan(plan, len(plan.cells))
+    before = sum(1 for c in plan.cells if (out / "cells" / f"{c.id}.json").is_file())
+    results, errors = run_plan(plan, out, workers, on_update)
+    table = report.rows(plan, results)
+    stats = report.group_stats(plan, table, plan.spec.metrics)
+    command = command or f"routerlab ablate {path} --out {out}"
+    files = [out / "results.csv", out / "summary.md"]
+    report.write_csv(files[0], plan, table)
+    atomic_write_text(files[1], report.summary_markdown(plan, stats, errors, command))
+    if results:
+        files += plots.write_plots(plan, results, out)
+    return AblationReport(plan, out, results, errors, len(results) - before, stats, files)
