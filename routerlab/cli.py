@@ -98,6 +98,11 @@ def tasks() -> None:
     console.print(table)
 
 
+from routerlab.ablate.cli import register as _register_ablate  # noqa: E402
+
+_register_ablate(app)
+
+
 def main() -> None:
     app()
 

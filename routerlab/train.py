@@ -83,6 +83,7 @@ class Trainer:
         self.losses: list[float] = []  # training loss of every step
         self.probe_top1: list[torch.Tensor] | None = None  # for routing fluctuation
         self.last_eval: dict[str, float] = {}
+        self.last_loads: list[list[float]] = []  # token-slots per expert of each MoE layer in the last evaluation
         self.train_time = 0.0
         self.train_tokens = 0
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
@@ -180,6 +181,7 @@ class Trainer:
         metrics["tokens_per_s"] = self.tokens_per_s
         metrics["step"] = self.step
         self.last_eval = metrics
+        self.last_loads = [s.load.double().cpu().tolist() for s in stats]  # per layer, per expert (ablation heatmaps)
         if self.board:
             self.board.scalars({f"eval/{k}": metrics[k] for k in ("loss", "accuracy", "perplexity") if k in metrics}, self.step)
             self.board.routing("eval_routing", per_layer, self.step)
