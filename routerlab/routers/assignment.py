@@ -107,7 +107,7 @@ def auction_balanced(scores: Tensor, rel_eps: float = 1e-3, max_rounds: int = 20
     Falls back to `greedy_balanced` if a phase does not finish in max_rounds (loads stay balanced).
     """
     num_tokens, num_experts = scores.shape
-    scores = scores.detach().to(torch.float64)
+    scores = scores.detach().float()
     if num_experts == 1 or num_tokens == 0:
         return torch.zeros(num_tokens, dtype=torch.long, device=scores.device)
     q, r = balanced_capacities(num_tokens, num_experts)
