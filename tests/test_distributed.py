@@ -1,0 +1,100 @@
+"""Expert parallelism on 2 CPU processes (gloo, started by torchrun here) equals one process on the same batch.
+
+One torchrun launch (tests/distributed_worker.py) runs every 2-rank case; the tests compare with runs
+made in this process. Takes about 30-40 s on 2 cores.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from routerlab.errors import ConfigError
+from routerlab.train import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distributed_worker import ROUTERS, config  # noqa: E402
+
+TOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep")
+    # one process: 3 steps, checkpoint, the 4th step's loss (the 2-rank run resumes this checkpoint)
+    one = Trainer(config(ROUTERS["softmax_topk"], out / "runs1", expert=1), log=False)
+    for _ in range(3):
+        one.train_step()
+    one.save(out / "one.pt")
+    one_next = one.train_step()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           str(Path(__file__).parent / "distributed_worker.py"), str(out), str(out / "one.pt")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(out / "results.pt", weights_only=True)
+    results["one_next"] = one_next
+    results["out"] = out
+    return results
+
+
+@pytest.mark.parametrize("case", ["learned", "learned_capacity", "zero_token_rank", "empty_expert", "all_to_one", "all_to_one_capacity"])
+def test_sharded_layer_equals_one_layer_on_the_whole_batch(runs, case):
+    errors = runs["layer"][case]
+    assert set(errors) >= {"out", "grad_x", "load"} and any(k.startswith("experts.") for k in errors)
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "hash", "bias_balanced"])
+def test_two_ranks_equal_one_process(runs, router, tmp_path):
+    got = runs["trainer"][router]
+    one = Trainer(config(ROUTERS[router], tmp_path, expert=1), log=False)
+    batch = one.task.batch("train", 8, torch.Generator().manual_seed(99))
+    loss, logits = one.task_loss(batch)
+    aux = one.model.aux_losses()
+    total = loss + sum(aux.values()) if aux else loss
+    total.backward()
+    assert (got["logits"] - logits.detach()).abs().max() < TOL
+    assert abs(got["total"] - float(total.detach())) < TOL
+    for name, p in one.model.named_parameters():
+        want = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert got["grads"][name].shape == want.shape, name
+        assert (got["grads"][name] - want).abs().max() < TOL, name
+    one.optimizer.zero_grad(set_to_none=True)
+    losses = [one.train_step() for _ in range(3)]
+    assert got["losses"] == pytest.approx(losses, abs=TOL)
+    for name, b in one.model.named_buffers():  # bias_balanced: the bias moved identically (global loads)
+        if b.is_floating_point():
+            assert (got["buffers"][name] - b).abs().max() < TOL, name
+    if router == "bias_balanced":
+        assert any(b.abs().max() > 0 for n, b in one.model.named_buffers() if n.endswith("bias"))
+
+
+def test_checkpoint_of_two_ranks_resumes_in_one_process(runs, tmp_path):
+    got = runs["trainer"]["softmax_topk"]
+    resumed = Trainer(config(ROUTERS["softmax_topk"], tmp_path, expert=1), log=False, resume=runs["out"] / "ep2.pt")
+    assert resumed.step == 3
+    assert resumed.train_step() == pytest.approx(got["next_loss"], abs=TOL)
+
+
+def test_checkpoint_of_one_process_resumes_on_two_ranks(runs):
+    assert runs["resumed_from_one_process"] == pytest.approx(runs["one_next"], abs=TOL)
+
+
+def test_expert_parallel_without_torchrun_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node 2"):
+        Trainer(config(ROUTERS["hash"], tmp_path, expert=2), log=False)
