@@ -64,6 +64,10 @@ class TrainConfig(Strict):
         return v
 
 
+class ParallelConfig(Strict):
+    expert: int = Field(1, ge=1)  # expert-parallel group size (ranks the experts are split over); >1 needs torchrun
+
+
 class RunConfig(Strict):
     dir: str = "runs"  # TensorBoard run folders go under here
     name: str | None = None  # default: <task>-<router>-s<seed>-<config hash>
@@ -77,6 +81,7 @@ class Config(Strict):
     router: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_ROUTER})
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     plugins: list[str] = Field(default_factory=list)  # Python files that register routers or tasks
 
     @model_validator(mode="before")
@@ -106,6 +111,7 @@ class Config(Strict):
         """Hash of what determines the trained weights' meaning (not run length, logging or paths)."""
         data = self.model_dump(mode="json")
         data.pop("run")
+        data.pop("parallel")  # checkpoints move between rank counts
         for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device"):
             data["train"].pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from routerlab.board import Board
 from routerlab.checkpoint import load_checkpoint, save_checkpoint
 from routerlab.config import Config
+from routerlab.distributed import setup_parallel
 from routerlab.errors import ConfigError
 from routerlab.models import build_model
 from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization
@@ -63,14 +64,15 @@ class Trainer:
         resume: str | Path | None = None,
     ) -> None:
         self.config = config
-        self.progress = progress
         torch.manual_seed(config.seed)
-        self.device = torch.device(config.train.device)
+        self.parallel = setup_parallel(config.parallel.expert, config.train.device)  # one process unless torchrun
+        self.progress = progress and self.parallel.is_main
+        self.device = self.parallel.device(config.train.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
         self.dtype = getattr(torch, config.train.dtype)
         self.task = task if task is not None else build_task(config.task)
-        self.model = build_model(config.model, config.router, self.task).to(self.device, self.dtype)
+        self.model = self.parallel.shard(build_model(config.model, config.router, self.task)).to(self.device, self.dtype)
         self.layers = self.model.moe_layers()
         check_compatible(self.model, self.task, config)
         t = config.train
@@ -89,7 +91,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
         if resume is not None:
             self.load(resume)
-        self.board = Board(self.run_dir, purge_step=self.step) if log else None
+        self.board = Board(self.run_dir, purge_step=self.step) if log and self.parallel.is_main else None
         self._window: list[RoutingStats | None] = [None] * len(self.layers)
 
     # ---- one step -------------------------------------------------------------------------------
@@ -101,23 +103,27 @@ class Trainer:
     def train_step(self, batch: Batch | None = None) -> float:
         self.model.train()
         batch = (batch or self.task.batch("train", self.config.train.batch_size, self.data_rng)).to(self.device)
+        global_tokens = batch.num_tokens
+        batch = self.parallel.shard_batch(batch)  # every rank draws the global batch and keeps its slice
         start = time.perf_counter()
         loss, _ = self.task_loss(batch)
         aux = self.model.aux_losses()
         total = loss + sum(aux.values()) if aux else loss
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self.parallel.sync_grads(self.model)
         for layer in self.layers:
             layer.router.before_step()
         if self.config.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+            self.parallel.clip_grad_norm_(self.model, self.config.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        value = self.parallel.reduce_step(self.layers, loss)  # stats summed over ranks before routers see them
         for layer in self.layers:
             layer.router.after_step(layer.stats)
-        value = loss.item()
+        self.parallel.sync_buffers(self.model)
         self.train_time += time.perf_counter() - start
-        self.train_tokens += batch.num_tokens
+        self.train_tokens += global_tokens
         self.step += 1
         self.losses.append(value)
         self._window = [s if w is None else w.merge(s) for w, s in zip(self._window, (l.stats for l in self.layers))]
@@ -168,7 +174,7 @@ class Trainer:
         per_layer = []
         for i, layer in enumerate(self.layers):
             m = routing_metrics(stats[i])
-            m["specialization"] = specialization(all_labels, torch.cat(top1[i]), self.task.num_labels, layer.experts.num_experts)
+            m["specialization"] = specialization(all_labels, torch.cat(top1[i]), self.task.num_labels, layer.router.num_experts)
             if self.probe_top1 is not None:
                 m["fluctuation"] = fluctuation(self.probe_top1[i], top1[i][0])
             per_layer.append(m)
@@ -190,12 +196,12 @@ class Trainer:
 
     def param_counts(self, stats: list[RoutingStats]) -> dict[str, float]:
         """Total parameters, and those a token uses: expert weights count k_eff/E, k_eff = slots per token."""
-        total = sum(p.numel() for p in self.model.parameters())
+        total = self.parallel.num_params(self.model)  # expert shards counted on every rank
         active = total
         for layer, s in zip(self.layers, stats):
-            expert_params = sum(p.numel() for p in layer.experts.parameters())
+            expert_params = self.parallel.num_params(layer.experts)
             k_eff = float(s.load.sum() / s.tokens.clamp_min(1))
-            active -= expert_params * (1 - k_eff / layer.experts.num_experts)
+            active -= expert_params * (1 - k_eff / layer.router.num_experts)
         return {"params_total": float(total), "params_active": float(active)}
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -241,6 +247,7 @@ class Trainer:
         if self.board:
             self.board.close()
             self.board = None
+        self.parallel.close()
 
     # ---- checkpoints ----------------------------------------------------------------------------
     @property
@@ -248,12 +255,13 @@ class Trainer:
         return self.run_dir / "checkpoint.pt"
 
     def state_dict(self) -> dict:
+        model_state, optimizer_state = self.parallel.full_state(self.model, self.optimizer)  # full expert tensors
         state = {
             "fingerprint": self.config.fingerprint(),
             "config": self.config.model_dump(mode="json"),
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "data_rng": self.data_rng.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -265,13 +273,19 @@ class Trainer:
         return state
 
     def save(self, path: str | Path | None = None) -> Path:
-        return save_checkpoint(path or self.checkpoint_path, self.state_dict())
+        path = Path(path or self.checkpoint_path)
+        state = self.state_dict()  # a collective under torchrun: every rank gathers, rank 0 writes
+        if self.parallel.is_main:
+            save_checkpoint(path, state)
+        self.parallel.barrier()
+        return path
 
     def load(self, path: str | Path) -> None:
         state = load_checkpoint(path, self.config.fingerprint())
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            model_state, optimizer_state = self.parallel.local_state(self.model, self.optimizer, state["model"], state["optimizer"])
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optimizer_state)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(f"checkpoint {str(path)!r} does not fit this model: {str(err).splitlines()[0]}") from None
         self.scheduler.load_state_dict(state["scheduler"])
