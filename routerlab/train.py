@@ -98,7 +98,9 @@ class Trainer:
     def task_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(batch.inputs, batch.token_ids)
         logits = logits.reshape(-1, logits.shape[-1]).float()
-        return F.cross_entropy(logits, batch.targets.reshape(-1)), logits
+        token_loss = F.cross_entropy(logits, batch.targets.reshape(-1), reduction="none")
+        self.token_loss = token_loss.detach()  # for Router.observe_token_loss
+        return token_loss.mean(), logits
 
     def train_step(self, batch: Batch | None = None) -> float:
         self.model.train()
@@ -108,6 +110,8 @@ class Trainer:
         start = time.perf_counter()
         loss, _ = self.task_loss(batch)
         aux = self.model.aux_losses()
+        for i, layer in enumerate(self.layers):  # routers rewarded per token (REINFORCE) add their losses here
+            aux.update({f"layer{i}/{k}": v for k, v in layer.router.observe_token_loss(self.token_loss).items()})
         total = loss + sum(aux.values()) if aux else loss
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -51,6 +51,12 @@ class Router(nn.Module):
     def after_step(self, stats) -> None:
         """Called by the trainer after each optimizer step with this layer's `RoutingStats`."""
 
+    def observe_token_loss(self, token_loss: Tensor) -> dict[str, Tensor]:
+        """Called by the trainer in training, after the forward and before backward, with the detached
+        per-token task loss [T] (tokens in the order this layer routed them). Returns extra already-scaled
+        losses to add before backward (e.g. a policy-gradient surrogate); default none."""
+        return {}
+
 
 def topk_routing(probs: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
     """Top-k experts of each row of probs, with their probabilities (optionally renormalized to sum 1)."""

@@ -1,0 +1,182 @@
+"""`routerlab/TokenRouting-v0`: route one batch of T tokens, C tokens per step, to E experts.
+
+Observation (float32 Box, length C * D + E):
+  [features of the chunk's C tokens, each D = obs_dim values (the MoE router's input, projected by a fixed
+   random matrix when obs_dim is set, clipped to +-10), then load_e / capacity for each expert so far]
+  (built by `routerlab.routers.rl.observation`, the same function the `rl` router calls in the model).
+Action: one expert per token: MultiDiscrete([E] * C), Discrete(E) when C = 1.
+Reward: - mean over the chunk of loss[t, a_t]  -  overflow_penalty * (slots over capacity in this chunk) / C,
+  loss[t, e] = cross-entropy of the MoE model on token t when routed to expert e,
+  capacity = ceil(capacity_factor * T / E) tokens per expert per episode.
+Modes:
+  frozen   experts pre-trained on oracle routing (cluster c -> expert c mod E) and then fixed; info reports
+           the oracle accuracy (fraction of tokens sent to their cluster's expert).
+  cotrain  experts start untrained and take one trainer step on every chunk, each token on the expert the
+           policy chose (non-stationary). A reset with a seed restarts them; a reset without one keeps them.
+"""
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from environments.experts import ExpertSpec, expert_losses, make_trainer, pretrain_frozen, train_on_assignment
+from routerlab.errors import ConfigError
+from routerlab.moe.stats import specialization
+from routerlab.routers.rl import FEATURE_CLIP, observation, observation_projection
+
+DEFAULT_TASK = {"name": "clusters", "num_clusters": 4, "input_dim": 8, "train_size": 4096, "val_size": 256}
+_FROZEN_CACHE: dict[tuple, tuple] = {}  # ExpertSpec -> (loss table, features, labels, oracle): shared by envs of a process
+
+
+class TokenRoutingEnv(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        mode: str = "frozen",
+        task: dict | None = None,
+        num_experts: int = 4,
+        tokens: int = 64,
+        chunk: int = 1,
+        obs_dim: int | None = None,
+        capacity_factor: float = 1.25,
+        overflow_penalty: float = 1.0,
+        d_model: int = 16,
+        expert_hidden: int = 32,
+        pretrain_steps: int = 300,
+        expert_lr: float = 1e-2,
+        pool_size: int = 4096,
+        expert_seed: int = 0,
+        projection_seed: int = 0,
+        expert_cache: str | None = None,
+        render_mode: str | None = None,  # accepted for vec-env helpers; nothing is rendered
+    ) -> None:
+        if mode not in ("frozen", "cotrain"):
+            raise ConfigError(f"mode must be 'frozen' or 'cotrain', got {mode!r}")
+        if chunk < 1 or tokens < 1 or tokens % chunk:
+            raise ConfigError(f"tokens ({tokens}) must be a positive multiple of chunk ({chunk})")
+        if capacity_factor <= 0 or overflow_penalty < 0:
+            raise ConfigError(f"capacity_factor must be > 0 and overflow_penalty >= 0, got {capacity_factor}, {overflow_penalty}")
+        self.mode, self.num_experts, self.tokens, self.chunk = mode, num_experts, tokens, chunk
+        self.overflow_penalty, self.capacity_factor = overflow_penalty, capacity_factor
+        self.obs_dim, self.projection_seed = obs_dim, projection_seed
+        self.capacity = max(1, math.ceil(capacity_factor * tokens / num_experts))
+        self.expert_spec = ExpertSpec(task=dict(task or DEFAULT_TASK), num_experts=num_experts, d_model=d_model, expert_hidden=expert_hidden,
+                               pretrain_steps=pretrain_steps, lr=expert_lr, seed=expert_seed)
+        self.expert_cache, self.pool_size = expert_cache, pool_size
+        self.projection = observation_projection(d_model, obs_dim, projection_seed)
+        feature_dim = obs_dim or d_model
+        self.observation_space = spaces.Box(
+            low=np.concatenate([np.full(chunk * feature_dim, -FEATURE_CLIP), np.zeros(num_experts)]).astype(np.float32),
+            high=np.concatenate([np.full(chunk * feature_dim, FEATURE_CLIP), np.full(num_experts, tokens / self.capacity)]).astype(np.float32),
+        )
+        self.action_space = spaces.Discrete(num_experts) if chunk == 1 else spaces.MultiDiscrete([num_experts] * chunk)
+        self.trainer = None
+        self._setup_experts()
+        self._done = True
+
+    # ---- experts ----------------------------------------------------------------------------------
+    def _setup_experts(self) -> None:
+        if self.mode == "frozen":
+            key = (repr(self.expert_spec), self.expert_cache, self.pool_size)
+            if key not in _FROZEN_CACHE:
+                trainer = pretrain_frozen(self.expert_spec, self.expert_cache)
+                inputs, targets, labels = (t[: self.pool_size] for t in trainer.task.data["train"])
+                loss, x = expert_losses(trainer, inputs, targets)
+                _FROZEN_CACHE[key] = (loss.numpy(), x, labels.numpy(), trainer)
+            loss, x, labels, self.trainer = _FROZEN_CACHE[key]
+            self.pool_loss, self.pool_labels = loss, labels
+            self.pool_features = self._project(x)
+        else:
+            self.trainer = make_trainer(self.expert_spec, steps=10**9, lr_schedule="constant")
+            self.pool_inputs, self.pool_targets, labels = self.trainer.task.data["train"]
+            self.pool_labels = labels.numpy()
+
+    def _project(self, x: torch.Tensor) -> np.ndarray:
+        return observation(x.unsqueeze(1), torch.zeros(x.shape[0], 0), self.projection).numpy()
+
+    def _prepare_chunk(self) -> None:
+        """Loss table [C, E] and features [C, D] of the next chunk (cotrain: from the current experts)."""
+        idx = self.episode_tokens[self.position : self.position + self.chunk]
+        if self.mode == "frozen":
+            self.chunk_loss, self.chunk_features = self.pool_loss[idx], self.pool_features[idx]
+        else:
+            loss, x = expert_losses(self.trainer, self.pool_inputs[idx], self.pool_targets[idx])
+            self.chunk_loss, self.chunk_features = loss.numpy(), self._project(x)
+        self.chunk_labels = self.pool_labels[idx]
+
+    def observation_spec(self) -> dict:
+        """What the `rl` router needs to rebuild this env's observations inside a model (saved in env.json)."""
+        return {"num_experts": self.num_experts, "d_model": self.expert_spec.d_model, "chunk": self.chunk, "obs_dim": self.obs_dim,
+                "projection_seed": self.projection_seed, "capacity_factor": self.capacity_factor}
+
+    def oracle_experts(self, labels: np.ndarray) -> np.ndarray:
+        return labels % self.num_experts
+
+    def expert_losses(self) -> np.ndarray:
+        """Loss of every expert on the current chunk's tokens [C, E] (privileged: for the greedy baseline)."""
+        return self.chunk_loss
+
+    # ---- gymnasium API ----------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if self.mode == "cotrain" and seed is not None:
+            self.trainer = make_trainer(self.expert_spec, steps=10**9, lr_schedule="constant")
+        pool = len(self.pool_labels)
+        self.episode_tokens = self.np_random.integers(0, pool, size=self.tokens)
+        self.position = 0
+        self.load = np.zeros(self.num_experts, dtype=np.int64)
+        self.episode_actions, self.episode_labels = [], []
+        self.overflow_total, self._done = 0, False
+        self._prepare_chunk()
+        return self._obs(), {}
+
+    def _obs(self) -> np.ndarray:
+        load = (self.load / self.capacity).astype(np.float32)
+        return np.concatenate([self.chunk_features.reshape(-1), load]).astype(np.float32)
+
+    def step(self, action):
+        if self._done:
+            raise RuntimeError("episode is over: call reset() before step()")
+        try:
+            valid = self.action_space.contains(np.asarray(action, dtype=np.int64) if self.chunk > 1 else action)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"invalid action {action!r}: expected {self.action_space}")
+        experts = np.asarray(action, dtype=np.int64).reshape(self.chunk)
+        task_loss = float(self.chunk_loss[np.arange(self.chunk), experts].mean())
+        before = np.maximum(self.load - self.capacity, 0).sum()
+        self.load += np.bincount(experts, minlength=self.num_experts)
+        overflow = int(np.maximum(self.load - self.capacity, 0).sum() - before)
+        reward = -task_loss - self.overflow_penalty * overflow / self.chunk
+        oracle = float((experts == self.oracle_experts(self.chunk_labels)).mean())
+        self.episode_actions.append(experts)
+        self.episode_labels.append(self.chunk_labels)
+        self.overflow_total += overflow
+        info = {"task_loss": task_loss, "overflow": overflow, "oracle_accuracy": oracle}
+        if self.mode == "cotrain":
+            idx = self.episode_tokens[self.position : self.position + self.chunk]
+            train_on_assignment(self.trainer, self.pool_inputs[idx], self.pool_targets[idx], torch.as_tensor(self.chunk_labels), torch.as_tensor(experts))
+        self.position += self.chunk
+        terminated = self.position >= self.tokens
+        if terminated:
+            self._done = True
+            info.update(self.episode_metrics())
+        else:
+            self._prepare_chunk()
+        return self._obs(), float(reward), terminated, False, info
+
+    def episode_metrics(self) -> dict[str, float]:
+        actions, labels = np.concatenate(self.episode_actions), np.concatenate(self.episode_labels)
+        load = np.bincount(actions, minlength=self.num_experts).astype(np.float64)
+        return {
+            "episode_oracle_accuracy": float((actions == self.oracle_experts(labels)).mean()),
+            "episode_load_cv": float(load.std() / load.mean()),
+            "episode_overflow_frac": self.overflow_total / len(actions),
+            "episode_specialization": specialization(torch.as_tensor(labels), torch.as_tensor(actions), self.trainer.task.num_labels, self.num_experts),
+        }
