@@ -102,6 +102,10 @@ from routerlab.ablate.cli import register as _register_ablate  # noqa: E402
 
 _register_ablate(app)
 
+from federated.cli import register as _register_federated  # noqa: E402
+
+_register_federated(app)
+
 from routerlab.rl_cli import register as _register_rl  # noqa: E402
 
 _register_rl(app)
