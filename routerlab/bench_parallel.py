@@ -1,0 +1,146 @@
+"""Expert-parallel benchmark for GPUs; needs torch alone (no pydantic). docs/distributed.md.
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 -m routerlab.bench_parallel
+
+1. equivalence: one MoE layer sharded over the ranks vs the same layer unsharded on the whole batch (bf16);
+2. weak scaling: a small MoE transformer (fine-grained experts: E=64, k=6, d=2048, h=1408) at a fixed
+   per-GPU batch, forward + backward + gradient sync: every GPU with all experts and no communication
+   (the 1-GPU figure), then the experts sharded over all ranks;
+3. where the time goes: NCCL kernel time (profiler) against expert compute (ExpertBank alone).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from routerlab.distributed import ExpertParallel
+from routerlab.models.transformer import MoETransformerLM
+from routerlab.moe import ExpertBank, MoELayer
+from routerlab.moe.parallel import all_gather_rows, shard_experts
+from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
+
+
+def say(*args) -> None:
+    if dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def equivalence(device, dtype=torch.bfloat16) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    d, h, E, k, T = 512, 1024, 64, 6, 4096
+    full = MoELayer(SoftmaxTopK(d, E, SoftmaxTopKParams(k=k)), ExpertBank(E, d, h)).to(device, dtype)
+    ep = shard_experts(torch.nn.Sequential(copy.deepcopy(full)))[0]
+    x = torch.randn(T * world, d, device=device, dtype=dtype)
+    g = torch.randn_like(x)
+    ref_x = x.clone().requires_grad_()
+    ref = full(ref_x)
+    (ref.float() * g.float()).sum().backward()
+    mine = x[rank * T : (rank + 1) * T].clone().requires_grad_()
+    out = ep(mine)
+    (out.float() * g[rank * T : (rank + 1) * T].float()).sum().backward()
+    rel = lambda a, b: float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())  # noqa: E731
+    errs = {"output": rel(all_gather_rows(out.detach()).flatten(0, 1), ref), "grad_x": rel(all_gather_rows(mine.grad).flatten(0, 1), ref_x.grad)}
+    for name, p in ep.experts.named_parameters():
+        errs[f"grad_{name}"] = rel(all_gather_rows(p.grad).flatten(0, 1), full.experts.get_parameter(name).grad)
+    gw = ep.router.gate.weight.grad.float() if hasattr(ep.router, "gate") else next(ep.router.parameters()).grad.float()
+    dist.all_reduce(gw)
+    gw_ref = full.router.gate.weight.grad if hasattr(full.router, "gate") else next(full.router.parameters()).grad
+    errs["grad_router"] = rel(gw, gw_ref)
+    say(f"equivalence bf16 NCCL, {world} ranks vs 1 layer (relative L2 error): " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+
+
+def make_model(device, layers: int, d: int, h: int, E: int, k: int, vocab: int, block: int):
+    cfg = SimpleNamespace(d_model=d, n_layers=layers, n_heads=16, moe_every=1, num_experts=E, expert_hidden=h, dense_hidden=None, activation="swiglu", capacity_factor=None, backend="auto")
+    torch.manual_seed(0)
+    return MoETransformerLM(cfg, {"name": "softmax_topk", "k": k}, vocab, block).to(device, torch.bfloat16)
+
+
+def timed_steps(model, par, batch, targets, steps: int, profile: bool = False) -> tuple[float, float]:
+    """Seconds per forward+backward+grad sync; with profile, also NCCL kernel seconds per step."""
+    def step():
+        logits = model(batch)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        if par is not None:
+            par.sync_grads(model)
+        for p in model.parameters():
+            p.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    nccl = 0.0
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        nccl = sum(e.device_time_total for e in p.key_averages() if "nccl" in e.key.lower()) / 3 / 1e6
+    return seconds, nccl
+
+
+def expert_compute(device, T: int, d: int, h: int, E: int, k: int, steps: int = 10) -> float:
+    """Seconds per forward+backward of one ExpertBank over T*k balanced rows (what one layer computes per GPU)."""
+    bank = ExpertBank(E, d, h).to(device, torch.bfloat16)
+    x = torch.randn(T * k, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    counts = torch.full((E,), T * k // E, device=device)
+    counts[: T * k - int(counts.sum())] += 1
+    g = torch.randn(T * k, d, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        bank(x, counts).backward(g)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        bank(x, counts).backward(g)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    assert os.environ.get("NCCL_NVLS_ENABLE") == "0", "keep NVLink multicast off: NCCL_NVLS_ENABLE=0"
+    world = int(os.environ["WORLD_SIZE"])
+    par = ExpertParallel(world, "cuda")
+    device = torch.device("cuda", par.local_rank)
+    say(f"torch {torch.__version__}, {world} x {torch.cuda.get_device_name(device)}")
+    equivalence(device)
+
+    layers, d, h, E, k, vocab, seqs, block = 2, 2048, 1408, 64, 6, 4096, 8, 2048
+    T = seqs * block
+    gen = torch.Generator(device=device).manual_seed(1 + par.rank)
+    batch = torch.randint(0, vocab, (seqs, block), device=device, generator=gen)
+    targets = torch.randint(0, vocab, (seqs, block), device=device, generator=gen)
+    say(f"model: {layers} MoE transformer blocks, d={d}, experts E={E} k={k} h={h} (SwiGLU), vocab {vocab}; per-GPU batch {seqs}x{block} = {T} tokens, bf16, fwd+bwd")
+
+    model = make_model(device, layers, d, h, E, k, vocab, block)
+    one, _ = timed_steps(model, None, batch, targets, steps=10)  # every GPU alone, all experts, no communication
+    del model
+    torch.cuda.empty_cache()
+    model = shard_experts(make_model(device, layers, d, h, E, k, vocab, block), par.expert_group)
+    ep, nccl = timed_steps(model, par, batch, targets, steps=10, profile=True)
+    experts_full = expert_compute(device, T, d, h, E, k)
+    experts_local = expert_compute(device, T, d, h, E // world, k)
+    say(f"1 GPU : {one * 1e3:8.2f} ms/step  {T / one:12,.0f} tokens/s")
+    say(f"{world} GPUs: {ep * 1e3:8.2f} ms/step  {world * T / ep:12,.0f} tokens/s  (weak-scaling speedup {world * one / ep:.2f}x, efficiency {one / ep:.0%})")
+    say(f"per step on {world} GPUs: NCCL kernels {nccl * 1e3:.2f} ms (all-to-all and grad all-reduce), "
+        f"expert compute {layers * experts_local * 1e3:.2f} ms ({layers} layers x {experts_local * 1e3:.2f} ms, E/{world} experts, T*k rows); "
+        f"1 GPU expert compute {layers * experts_full * 1e3:.2f} ms")
+    par.close()
+
+
+if __name__ == "__main__":
+    main()
