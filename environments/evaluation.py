@@ -28,11 +28,12 @@ def _shape(action, env):
 
 
 def run_episodes(env, choose: Chooser, episodes: int, seed: int) -> dict[str, float]:
-    """Mean return and episode metrics over `episodes` episodes reset with seeds seed, seed+1, ..."""
+    """Mean return and episode metrics over `episodes` consecutive episodes, the first reset with `seed`
+    (cotrain: the experts start fresh there and keep learning through the following episodes)."""
     env = env.unwrapped
     rows = []
     for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
+        obs, _ = env.reset(seed=seed if i == 0 else None)
         total, done = 0.0, False
         while not done:
             obs, reward, done, _, info = env.step(choose(obs, env))

@@ -130,7 +130,7 @@ class TokenRoutingEnv(gym.Env):
         self.episode_tokens = self.np_random.integers(0, pool, size=self.tokens)
         self.position = 0
         self.load = np.zeros(self.num_experts, dtype=np.int64)
-        self.episode_actions, self.episode_labels = [], []
+        self.episode_actions, self.episode_labels, self.episode_losses = [], [], []
         self.overflow_total, self._done = 0, False
         self._prepare_chunk()
         return self._obs(), {}
@@ -155,6 +155,7 @@ class TokenRoutingEnv(gym.Env):
         overflow = int(np.maximum(self.load - self.capacity, 0).sum() - before)
         reward = -task_loss - self.overflow_penalty * overflow / self.chunk
         oracle = float((experts == self.oracle_experts(self.chunk_labels)).mean())
+        self.episode_losses.append(task_loss)
         self.episode_actions.append(experts)
         self.episode_labels.append(self.chunk_labels)
         self.overflow_total += overflow
@@ -175,6 +176,7 @@ class TokenRoutingEnv(gym.Env):
         actions, labels = np.concatenate(self.episode_actions), np.concatenate(self.episode_labels)
         load = np.bincount(actions, minlength=self.num_experts).astype(np.float64)
         return {
+            "episode_task_loss": float(np.mean(self.episode_losses)),
             "episode_oracle_accuracy": float((actions == self.oracle_experts(labels)).mean()),
             "episode_load_cv": float(load.std() / load.mean()),
             "episode_overflow_frac": self.overflow_total / len(actions),

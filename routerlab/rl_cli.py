@@ -153,7 +153,7 @@ def eval_cmd(
     policy: Path = typer.Option(..., "--policy", help="policy.zip written by `routerlab rl train`"),
     kw: List[str] = typer.Option([], "--kw", help="override env options key=value (default: those it was trained with)"),
     episodes: int = typer.Option(20, "--episodes"),
-    seed: int = typer.Option(10_000, "--seed", help="episodes are reset with seeds seed, seed+1, ..."),
+    seed: int = typer.Option(10_000, "--seed", help="seed of the first episode's reset; later episodes continue"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the table as JSON here"),
 ) -> None:
     """Return, oracle accuracy and load metrics of a policy against random and greedy routing."""
