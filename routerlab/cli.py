@@ -110,6 +110,10 @@ from routerlab.rl_cli import register as _register_rl  # noqa: E402
 
 _register_rl(app)
 
+from routerlab.bench import register as _register_bench  # noqa: E402
+
+_register_bench(app)
+
 
 def main() -> None:
     app()

@@ -4,15 +4,25 @@ The layer knows nothing about any particular router. It keeps, for the last forw
   stats       RoutingStats (loads, drops, entropy, logit scale) for metrics and router.after_step
   top1        [T] highest-weight expert of each token (-1 if none), for specialization and fluctuation
   aux_losses  the router's already-scaled auxiliary losses
+
+The three stages are separate functions so that expert parallelism can put an exchange between them:
+  plan = plan_dispatch(experts, E, capacity)   which slot goes where (no data moved, no host sync)
+  xs   = permute(x, plan)                      [T*k, d] rows grouped by expert, padding rows last
+  y    = expert_bank(xs, plan.counts)          any backend
+  out  = combine(y, weights, plan)             [T, d] weighted sum of each token's kept slots
+
+Shapes are static (T*k rows whatever the routing), so the dropless GPU path never waits on the host:
+dropped and unused (-1) slots become padding rows at the end, which nothing reads.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from routerlab.moe.experts import ExpertBank
+from routerlab.moe.experts import ExpertBank, _triton_available
 from routerlab.moe.stats import RoutingStats, compute_stats
 from routerlab.routers.base import Router
 
@@ -24,30 +34,139 @@ def capacity_for(num_tokens: int, k: int, num_experts: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
 
 
-def dispatch(experts: Tensor, num_experts: int, capacity: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Order token-slots by expert and drop those past capacity.
+@dataclass
+class DispatchPlan:
+    """Where every token-slot goes. Slots are numbered slot-major: slot j of token t is j * T + t.
+
+    order   [T*k] slot at each sorted position: kept slots grouped by expert, then padding slots
+    inv     [T*k] sorted position of each slot (the inverse permutation of order)
+    kept    [T*k] bool, slot was computed (valid expert and within capacity)
+    counts  [E]   kept slots per expert
+    n_kept  []    counts.sum(), on the device: rows at or past it are padding
+    """
+
+    order: Tensor
+    inv: Tensor
+    kept: Tensor
+    counts: Tensor
+    n_kept: Tensor
+    num_tokens: int
+    k: int
+
+    @property
+    def token_of_row(self) -> Tensor:
+        """[T*k] token whose hidden state fills each sorted row."""
+        return self.order % self.num_tokens
+
+    def kept_per_token(self) -> Tensor:
+        return self.kept.view(self.k, self.num_tokens).sum(0)
+
+
+def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None) -> DispatchPlan:
+    """Order token-slots by expert and drop those past capacity, without a host synchronization.
 
     Slots are taken slot-major (all first choices before second choices), token order within, so
     capacity drops later choices and later tokens first (GShard's priority).
-    Returns (slot index into experts.t().flatten() for each kept slot, grouped by expert; kept counts [E];
-    token index of each kept slot).
     """
     num_tokens, k = experts.shape
     flat = experts.t().reshape(-1)
     key = torch.where(flat >= 0, flat, num_experts)  # unused slots sort last
     order = torch.argsort(key, stable=True)
     sorted_key = key[order]
-    routed = torch.bincount(sorted_key, minlength=num_experts + 1)
-    if capacity is None:
-        kept_counts = routed[:num_experts]
-        keep = order[: int(kept_counts.sum())]
-    else:
-        starts = routed.cumsum(0) - routed
-        position = torch.arange(order.numel(), device=order.device) - starts[sorted_key]
-        mask = (sorted_key < num_experts) & (position < capacity)
-        keep = order[mask]
-        kept_counts = routed[:num_experts].clamp(max=capacity)
-    return keep, kept_counts, keep % num_tokens
+    bounds = torch.searchsorted(sorted_key, torch.arange(num_experts + 1, device=key.device, dtype=key.dtype))
+    counts = bounds[1:] - bounds[:-1]
+    if capacity is not None:
+        position = torch.arange(order.numel(), device=order.device) - bounds[sorted_key.clamp(max=num_experts - 1)]
+        keep = (sorted_key < num_experts) & (position < capacity)
+        # a stable second sort moves the overflow to the end and keeps everything else in place
+        order = order[torch.argsort(torch.where(keep, sorted_key, num_experts), stable=True)]
+        counts = counts.clamp(max=capacity)
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    n_kept = counts.sum()
+    return DispatchPlan(order, inv, inv < n_kept, counts, n_kept, num_tokens, k)
+
+
+def dispatch(experts: Tensor, num_experts: int, capacity: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Compatibility form of plan_dispatch (syncs): (kept slots grouped by expert, counts [E], their tokens)."""
+    plan = plan_dispatch(experts, num_experts, capacity)
+    keep = plan.order[: int(plan.counts.sum())]
+    return keep, plan.counts, keep % plan.num_tokens
+
+
+def _fused(t: Tensor) -> bool:
+    """Use the Triton gather kernels (triton_combine) for CUDA tensors when Triton is there."""
+    return t.is_cuda and _triton_available()
+
+
+class _Permute(torch.autograd.Function):
+    """rows = x[token_of_row]. Backward gathers each token's k row gradients and sums the kept ones
+    (a gather and a reduce: no atomics, deterministic)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token_of_row: Tensor, inv: Tensor, kept: Tensor, n_kept: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inv, kept, n_kept)
+        ctx.k, ctx.num_tokens = k, x.shape[0]
+        return x.index_select(0, token_of_row)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        inv, kept, n_kept = ctx.saved_tensors
+        if _fused(grad):
+            from routerlab.moe import triton_combine
+
+            return triton_combine.gather_reduce(grad, inv, n_kept, None, ctx.num_tokens, ctx.k), None, None, None, None, None
+        rows = grad.index_select(0, inv).view(ctx.k, -1, grad.shape[1])
+        # where, not a product: padding rows may hold anything, NaN included
+        grad_x = torch.where(kept.view(ctx.k, -1, 1), rows, 0).sum(0)
+        return grad_x, None, None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """out[t] = sum over kept slots j of w[t, j] * y[inv[j, t]]. Saves y, not the gathered copy."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, weights: Tensor, order: Tensor, inv: Tensor, kept: Tensor, n_kept: Tensor, num_tokens: int) -> Tensor:
+        k = weights.shape[1]
+        ctx.num_tokens, ctx.k, ctx.weights_dtype = num_tokens, k, weights.dtype
+        if _fused(y):
+            from routerlab.moe import triton_combine
+
+            ctx.save_for_backward(y, weights, inv, n_kept)
+            return triton_combine.gather_reduce(y, inv, n_kept, weights, num_tokens, k)
+        w = torch.where(kept, weights.t().reshape(-1).to(y.dtype), 0)
+        rows = torch.where(kept[:, None], y.index_select(0, inv), 0).view(k, num_tokens, -1)
+        ctx.save_for_backward(y, w, order, inv, kept)
+        return (rows * w.view(k, num_tokens, 1)).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        T, k = ctx.num_tokens, ctx.k
+        if _fused(grad):
+            from routerlab.moe import triton_combine
+
+            y, weights, inv, n_kept = ctx.saved_tensors
+            grad_y, grad_w = triton_combine.combine_grads(y, grad, inv, n_kept, weights, T, k)
+            return grad_y, grad_w.to(ctx.weights_dtype), None, None, None, None, None
+        y, w, order, inv, kept = ctx.saved_tensors
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # padding rows get weight 0, so their gradient is exactly 0
+            grad_y = grad.index_select(0, order % T) * w.index_select(0, order)[:, None]
+        if ctx.needs_input_grad[1]:
+            rows = y.index_select(0, inv).view(k, T, -1)
+            dots = (rows * grad.view(1, T, -1)).sum(-1, dtype=torch.float32).reshape(-1)
+            grad_w = torch.where(kept, dots, 0).view(k, T).t().to(ctx.weights_dtype)
+        return grad_y, grad_w, None, None, None, None, None
+
+
+def permute(x: Tensor, plan: DispatchPlan) -> Tensor:
+    """[T, d] -> [T*k, d]: each token's hidden state once per slot, rows grouped by expert."""
+    return _Permute.apply(x, plan.token_of_row, plan.inv, plan.kept, plan.n_kept, plan.k)
+
+
+def combine(y: Tensor, weights: Tensor, plan: DispatchPlan) -> Tensor:
+    """[T*k, d] expert outputs -> [T, d]; dropped and unused slots contribute nothing."""
+    return _Combine.apply(y, weights, plan.order, plan.inv, plan.kept, plan.n_kept, plan.num_tokens)
 
 
 class MoELayer(nn.Module):
@@ -59,8 +178,9 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.capacity_factor = capacity_factor
         self.backend = backend
-        self.stats: RoutingStats | None = None
-        self.top1: Tensor | None = None
+        self._stats = None
+        self._top1 = None
+        self._pending = None  # what stats and top1 are computed from, on first read (off the hot path)
         self.aux_losses: dict[str, Tensor] = {}
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
@@ -71,14 +191,37 @@ class MoELayer(nn.Module):
         routing = self.router(x, token_ids=token_ids)
         experts, weights = routing.experts, routing.weights
         capacity = capacity_for(x.shape[0], experts.shape[1], self.experts.num_experts, self.capacity_factor)
-        keep, counts, token_of_slot = dispatch(experts, self.experts.num_experts, capacity)
+        plan = plan_dispatch(experts, self.experts.num_experts, capacity)
 
-        y = self.experts(x[token_of_slot], counts, self.backend)
-        slot_weights = weights.t().reshape(-1)[keep].to(y.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of_slot, y * slot_weights[:, None])
+        y = self.experts(permute(x, plan), plan.counts, self.backend)
+        out = combine(y, weights, plan)
 
-        kept_per_token = torch.bincount(token_of_slot, minlength=x.shape[0])
-        self.stats = compute_stats(experts, routing.logits, counts, kept_per_token)
-        self.top1 = experts.gather(1, weights.detach().argmax(1, keepdim=True)).squeeze(1)
+        logits = routing.logits.detach() if routing.logits is not None else None
+        self._pending = (experts, weights.detach(), logits, plan)
+        self._stats = self._top1 = None
         self.aux_losses = routing.aux
         return out.reshape(shape)
+
+    @property
+    def stats(self) -> RoutingStats | None:
+        """RoutingStats of the last forward (computed when first read)."""
+        if self._stats is None and self._pending is not None:
+            experts, _, logits, plan = self._pending
+            self._stats = compute_stats(experts, logits, plan.counts, plan.kept_per_token())
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: RoutingStats | None) -> None:  # e.g. stats merged over ranks
+        self._stats, self._pending = value, None if value is None else self._pending
+
+    @property
+    def top1(self) -> Tensor | None:
+        """[T] highest-weight expert of each token in the last forward (-1 if none)."""
+        if self._top1 is None and self._pending is not None:
+            experts, weights, _, _ = self._pending
+            self._top1 = experts.gather(1, weights.argmax(1, keepdim=True)).squeeze(1)
+        return self._top1
+
+    @top1.setter
+    def top1(self, value: Tensor | None) -> None:
+        self._top1 = value

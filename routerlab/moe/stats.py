@@ -38,12 +38,13 @@ class RoutingStats:
 def compute_stats(experts: Tensor, logits: Tensor | None, kept: Tensor, kept_per_token: Tensor) -> RoutingStats:
     """experts [T, k] (-1 unused), logits [T, E] or None, kept [E], kept_per_token [T]."""
     num_experts = kept.shape[0]
-    valid = experts >= 0
-    load = torch.bincount(experts[valid], minlength=num_experts).float()
+    # scatter and fill instead of bincount / mask indexing / torch.tensor: no host sync on CUDA
+    slots = torch.where(experts >= 0, experts, num_experts).reshape(-1)
+    load = torch.zeros(num_experts + 1, device=experts.device).index_add_(0, slots, torch.ones(slots.shape, device=experts.device))[:num_experts]
     stats = RoutingStats(
         load=load,
         kept=kept.float(),
-        tokens=torch.tensor(float(experts.shape[0]), device=experts.device),
+        tokens=torch.full((), float(experts.shape[0]), device=experts.device),
         dropped_tokens=(kept_per_token == 0).sum().float(),
     )
     if logits is not None:
