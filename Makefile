@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/routerlab train --config configs/chars.yaml
+	$(BIN)/routerlab ablate configs/ablations/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

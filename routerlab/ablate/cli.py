@@ -46,12 +46,18 @@ def register(app: typer.Typer) -> None:
                 bar.update(job, total=total)
 
             def on_update(done, running, left):
-                bar.update(job, completed=done, state=f"done {done}  running {running}  left {left}")
+                state = f"done {done}  running {running}  left {left}"
+                bar.update(job, completed=done, state=state)
+                if not bar.console.is_terminal:  # logs and CI get one line per change instead of a live bar
+                    bar.console.print(f"cells: {state}", highlight=False)
 
             result = run_ablation(file, out=out, runs=runs, workers=workers, command=command, on_plan=on_plan, on_update=on_update)
+        from rich.console import Console
+
         from routerlab.ablate.report import rich_table
 
-        console.print(rich_table(result.plan, result.stats))
+        wide = Console(width=max(console.width, 170))  # a dozen metric columns; let a narrow terminal wrap lines
+        wide.print(rich_table(result.plan, result.stats))
         console.print(f"trained {result.ran} runs now, {len(result.results) - result.ran} were done before; results: {result.out}/summary.md, results.csv, *.png")
         console.print(f"TensorBoard: [bold]tensorboard --logdir {result.plan.cells[0].config.run.dir}[/]")
         if result.errors:

@@ -39,6 +39,7 @@ def rows(plan: Plan, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
         row: dict[str, Any] = {"cell": cell.id, **cell.labels, "seed": cell.seed}
         row.update({k: v for k, v in result["metrics"].items() if "/" not in k})
         row["wall_s"] = result["wall_s"]
+        row["cpu_s"] = result.get("cpu_s", float("nan"))
         out.append(row)
     return out
 
@@ -46,7 +47,7 @@ def rows(plan: Plan, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
 def write_csv(path: Path, plan: Plan, table: list[dict[str, Any]]) -> None:
     fixed = ["cell", *axis_names(plan), "seed"]
     metric_cols = [m for m in DEFAULT_METRICS if any(m in r for r in table)]
-    metric_cols += sorted({k for r in table for k in r} - set(fixed) - set(metric_cols) - {"wall_s"}) + ["wall_s"]
+    metric_cols += sorted({k for r in table for k in r} - set(fixed) - set(metric_cols) - {"wall_s", "cpu_s"}) + ["wall_s", "cpu_s"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fixed + metric_cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -133,7 +134,7 @@ def rich_table(plan: Plan, stats: list[dict[str, Any]]):
     names, metrics = summary_columns(plan, stats)
     table = Table(title=f"ablation {plan.spec.name}: mean ± std over seeds", header_style="bold")
     for n in names:
-        table.add_column(n)
+        table.add_column(n, no_wrap=True)
     for m in metrics:
         table.add_column(HEADERS.get(m, m), justify="right")
     for s in stats:

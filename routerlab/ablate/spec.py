@@ -202,7 +202,8 @@ def cell_id(config: Config, labels: dict[str, str]) -> str:
     data.pop("run")
     data["train"].pop("device")
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
-    return _slug("-".join(labels.values()))[:64] + f"-s{config.seed}-{digest}"
+    parts = [v if k in SPECIAL_AXES else f"{k.split('.')[-1]}={v}" for k, v in labels.items()]
+    return _slug("-".join(parts))[:64] + f"-s{config.seed}-{digest}"
 
 
 def expand(spec: AblationSpec, runs_dir: str | Path) -> Plan:
