@@ -37,6 +37,7 @@ class FederatedParams(BaseModel):
     fail_mode: Literal["raise", "disappear"] = "raise"
     round_timeout: float = Field(120.0, gt=0)  # seconds the server waits for replies
     target_accuracy: float = Field(0.8, gt=0, le=1)  # for "rounds to target"
+    client_eval: bool = True  # evaluate the new global model on every client after each round
     sim_cpus: int = Field(2, ge=1)  # Ray simulation: CPUs (one client per CPU at a time)
 
     @field_validator("strategy")

@@ -99,11 +99,13 @@ def local_deployment(workdir: Path, num_nodes: int = 2) -> Iterator[dict]:
         link = start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
                                    "--disable-runtime-dependency-installation"])
         wait_for_port(port, link)
-        for i in range(num_nodes):
+        nodes = []
+        for i in range(num_nodes):  # start them all, then wait: they come up in parallel
             node_port = free_port()
-            node = start(f"supernode{i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+            nodes.append((node_port, start(f"supernode{i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
                                             "--host", "127.0.0.1", "--port", str(node_port),
-                                            "--node-config", f"partition-id={i} num-partitions={num_nodes}"])
+                                            "--node-config", f"partition-id={i} num-partitions={num_nodes}"])))
+        for node_port, node in nodes:
             wait_for_port(node_port, node)
         yield {"env": env, "connection": "local-deployment", "procs": procs, "workdir": workdir}
     finally:

@@ -58,6 +58,7 @@ def run_federation(grid: Grid, setup: FederatedSetup, run_dir: Path) -> dict:
     setup_json = setup.to_json()
     writer = SummaryWriter(str(run_dir))
     rounds, clients, aggregate_s = [], [], 0.0
+    keys_sent, keys_received = set(), set()  # which parameters ever crossed the network
     first_round_at = time.time()
     for rnd in range(1, fed.rounds + 1):
         failing = set(rng.sample(nodes, int(round(fed.fail_fraction * len(nodes)))))
@@ -71,6 +72,7 @@ def run_federation(grid: Grid, setup: FederatedSetup, run_dir: Path) -> dict:
         replies = [r for r in grid.send_and_receive(messages, timeout=fed.round_timeout) if not r.has_error()]
         train_s = time.perf_counter() - round_start
         bytes_down = array_bytes(sent) * len(messages)
+        keys_sent.update(sent.keys())
         bytes_up = sum(array_bytes(r.content["arrays"]) for r in replies)
 
         t0 = time.perf_counter()
@@ -78,6 +80,7 @@ def run_federation(grid: Grid, setup: FederatedSetup, run_dir: Path) -> dict:
         for r in replies:
             m = r.content["metrics"]
             tokens = {k.split(":", 1)[1]: torch.tensor(list(v), dtype=torch.float64) for k, v in m.items() if k.startswith("tokens:")}
+            keys_received.update(r.content["arrays"].keys())
             updates.append(ClientUpdate(r.content["arrays"].to_torch_state_dict(), int(m["num-examples"]), tokens))
             personal[int(m["partition-id"])] = float(m["personal-accuracy"])
             for layer, t in tokens.items():
@@ -89,10 +92,10 @@ def run_federation(grid: Grid, setup: FederatedSetup, run_dir: Path) -> dict:
 
         # evaluation of the new global model on every client that is still there
         sent = ArrayRecord({k: global_state[k] for k in shared_keys(global_state, strategy)})
-        live = [n for n in nodes if n not in failing]
+        live = [n for n in nodes if n not in failing] if fed.client_eval else []
         messages = [Message(RecordDict({"arrays": sent, "config": ConfigRecord({"round": rnd, "setup": setup_json})}),
                             dst_node_id=n, message_type=MessageType.EVALUATE, group_id=str(rnd)) for n in live]
-        evals = [r for r in grid.send_and_receive(messages, timeout=fed.round_timeout) if not r.has_error()]
+        evals = [r for r in grid.send_and_receive(messages, timeout=fed.round_timeout) if not r.has_error()] if messages else []
         bytes_down += array_bytes(sent) * len(messages)
         global_acc = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["global-accuracy"]) for r in evals}
         for row in clients:
@@ -123,12 +126,13 @@ def run_federation(grid: Grid, setup: FederatedSetup, run_dir: Path) -> dict:
         writer.flush()
     writer.close()
 
-    hit = [r["round"] for r in rounds if r["global_acc_mean"] >= fed.target_accuracy]
+    hit = [r["round"] for r in rounds if r["global_acc_mean"] >= fed.target_accuracy]  # NaN (no client eval) never hits
     summary = {
         "strategy": strategy, "num_clients": fed.num_clients, "rounds": fed.rounds, "final": rounds[-1],
         "rounds_to_target": hit[0] if hit else None, "target_accuracy": fed.target_accuracy,
         "server_started_at": started, "first_round_at": first_round_at, "finished_at": time.time(),
         "aggregate_s": aggregate_s, "client_train_s": sum(c["train_seconds"] for c in clients),
+        "keys_sent": sorted(keys_sent), "keys_received": sorted(keys_received),
     }
     atomic_write(run_dir / "model.pt", lambda tmp: torch.save(global_state, tmp))
     atomic_write_text(run_dir / "rounds.csv", to_csv(rounds))
