@@ -102,6 +102,10 @@ from routerlab.ablate.cli import register as _register_ablate  # noqa: E402
 
 _register_ablate(app)
 
+from studies.cli import register as _register_studies  # noqa: E402
+
+_register_studies(app)
+
 from federated.cli import register as _register_federated  # noqa: E402
 
 _register_federated(app)
