@@ -31,12 +31,12 @@ def best_trial(study, spec: StudySpec):
     return min(study.best_trials, key=lambda t: sign * t.values[0])
 
 
-def best_config_yaml(spec: StudySpec, trial) -> str:
+def config_yaml(spec: StudySpec, trial, label: str = "best") -> str:
     data = dict(trial.user_attrs["config"])
-    data["run"] = {"dir": "runs", "name": f"{spec.name}-best", "checkpoint": True}
+    data["run"] = {"dir": "runs", "name": f"{spec.name}-{label}", "checkpoint": True}
     make_config(data)  # what we hand out must load
     values = ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(spec.objectives, trial.values))
-    header = (f"# Best trial {trial.number} of study {spec.name!r} ({values}).\n"
+    header = (f"# {label.capitalize()} trial {trial.number} of study {spec.name!r} ({values}).\n"
               f"# Train it: routerlab train --config <this file>\n"
               f"# Searched parameters: {json.dumps(trial.params)}\n")
     return header + yaml.safe_dump(data, sort_keys=False)
@@ -136,7 +136,10 @@ def write_report(spec: StudySpec, study, out_dir: Path) -> dict[str, Path]:
         raise ConfigError(f"study {spec.name!r} has no trials in this storage; run `routerlab study {spec.name}` first")
     files = {"trials": atomic_write_text(out_dir / "trials.csv", trials_csv(spec, trials, RECORDED_METRICS))}
     best = best_trial(study, spec)
-    files["best_config"] = atomic_write_text(out_dir / "best_config.yaml", best_config_yaml(spec, best))
+    files["best_config"] = atomic_write_text(out_dir / "best_config.yaml", config_yaml(spec, best))
+    first = trials[0]
+    if spec.baseline and first.user_attrs.get("fixed") and first.state.name == "COMPLETE":
+        files["baseline_config"] = atomic_write_text(out_dir / "baseline_config.yaml", config_yaml(spec, first, "baseline"))
     if spec.multi_objective:
         front = sorted(study.best_trials, key=lambda t: t.number)
         files["pareto_csv"] = atomic_write_text(out_dir / "pareto.csv", trials_csv(spec, front, RECORDED_METRICS))

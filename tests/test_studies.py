@@ -174,7 +174,7 @@ def test_short_study_runs_resumes_and_its_best_config_trains(tmp_path):
     out = tmp_path / "report"
     result = runner.invoke(app, ["study-report", str(tmp_path / f"{spec.name}.yaml"), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert (out / "history.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "history.png").read_bytes()[:4] == b"\x89PNG" and (out / "baseline_config.yaml").is_file()
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 1 + 4
     best = load_config(out / "best_config.yaml")
     assert best.router == study.best_trial.user_attrs["config"]["router"] and best.train.lr == study.best_trial.user_attrs["config"]["train"]["lr"]
