@@ -93,6 +93,7 @@ def load_heatmaps(plan: Plan, results: dict[str, dict[str, Any]], path: Path) ->
         im = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
         ax.set_title(" / ".join(group), fontsize=8)
         ax.set_yticks(range(shares.shape[0]))
+        ax.set_xticks(range(0, shares.shape[1], max(1, shares.shape[1] // 8)))
         ax.set_ylabel("layer", fontsize=7)
         ax.set_xlabel("expert", fontsize=7)
         ax.tick_params(labelsize=6)
