@@ -140,6 +140,8 @@ class Trainer:
         values = {"train/loss": float(np.mean(self.losses[-window:])), "train/lr": self.scheduler.get_last_lr()[0]}
         values.update({f"train/aux/{k}": float(v.detach()) for k, v in aux.items()})
         values["perf/tokens_per_s"] = self.tokens_per_s
+        for i, layer in enumerate(self.layers):  # router-specific scalars (adversary prices, critic loss)
+            values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
         self.board.scalars(values, self.step)
         self.board.routing("routing", [routing_metrics(s) for s in self._window if s is not None], self.step)
         self._window = [None] * len(self.layers)

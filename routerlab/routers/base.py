@@ -51,6 +51,11 @@ class Router(nn.Module):
     def after_step(self, stats) -> None:
         """Called by the trainer after each optimizer step with this layer's `RoutingStats`."""
 
+    def extra_metrics(self) -> dict[str, float]:
+        """Router-specific scalars for TensorBoard (e.g. adversary prices), logged by the trainer with the
+        training routing metrics as routing/<name>/layer<i>; default none."""
+        return {}
+
     def observe_token_loss(self, token_loss: Tensor) -> dict[str, Tensor]:
         """Called by the trainer in training, after the forward and before backward, with the detached
         per-token task loss [T] (tokens in the order this layer routed them). Returns extra already-scaled
