@@ -6,13 +6,17 @@
 2. weak scaling: a small MoE transformer (fine-grained experts: E=64, k=6, d=2048, h=1408) at a fixed
    per-GPU batch, forward + backward + gradient sync: every GPU with all experts and no communication
    (the 1-GPU figure), then the experts sharded over all ranks;
-3. where the time goes: NCCL kernel time (profiler) against expert compute (ExpertBank alone).
+3. where the time goes: GPU kernel time per step by kind (profiler: all-to-all, all-reduce, all-gather, the
+   rest; NCCL kernels include waiting for the peer), host synchronizations per step (CUDA sync debug mode),
+   against expert compute (ExpertBank alone).
 """
 from __future__ import annotations
 
 import copy
 import os
 import time
+import warnings
+from collections import defaultdict
 from types import SimpleNamespace
 
 import torch
@@ -62,8 +66,19 @@ def make_model(device, layers: int, d: int, h: int, E: int, k: int, vocab: int, 
     return MoETransformerLM(cfg, {"name": "softmax_topk", "k": k}, vocab, block).to(device, torch.bfloat16)
 
 
-def timed_steps(model, par, batch, targets, steps: int, profile: bool = False) -> tuple[float, float]:
-    """Seconds per forward+backward+grad sync; with profile, also NCCL kernel seconds per step."""
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    if "nccl" in low:
+        for kind in ("SendRecv", "AllToAll", "AllReduce", "AllGather"):
+            if kind.lower() in low:
+                return "nccl all-to-all" if kind in ("SendRecv", "AllToAll") else f"nccl {kind[:3].lower()}-{kind[3:].lower()}"
+        return "nccl other"
+    return "compute"
+
+
+def timed_steps(model, par, batch, targets, steps: int, profile: bool = False) -> tuple[float, dict]:
+    """Seconds per forward+backward+grad sync; with profile, GPU kernel seconds per step by kind, top kernels
+    and host syncs per step."""
     def step():
         logits = model(batch)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -82,7 +97,7 @@ def timed_steps(model, par, batch, targets, steps: int, profile: bool = False) -
         step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    nccl = 0.0
+    info: dict = {}
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
 
@@ -90,8 +105,22 @@ def timed_steps(model, par, batch, targets, steps: int, profile: bool = False) -
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
-        nccl = sum(e.device_time_total for e in p.key_averages() if "nccl" in e.key.lower()) / 3 / 1e6
-    return seconds, nccl
+        by_kind, by_name = defaultdict(float), defaultdict(float)
+        for e in p.events():  # kernel events only: CPU ops would count their kernels a second time
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                us = e.time_range.elapsed_us() / 3
+                by_kind[kernel_kind(e.name)] += us / 1e6
+                by_name[e.name[:70]] += us / 1e6
+        info["kinds"] = dict(by_kind)
+        info["top"] = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            step()
+            torch.cuda.set_sync_debug_mode("default")
+        info["syncs"] = sum("synchroniz" in str(w.message).lower() for w in caught)
+    return seconds, info
 
 
 def expert_compute(device, T: int, d: int, h: int, E: int, k: int, steps: int = 10) -> float:
@@ -127,18 +156,22 @@ def main() -> None:
     say(f"model: {layers} MoE transformer blocks, d={d}, experts E={E} k={k} h={h} (SwiGLU), vocab {vocab}; per-GPU batch {seqs}x{block} = {T} tokens, bf16, fwd+bwd")
 
     model = make_model(device, layers, d, h, E, k, vocab, block)
-    one, _ = timed_steps(model, None, batch, targets, steps=10)  # every GPU alone, all experts, no communication
+    one, one_info = timed_steps(model, None, batch, targets, steps=10, profile=True)  # every GPU alone, all experts
     del model
     torch.cuda.empty_cache()
     model = shard_experts(make_model(device, layers, d, h, E, k, vocab, block), par.expert_group)
-    ep, nccl = timed_steps(model, par, batch, targets, steps=10, profile=True)
+    ep, info = timed_steps(model, par, batch, targets, steps=10, profile=True)
     experts_full = expert_compute(device, T, d, h, E, k)
     experts_local = expert_compute(device, T, d, h, E // world, k)
-    say(f"1 GPU : {one * 1e3:8.2f} ms/step  {T / one:12,.0f} tokens/s")
+    say(f"1 GPU : {one * 1e3:8.2f} ms/step  {T / one:12,.0f} tokens/s  (GPU kernels {sum(one_info['kinds'].values()) * 1e3:.2f} ms, host syncs/step {one_info['syncs']})")
     say(f"{world} GPUs: {ep * 1e3:8.2f} ms/step  {world * T / ep:12,.0f} tokens/s  (weak-scaling speedup {world * one / ep:.2f}x, efficiency {one / ep:.0%})")
-    say(f"per step on {world} GPUs: NCCL kernels {nccl * 1e3:.2f} ms (all-to-all and grad all-reduce), "
-        f"expert compute {layers * experts_local * 1e3:.2f} ms ({layers} layers x {experts_local * 1e3:.2f} ms, E/{world} experts, T*k rows); "
-        f"1 GPU expert compute {layers * experts_full * 1e3:.2f} ms")
+    say(f"per step on {world} GPUs (rank 0), GPU kernel ms by kind: " + ", ".join(f"{kk} {v * 1e3:.2f}" for kk, v in sorted(info["kinds"].items()))
+        + f"; total {sum(info['kinds'].values()) * 1e3:.2f}; host syncs/step {info['syncs']} ({layers} MoE layers)")
+    say(f"expert compute (ExpertBank fwd+bwd alone, T*k rows): {layers} layers x {experts_local * 1e3:.2f} ms = {layers * experts_local * 1e3:.2f} ms "
+        f"(E/{world} experts); 1 GPU {layers * experts_full * 1e3:.2f} ms")
+    say(f"top kernels per step on {world} GPUs (rank 0), ms:")
+    for name, sec in info["top"]:
+        say(f"  {sec * 1e3:7.2f}  {name}")
     par.close()
 
 

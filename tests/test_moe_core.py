@@ -159,3 +159,26 @@ def test_unused_slots_and_all_dropped_tokens_give_zero():
     assert out[4:].abs().sum() == 0 and out[:4].abs().sum() > 0
     assert grads[0][4:].abs().sum() == 0  # no gradient to tokens that reached no expert
     assert float(layer.stats.dropped_tokens) == T - 4
+
+
+def test_unweighted_combine_sums_kept_slots_and_is_permute_transposed():
+    """combine(y, None, plan) (the expert-parallel sender's sum of returned rows): forward = sum of each
+    token's kept rows, backward = each row gets its token's gradient, dropped/padding rows get 0."""
+    from routerlab.moe import combine
+
+    torch.manual_seed(3)
+    T, k, E, d = 9, 3, 4, 5
+    experts = torch.randint(-1, E, (T, k))
+    plan = plan_dispatch(experts, E, capacity=2)
+    y = torch.randn(T * k, d, requires_grad=True)
+    g = torch.randn(T, d)
+    out = combine(y, None, plan)
+    (out * g).sum().backward()
+    kept = plan.kept.view(k, T)
+    rows = y.detach()[plan.inv].view(k, T, d)
+    assert torch.allclose(out, (rows * kept[..., None]).sum(0), atol=1e-6)
+    want = torch.zeros(T * k, d)
+    real = torch.arange(T * k) < plan.n_kept
+    want[real] = g[plan.token_of_row[real]]
+    assert torch.equal(y.grad, want)
+    assert 0 < int(plan.n_kept) < T * k  # the case has both kept and dropped/unused slots

@@ -5,11 +5,13 @@ The layer knows nothing about any particular router. It keeps, for the last forw
   top1        [T] highest-weight expert of each token (-1 if none), for specialization and fluctuation
   aux_losses  the router's already-scaled auxiliary losses
 
-The three stages are separate functions so that expert parallelism can put an exchange between them:
+forward = route -> compute -> record; ExpertParallelMoELayer (parallel.py) replaces compute only.
+The stages of compute are separate functions so that expert parallelism can put an exchange between them:
   plan = plan_dispatch(experts, E, capacity)   which slot goes where (no data moved, no host sync)
   xs   = permute(x, plan)                      [T*k, d] rows grouped by expert, padding rows last
   y    = expert_bank(xs, plan.counts)          any backend
   out  = combine(y, weights, plan)             [T, d] weighted sum of each token's kept slots
+(moe_compute runs the four.)
 
 Shapes are static (T*k rows whatever the routing), so the dropless GPU path never waits on the host:
 dropped and unused (-1) slots become padding rows at the end, which nothing reads.
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from routerlab.moe.experts import ExpertBank, _triton_available
 from routerlab.moe.stats import RoutingStats, compute_stats
-from routerlab.routers.base import Router
+from routerlab.routers.base import Router, Routing
 
 
 def capacity_for(num_tokens: int, k: int, num_experts: int, capacity_factor: float | None) -> int | None:
@@ -134,7 +136,7 @@ class _Combine(torch.autograd.Function):
             ctx.save_for_backward(y, weights, inv, n_kept)
             return triton_combine.gather_reduce(y, inv, n_kept, weights, num_tokens, k)
         w = torch.where(kept, weights.t().reshape(-1).to(y.dtype), 0)
-        rows = torch.where(kept[:, None], y.index_select(0, inv), 0).view(k, num_tokens, -1)
+        rows = torch.where(kept[:, None], y.index_select(0, inv), 0).view(k, num_tokens, y.shape[1])
         ctx.save_for_backward(y, w, order, inv, kept)
         return (rows * w.view(k, num_tokens, 1)).sum(0)
 
@@ -159,14 +161,50 @@ class _Combine(torch.autograd.Function):
         return grad_y, grad_w, None, None, None, None, None
 
 
+class _SumSlots(torch.autograd.Function):
+    """out[t] = sum over kept slots j of y[inv[j, t]]: combine without weights, the transpose of permute.
+    Backward is permute's forward gather, with padding rows set to 0."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, token_of_row: Tensor, inv: Tensor, kept: Tensor, n_kept: Tensor, num_tokens: int, k: int) -> Tensor:
+        ctx.save_for_backward(token_of_row, n_kept)
+        if _fused(y):
+            from routerlab.moe import triton_combine
+
+            return triton_combine.gather_reduce(y, inv, n_kept, None, num_tokens, k)
+        return torch.where(kept[:, None], y.index_select(0, inv), 0).view(k, num_tokens, y.shape[1]).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        token_of_row, n_kept = ctx.saved_tensors
+        real = torch.arange(token_of_row.numel(), device=grad.device) < n_kept
+        return torch.where(real[:, None], grad.index_select(0, token_of_row), 0), None, None, None, None, None, None
+
+
 def permute(x: Tensor, plan: DispatchPlan) -> Tensor:
     """[T, d] -> [T*k, d]: each token's hidden state once per slot, rows grouped by expert."""
     return _Permute.apply(x, plan.token_of_row, plan.inv, plan.kept, plan.n_kept, plan.k)
 
 
-def combine(y: Tensor, weights: Tensor, plan: DispatchPlan) -> Tensor:
-    """[T*k, d] expert outputs -> [T, d]; dropped and unused slots contribute nothing."""
+def combine(y: Tensor, weights: Tensor | None, plan: DispatchPlan) -> Tensor:
+    """[T*k, d] expert outputs -> [T, d]; dropped and unused slots contribute nothing. weights None: plain sum."""
+    if weights is None:
+        return _SumSlots.apply(y, plan.token_of_row, plan.inv, plan.kept, plan.n_kept, plan.num_tokens, plan.k)
     return _Combine.apply(y, weights, plan.order, plan.inv, plan.kept, plan.n_kept, plan.num_tokens)
+
+
+def moe_compute(x: Tensor, experts: Tensor, weights: Tensor, bank: ExpertBank, capacity: int | None, backend: str = "auto") -> tuple[Tensor, DispatchPlan]:
+    """plan -> permute -> experts -> weighted combine: out [T, d] for routing (experts [T, k] ids of `bank`, -1 unused).
+
+    The whole single-process MoE computation; the expert-parallel layer runs it on each receiver's rows.
+    """
+    plan = plan_dispatch(experts, bank.num_experts, capacity)
+    y = bank(permute(x, plan), plan.counts, backend)
+    return combine(y, weights, plan), plan
+
+
+def flatten_tokens(x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    return x.reshape(-1, x.shape[-1]), None if token_ids is None else token_ids.reshape(-1)
 
 
 class MoELayer(nn.Module):
@@ -178,36 +216,47 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.capacity_factor = capacity_factor
         self.backend = backend
+        self.num_experts = experts.num_experts  # all experts (the expert-parallel layer holds a block of them)
         self._stats = None
         self._top1 = None
         self._pending = None  # what stats and top1 are computed from, on first read (off the hot path)
         self.aux_losses: dict[str, Tensor] = {}
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        if token_ids is not None:
-            token_ids = token_ids.reshape(-1)
-        routing = self.router(x, token_ids=token_ids)
-        experts, weights = routing.experts, routing.weights
-        capacity = capacity_for(x.shape[0], experts.shape[1], self.experts.num_experts, self.capacity_factor)
-        plan = plan_dispatch(experts, self.experts.num_experts, capacity)
+        tokens, token_ids = flatten_tokens(x, token_ids)
+        routing = self.route(tokens, token_ids)
+        out, kept = self.compute(tokens, routing)
+        self.record(routing, kept)
+        return out.reshape(x.shape)
 
-        y = self.experts(permute(x, plan), plan.counts, self.backend)
-        out = combine(y, weights, plan)
+    # The steps of forward, shared with ExpertParallelMoELayer (which overrides compute only).
 
+    def route(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        """x [T, d] -> the router's decision for every token."""
+        return self.router(x, token_ids=token_ids)
+
+    def compute(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+        """(out [T, d], kept [T, k] bool: slots that were computed). Dispatch, experts and combine."""
+        capacity = capacity_for(x.shape[0], routing.experts.shape[1], self.num_experts, self.capacity_factor)
+        out, plan = moe_compute(x, routing.experts, routing.weights, self.experts, capacity, self.backend)
+        return out, plan.kept.view(plan.k, plan.num_tokens).t()
+
+    def record(self, routing: Routing, kept: Tensor) -> None:
+        """Keep what stats and top1 are computed from (on first read, off the hot path) and the aux losses."""
         logits = routing.logits.detach() if routing.logits is not None else None
-        self._pending = (experts, weights.detach(), logits, plan)
+        self._pending = (routing.experts, routing.weights.detach(), logits, kept)
         self._stats = self._top1 = None
         self.aux_losses = routing.aux
-        return out.reshape(shape)
 
     @property
     def stats(self) -> RoutingStats | None:
         """RoutingStats of the last forward (computed when first read)."""
         if self._stats is None and self._pending is not None:
-            experts, _, logits, plan = self._pending
-            self._stats = compute_stats(experts, logits, plan.counts, plan.kept_per_token())
+            experts, _, logits, kept = self._pending
+            E = self.num_experts
+            slots = torch.where(kept, experts, E).reshape(-1)  # kept slots per (global) expert, no host sync
+            counts = torch.zeros(E + 1, dtype=torch.long, device=experts.device).index_add_(0, slots, torch.ones_like(slots))[:E]
+            self._stats = compute_stats(experts, logits, counts, kept.sum(1))
         return self._stats
 
     @stats.setter

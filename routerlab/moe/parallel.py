@@ -1,20 +1,25 @@
 """Expert parallelism over torch.distributed: E experts split over the P ranks of an expert-parallel group.
 
-Each rank routes its own tokens with its own copy of the router, then (docs/distributed.md):
-  1. agrees shapes: one small all_gather of every rank's row counts per destination (and k; with a
-     capacity also the token counts and the per-(choice, expert) slot counts), so split sizes and capacity
-     are known to every rank before any variable-size collective and no rank waits forever;
-  2. sends each token ONCE to every rank that holds at least one of its kept experts (not once per slot:
-     with k=6 of 64 experts on 2 ranks that is 3x less traffic), with its k combine weights and local
-     expert ids, by variable-split `all_to_all_single`;
-  3. the receiver expands rows to slots, sorts them by local expert, runs its `ExpertBank` with the same
-     backends as one process, weights and sums the slots of each row, and sends one row back;
-  4. the sender adds the returned rows into its tokens.
-Gradients flow through a small autograd wrapper around `all_to_all_single` (backward = the reverse exchange).
+ExpertParallelMoELayer is an MoELayer whose `compute` step puts an exchange inside the core's own
+plan_dispatch / permute / combine (routerlab/moe/layer.py); route and record are MoELayer's. Per layer:
+  1. sender plan: `plan_dispatch` over each token's destination ranks ([T, P]: rank p, or -1 when none of
+     the token's kept experts lives there), so `permute` lays out one row per (destination, token), grouped
+     by destination, padding last: each token travels ONCE to every rank that holds one of its experts
+     (not once per slot: with k=6 of 64 experts on 2 ranks, 3x less traffic);
+  2. one small all_gather of every rank's rows per destination (and k): the split sizes reach the host
+     (the layer's only host synchronization) and every rank knows every split before any variable-size
+     collective, so no rank waits forever;
+  3. variable-split `all_to_all_single` of the rows and of their metadata (k combine weights in fp32 and
+     k local expert ids, -1 for slots computed elsewhere), one autograd node;
+  4. the receiver runs `moe_compute` on the rows it got, exactly as one process runs a whole layer:
+     plan_dispatch over local ids, permute, ExpertBank, combine with the weights -> one row per received row;
+  5. the reverse exchange, then `combine(rows, None, sender plan)` sums each token's returned rows.
+Backward of each exchange is the reverse exchange (same autograd node on every rank, see _ANCHOR).
 
 Capacity (capacity_factor set): C = capacity_for(T_global, k, E, cf), T_global the tokens of the whole
 expert-parallel group, and the slots kept are exactly those one process would keep on the concatenated
-batch (rank order): choice-major, then rank, then token. Dropless (the default) keeps every slot.
+batch (rank order): choice-major, then rank, then token; one more small all_gather, no extra host sync.
+Dropless (the default) keeps every slot.
 
 Imports torch only.
 """
@@ -25,37 +30,53 @@ import torch.distributed as dist
 from torch import Tensor
 
 from routerlab.moe.experts import ExpertBank
-from routerlab.moe.layer import MoELayer, capacity_for
-from routerlab.moe.stats import compute_stats
+from routerlab.moe.layer import MoELayer, combine, moe_compute, permute, plan_dispatch
+from routerlab.routers.base import Routing
 
 # Leaf that requires grad, passed into every exchange so its backward runs on every rank whenever grad mode
 # is on, whether or not this rank's own input requires grad (a rank that skipped it would hang the others).
 _ANCHOR = torch.zeros((), requires_grad=True)
 
 
+def _exchange(xs: tuple[Tensor, ...], out_splits: list[int], in_splits: list[int], group, out_rows: int) -> tuple[Tensor, ...]:
+    """Send the first sum(in_splits) rows of each x; receive sum(out_splits) rows into buffers of out_rows rows
+    (rows past the received ones are padding, zeroed)."""
+    n_out = sum(out_splits)
+    outs = []
+    for x in xs:
+        out = x.new_empty((out_rows,) + tuple(x.shape[1:]))
+        if out_rows > n_out:
+            out[n_out:].zero_()
+        dist.all_to_all_single(out[:n_out], x[: sum(in_splits)].contiguous(), out_splits, in_splits, group=group)
+        outs.append(out)
+    return tuple(outs)
+
+
 class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group, anchor: Tensor) -> Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+    """Several tensors in one node, so every rank runs their backward exchanges together, in the same order."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def forward(ctx, out_splits: list[int], in_splits: list[int], group, out_rows: int, anchor: Tensor, *xs: Tensor):
+        ctx.splits, ctx.group, ctx.in_rows = (out_splits, in_splits), group, [x.shape[0] for x in xs]
+        return _exchange(xs, out_splits, in_splits, group, out_rows)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
         out_splits, in_splits = ctx.splits
-        back = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None, None
+        back = [_exchange((g,), in_splits, out_splits, ctx.group, rows)[0] for g, rows in zip(grads, ctx.in_rows)]
+        return (None, None, None, None, None, *back)
 
 
-def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group=None) -> Tensor:
-    """Differentiable variable-split all_to_all_single (rows of x; splits per rank of `group`)."""
+def all_to_all(xs: tuple[Tensor, ...], out_splits: list[int], in_splits: list[int], group=None, out_rows: int | None = None) -> tuple[Tensor, ...]:
+    """Differentiable variable-split all_to_all_single of the rows of each x (splits per rank of `group`).
+
+    Sends the first sum(in_splits) rows (later rows: padding, not sent); returns out_rows rows
+    (default sum(out_splits)), the received ones first, then zero padding.
+    """
+    out_rows = sum(out_splits) if out_rows is None else out_rows
     if torch.is_grad_enabled():
-        return _AllToAll.apply(x, out_splits, in_splits, group, _ANCHOR)
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
+        return _AllToAll.apply(out_splits, in_splits, group, out_rows, _ANCHOR, *xs)
+    return _exchange(xs, out_splits, in_splits, group, out_rows)
 
 
 def all_gather_rows(x: Tensor, group=None) -> Tensor:
@@ -73,30 +94,31 @@ def all_gather_rows(x: Tensor, group=None) -> Tensor:
 def global_capacity_mask(experts: Tensor, num_experts: int, capacity_factor: float, group, rank: int) -> Tensor:
     """[T, k] bool: slots kept under a capacity agreed by the whole group, the same slots one process keeps.
 
-    Two small all_gathers: (T, k) of every rank, then slot counts per (choice, expert) of every rank.
+    One small all_gather (slot counts per (choice, expert), T and k of every rank); no host sync: the
+    capacity is computed on the device, in float64 like capacity_for.
     """
     T, k = experts.shape
-    sizes = all_gather_rows(torch.tensor([T, k], device=experts.device), group)
-    total_tokens, k_max = int(sizes[:, 0].sum()), int(sizes[:, 1].max())
-    if k < k_max:  # a router with a variable number of slots: pad with unused ones
-        experts = torch.cat([experts, experts.new_full((T, k_max - k), -1)], 1)
-    capacity = capacity_for(total_tokens, k_max, num_experts, capacity_factor)
-    valid = experts >= 0
-    choice = torch.arange(k_max, device=experts.device).expand(T, k_max)
-    key = torch.where(valid, choice * num_experts + experts, k_max * num_experts)  # [T, k], invalid last
-    flat = key.t().reshape(-1)  # choice-major, token order within: GShard's priority
-    counts = torch.bincount(flat, minlength=k_max * num_experts + 1)[:-1]
-    every = all_gather_rows(counts, group).view(-1, k_max, num_experts)  # [P, k, E]
-    per_choice = every.sum(0)
-    base = (per_choice.cumsum(0) - per_choice) + every[:rank].sum(0)  # slots ahead of this rank's, per (choice, expert)
-    order = torch.argsort(flat, stable=True)
-    sorted_key = flat[order]
-    hist = torch.bincount(sorted_key, minlength=k_max * num_experts + 1)
-    within = torch.arange(flat.numel(), device=flat.device) - (hist.cumsum(0) - hist)[sorted_key]
-    never = base.new_full((1,), capacity)  # unused slots are never kept
+    E = num_experts
+    if k > E:
+        raise ValueError(f"a router with k={k} slots per token over {E} experts is not supported")
+    device = experts.device
+    choice = torch.arange(k, device=device).expand(T, k)
+    key = torch.where(experts >= 0, choice * E + experts, E * E).t().reshape(-1)  # choice-major, token order within
+    counts = torch.zeros(E * E + 3, dtype=torch.long, device=device).index_add_(0, key, torch.ones_like(key))
+    counts[E * E + 1], counts[E * E + 2] = T, k
+    every = all_gather_rows(counts, group)  # [P, E*E + 3]
+    capacity = (capacity_factor * every[:, E * E + 1].sum().double() * every[:, E * E + 2].max() / E).ceil().clamp(min=1)
+    per_rank = every[:, : E * E].view(-1, E, E)  # [P, choice, expert]
+    per_choice = per_rank.sum(0)
+    base = (per_choice.cumsum(0) - per_choice) + per_rank[:rank].sum(0)  # slots ahead of this rank's, per (choice, expert)
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    starts = torch.searchsorted(sorted_key, torch.arange(E * E + 1, device=device))
+    within = torch.arange(key.numel(), device=device) - starts[sorted_key]
+    never = base.new_full((1,), torch.iinfo(torch.long).max // 2)  # unused slots are never kept
     keep_sorted = torch.cat([base.reshape(-1), never])[sorted_key] + within < capacity
-    keep_flat = torch.zeros_like(keep_sorted).index_copy_(0, order, keep_sorted)
-    return keep_flat.view(k_max, T).t()[:, :k]
+    keep_flat = torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted)
+    return keep_flat.view(k, T).t()
 
 
 class ExpertParallelMoELayer(MoELayer):
@@ -123,68 +145,42 @@ class ExpertParallelMoELayer(MoELayer):
         self.group, self.ep_size, self.ep_rank = group, size, rank
         self.num_experts, self.local_experts = full.num_experts, local
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        if token_ids is not None:
-            token_ids = token_ids.reshape(-1)
-        routing = self.router(x, token_ids=token_ids)
+    def compute(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         experts, weights = routing.experts, routing.weights
         T, k = experts.shape
-        E, P, El = self.num_experts, self.ep_size, self.local_experts
+        P, El = self.ep_size, self.local_experts
         if self.capacity_factor is None:
             kept = experts >= 0
         else:
-            kept = global_capacity_mask(experts, E, self.capacity_factor, self.group, self.ep_rank)
+            kept = global_capacity_mask(experts, self.num_experts, self.capacity_factor, self.group, self.ep_rank)
 
-        # one row per (destination rank, token) with at least one kept slot there; destination-major
+        # sender plan: "experts" = destination ranks; slot p of token t is (rank p, token t), kept if it goes there
         dest = torch.where(kept, experts // El, P)  # [T, k]; P = nowhere
-        goes = torch.zeros(T, P + 1, dtype=torch.bool, device=x.device)
-        goes.scatter_(1, dest, True)
-        row_dest, row_token = goes[:, :P].t().nonzero(as_tuple=True)
-        rows_per_dest = torch.bincount(row_dest, minlength=P)
-        sizes = all_gather_rows(torch.cat([rows_per_dest, rows_per_dest.new_tensor([k])]), self.group).cpu()
+        goes = torch.zeros(T, P + 1, dtype=torch.bool, device=x.device).scatter_(1, dest, True)[:, :P]
+        plan = plan_dispatch(torch.where(goes, torch.arange(P, device=x.device), -1), P, None)
+
+        # the only host sync: rows per destination (and k) of every rank
+        sizes = all_gather_rows(torch.cat([plan.counts, plan.counts.new_tensor([k])]), self.group).cpu()
         k_max = int(sizes[:, P].max())
         send_splits, recv_splits = sizes[self.ep_rank, :P].tolist(), sizes[:, self.ep_rank].tolist()
 
-        mine = dest[row_token] == row_dest[:, None]  # [R, k] slots of each row that its destination computes
-        row_ids = torch.where(mine, experts[row_token] - row_dest[:, None] * El, -1)
-        row_weights = torch.where(mine, weights[row_token], 0).to(x.dtype)
-        if k < k_max:  # routers with a variable number of slots: pad to the agreed width
-            row_ids = torch.cat([row_ids, row_ids.new_full((row_ids.shape[0], k_max - k), -1)], 1)
-            row_weights = torch.cat([row_weights, row_weights.new_zeros(row_weights.shape[0], k_max - k)], 1)
-        d = x.shape[1]
-        received = all_to_all(torch.cat([x[row_token], row_weights], 1), recv_splits, send_splits, self.group)
-        recv_ids = _plain_all_to_all(row_ids, recv_splits, send_splits, self.group)
+        # metadata of each row: per slot, its weight and local expert id if its destination computes it
+        row_token, row_dest = plan.token_of_row, plan.order // max(T, 1)
+        mine = dest.index_select(0, row_token) == row_dest[:, None]  # [T*P, k]
+        ids = torch.where(mine, experts.index_select(0, row_token) - row_dest[:, None] * El, -1)
+        w = torch.where(mine, weights.index_select(0, row_token), 0).float()
+        pad = k_max - k  # routers with a variable number of slots: pad to the agreed width
+        meta = torch.cat([w, w.new_zeros(w.shape[0], pad), ids.float(), ids.new_full((ids.shape[0], pad), -1).float()], 1)
+        recv_x, recv_meta = all_to_all((permute(x, plan), meta), recv_splits, send_splits, self.group)
 
-        # receiver: rows -> slots sorted by local expert -> experts -> weighted sum per row
-        valid = recv_ids >= 0
-        key = torch.where(valid, recv_ids, El).reshape(-1)
-        order = torch.argsort(key, stable=True)[: int(valid.sum())]
-        slot_row = order // k_max
-        counts = torch.bincount(key, minlength=El + 1)[:El]
-        if slot_row.numel():
-            y = self.experts(received[slot_row, :d], counts, self.backend)
+        # receiver: the single-process MoE computation on the rows it got
+        if recv_x.shape[0]:
+            recv_ids = recv_meta[:, k_max:].detach().long()
+            rows, _ = moe_compute(recv_x, recv_ids, recv_meta[:, :k_max], self.experts, None, self.backend)
         else:  # nothing to compute here; some backends dislike empty inputs
-            y = received.new_zeros(0, d)
-        slot_weights = received[:, d:].reshape(-1)[order]
-        partial = received.new_zeros(received.shape[0], d).index_add_(0, slot_row, y * slot_weights[:, None])
-
-        back = all_to_all(partial, send_splits, recv_splits, self.group)
-        out = torch.zeros_like(x).index_add_(0, row_token, back.to(x.dtype))
-
-        kept_experts = experts[kept]
-        self.stats = compute_stats(experts, routing.logits, torch.bincount(kept_experts, minlength=E), kept.sum(1))
-        self.top1 = experts.gather(1, weights.detach().argmax(1, keepdim=True)).squeeze(1)
-        self.aux_losses = routing.aux
-        return out.reshape(shape)
-
-
-def _plain_all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-    """Non-differentiable exchange (integer metadata)."""
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
+            rows = recv_x
+        (back,) = all_to_all((rows,), send_splits, recv_splits, self.group, out_rows=T * P)
+        return combine(back, None, plan), kept
 
 
 def shard_experts(model: torch.nn.Module, group=None) -> torch.nn.Module:
