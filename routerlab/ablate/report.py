@@ -16,7 +16,7 @@ HEADERS = {
     "loss": "loss", "accuracy": "accuracy", "perplexity": "perplexity", "load_cv": "load CV", "max_vio": "MaxVio",
     "dropped_frac": "dropped", "dead_experts": "dead", "router_entropy": "router H", "specialization": "special.",
     "fluctuation": "fluct.", "tokens_per_s": "tokens/s", "params_active": "params active", "params_total": "params total",
-    "train_loss": "train loss", "usage_entropy": "usage H", "z_value": "z", "max_logit": "max |logit|", "switch_balance": "switch bal.",
+    "train_loss": "train loss", "usage_entropy": "usage H", "z_value": "z", "max_logit": "max abs logit", "switch_balance": "switch bal.",
 }
 
 
