@@ -11,8 +11,8 @@ Reward: - mean over the chunk of loss[t, a_t]  -  overflow_penalty * (slots over
 Modes:
   frozen   experts pre-trained on oracle routing (cluster c -> expert c mod E) and then fixed; info reports
            the oracle accuracy (fraction of tokens sent to their cluster's expert).
-  cotrain  experts start untrained and take one trainer step on every chunk, each token on the expert the
-           policy chose (non-stationary). A reset with a seed restarts them; a reset without one keeps them.
+  cotrain  experts start untrained and take one trainer step every `train_every` chunks (and at the end of
+           an episode) on the tokens routed since, each on the expert the policy chose (non-stationary). A reset with a seed restarts them; a reset without one keeps them.
 """
 from __future__ import annotations
 
@@ -53,17 +53,20 @@ class TokenRoutingEnv(gym.Env):
         expert_seed: int = 0,
         projection_seed: int = 0,
         expert_cache: str | None = None,
+        train_every: int = 1,
         render_mode: str | None = None,  # accepted for vec-env helpers; nothing is rendered
     ) -> None:
         if mode not in ("frozen", "cotrain"):
             raise ConfigError(f"mode must be 'frozen' or 'cotrain', got {mode!r}")
         if chunk < 1 or tokens < 1 or tokens % chunk:
             raise ConfigError(f"tokens ({tokens}) must be a positive multiple of chunk ({chunk})")
+        if train_every < 1:
+            raise ConfigError(f"train_every must be >= 1, got {train_every}")
         if capacity_factor <= 0 or overflow_penalty < 0:
             raise ConfigError(f"capacity_factor must be > 0 and overflow_penalty >= 0, got {capacity_factor}, {overflow_penalty}")
         self.mode, self.num_experts, self.tokens, self.chunk = mode, num_experts, tokens, chunk
         self.overflow_penalty, self.capacity_factor = overflow_penalty, capacity_factor
-        self.obs_dim, self.projection_seed = obs_dim, projection_seed
+        self.obs_dim, self.projection_seed, self.train_every = obs_dim, projection_seed, train_every
         self.capacity = max(1, math.ceil(capacity_factor * tokens / num_experts))
         self.expert_spec = ExpertSpec(task=dict(task or DEFAULT_TASK), num_experts=num_experts, d_model=d_model, expert_hidden=expert_hidden,
                                pretrain_steps=pretrain_steps, lr=expert_lr, seed=expert_seed)
@@ -104,9 +107,14 @@ class TokenRoutingEnv(gym.Env):
         idx = self.episode_tokens[self.position : self.position + self.chunk]
         if self.mode == "frozen":
             self.chunk_loss, self.chunk_features = self.pool_loss[idx], self.pool_features[idx]
-        else:
-            loss, x = expert_losses(self.trainer, self.pool_inputs[idx], self.pool_targets[idx])
-            self.chunk_loss, self.chunk_features = loss.numpy(), self._project(x)
+        else:  # the experts change only at trainer steps: one forward covers every chunk until the next one
+            if self.window is None:
+                window = self.episode_tokens[self.position : self.position + self.train_every * self.chunk]
+                loss, x = expert_losses(self.trainer, self.pool_inputs[window], self.pool_targets[window])
+                self.window = (self.position, loss.numpy(), self._project(x))
+            start, loss, features = self.window
+            offset = self.position - start
+            self.chunk_loss, self.chunk_features = loss[offset : offset + self.chunk], features[offset : offset + self.chunk]
         self.chunk_labels = self.pool_labels[idx]
 
     def observation_spec(self) -> dict:
@@ -131,7 +139,7 @@ class TokenRoutingEnv(gym.Env):
         self.position = 0
         self.load = np.zeros(self.num_experts, dtype=np.int64)
         self.episode_actions, self.episode_labels, self.episode_losses = [], [], []
-        self.overflow_total, self._done = 0, False
+        self.overflow_total, self._done, self.trained_steps, self.window = 0, False, 0, None
         self._prepare_chunk()
         return self._obs(), {}
 
@@ -160,17 +168,26 @@ class TokenRoutingEnv(gym.Env):
         self.episode_labels.append(self.chunk_labels)
         self.overflow_total += overflow
         info = {"task_loss": task_loss, "overflow": overflow, "oracle_accuracy": oracle}
-        if self.mode == "cotrain":
-            idx = self.episode_tokens[self.position : self.position + self.chunk]
-            train_on_assignment(self.trainer, self.pool_inputs[idx], self.pool_targets[idx], torch.as_tensor(self.chunk_labels), torch.as_tensor(experts))
         self.position += self.chunk
         terminated = self.position >= self.tokens
+        if self.mode == "cotrain" and (terminated or len(self.episode_actions) % self.train_every == 0):
+            self._train_experts()
         if terminated:
             self._done = True
             info.update(self.episode_metrics())
         else:
             self._prepare_chunk()
         return self._obs(), float(reward), terminated, False, info
+
+    def _train_experts(self) -> None:
+        """One trainer step on the tokens routed since the last one, each on the expert the policy chose."""
+        steps = len(self.episode_actions) - self.trained_steps
+        idx = self.episode_tokens[self.position - steps * self.chunk : self.position]
+        experts = torch.as_tensor(np.concatenate(self.episode_actions[-steps:]))
+        labels = torch.as_tensor(np.concatenate(self.episode_labels[-steps:]))
+        train_on_assignment(self.trainer, self.pool_inputs[idx], self.pool_targets[idx], labels, experts)
+        self.trained_steps = len(self.episode_actions)
+        self.window = None
 
     def episode_metrics(self) -> dict[str, float]:
         actions, labels = np.concatenate(self.episode_actions), np.concatenate(self.episode_labels)

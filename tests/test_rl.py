@@ -93,6 +93,21 @@ def test_same_seed_same_episode(mode):
     assert not np.array_equal(episode(3), episode(4))
 
 
+def test_cotrain_experts_learn_from_the_chosen_assignment_every_train_every_chunks():
+    env = TokenRoutingEnv(mode="cotrain", chunk=4, tokens=24, train_every=4)
+    env.reset(seed=0)
+    before = {k: v.clone() for k, v in env.trainer.model.state_dict().items() if "experts." in k}
+    for _ in range(4):
+        env.step(np.array([2, 2, 2, 2]))  # every token to expert 2
+    assert env.trainer.step == 1
+    after = env.trainer.model.state_dict()
+    changed = {k: bool((after[k] - v).abs().sum(dim=tuple(range(1, v.dim()))).nonzero().flatten().tolist() == [2]) for k, v in before.items()}
+    assert all(changed.values()), changed  # only expert 2's weights moved
+    env.step(np.array([0, 1, 2, 3]))
+    env.step(np.array([0, 1, 2, 3]))  # episode end: the remaining 2 chunks are trained on too
+    assert env.trainer.step == 2
+
+
 def test_invalid_actions_are_refused():
     env = frozen()
     env.reset(seed=0)
