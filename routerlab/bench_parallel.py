@@ -119,7 +119,8 @@ def timed_steps(model, par, batch, targets, steps: int, profile: bool = False) -
             torch.cuda.set_sync_debug_mode("warn")
             step()
             torch.cuda.set_sync_debug_mode("default")
-        info["syncs"] = sum("synchroniz" in str(w.message).lower() for w in caught)
+        where = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
+        info["syncs"], info["sync_sites"] = len(where), sorted(set(where))
     return seconds, info
 
 
@@ -166,7 +167,8 @@ def main() -> None:
     say(f"1 GPU : {one * 1e3:8.2f} ms/step  {T / one:12,.0f} tokens/s  (GPU kernels {sum(one_info['kinds'].values()) * 1e3:.2f} ms, host syncs/step {one_info['syncs']})")
     say(f"{world} GPUs: {ep * 1e3:8.2f} ms/step  {world * T / ep:12,.0f} tokens/s  (weak-scaling speedup {world * one / ep:.2f}x, efficiency {one / ep:.0%})")
     say(f"per step on {world} GPUs (rank 0), GPU kernel ms by kind: " + ", ".join(f"{kk} {v * 1e3:.2f}" for kk, v in sorted(info["kinds"].items()))
-        + f"; total {sum(info['kinds'].values()) * 1e3:.2f}; host syncs/step {info['syncs']} ({layers} MoE layers)")
+        + f"; total {sum(info['kinds'].values()) * 1e3:.2f}; host syncs/step {info['syncs']} ({layers} MoE layers) at {', '.join(info['sync_sites'])}")
+    say(f"1 GPU host syncs at: {', '.join(one_info['sync_sites'])}")
     say(f"expert compute (ExpertBank fwd+bwd alone, T*k rows): {layers} layers x {experts_local * 1e3:.2f} ms = {layers * experts_local * 1e3:.2f} ms "
         f"(E/{world} experts); 1 GPU {layers * experts_full * 1e3:.2f} ms")
     say(f"top kernels per step on {world} GPUs (rank 0), ms:")

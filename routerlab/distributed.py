@@ -133,23 +133,40 @@ class ExpertParallel(SingleProcess):
         return dataclasses.replace(batch, **{f.name: part(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
     # ---- gradients --------------------------------------------------------------------------------
-    def _all_reduce_grads(self, params: list[nn.Parameter], group, scale: float, reduce: bool = True) -> None:
-        """Sum grads over `group` (None = all ranks), times scale, in one flat buffer.
+    def _all_reduce_grads(self, params: list[nn.Parameter], group, scale: float, reduce: bool = True):
+        """Start summing grads over `group` (None = all ranks), times scale, in one flat buffer; returns the
+        function that finishes it (waits for the all_reduce, sets the grads), so other work can run meanwhile.
 
-        A grad that is None on every rank stays None (as one process would leave it)."""
+        A grad that is None on every rank stays None (as one process would leave it). Without a host sync
+        when every grad exists on this rank (then it exists everywhere): the "used" flags travel in the
+        same all_reduce (same shapes on every rank) but are read back only by a rank that lacks a grad.
+        """
         if not params:
-            return
-        used = torch.tensor([p.grad is not None for p in params], dtype=params[0].dtype, device=params[0].device)
+            return lambda: None
+        all_here = all(p.grad is not None for p in params)
+        if not reduce and all_here:  # nothing to exchange: scale in place, no copy
+            torch._foreach_mul_([p.grad for p in params], scale)
+            return lambda: None
+        first = params[0]
+        if all_here:  # a fill, not a host-to-device copy (which would synchronize)
+            used = torch.ones(len(params), dtype=first.dtype, device=first.device)
+        else:
+            used = torch.tensor([p.grad is not None for p in params], dtype=first.dtype, device=first.device)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params] + [used])
-        if reduce:
-            dist.all_reduce(flat, group=group)
-        used_anywhere = flat[-len(params):].tolist()
-        flat = flat * scale
-        offset = 0
-        for p, was_used in zip(params, used_anywhere):
-            if was_used:
-                p.grad = flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+        work = dist.all_reduce(flat, group=group, async_op=True) if reduce else None
+
+        def finish() -> None:
+            if work is not None:
+                work.wait()
+            used_anywhere = [True] * len(params) if all_here else flat[-len(params):].tolist()
+            flat.mul_(scale)
+            offset = 0
+            for p, was_used in zip(params, used_anywhere):
+                if was_used:
+                    p.grad = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+
+        return finish
 
     def sync_grads(self, model: nn.Module) -> None:
         """Gradients of the global mean loss: each rank's loss is the mean over its slice, so sum / world size.
@@ -158,8 +175,10 @@ class ExpertParallel(SingleProcess):
         exchange brought them); replicas of the same experts sum theirs.
         """
         dense, expert = _split(model)
-        self._all_reduce_grads(dense, None, 1.0 / self.world_size)
-        self._all_reduce_grads(expert, self.replica_group, 1.0 / self.world_size, reduce=self.replicas > 1)
+        # the dense all_reduce is in flight while the expert grads are scaled (or reduced over replicas)
+        finish_dense = self._all_reduce_grads(dense, None, 1.0 / self.world_size)
+        self._all_reduce_grads(expert, self.replica_group, 1.0 / self.world_size, reduce=self.replicas > 1)()
+        finish_dense()
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> None:
         """torch's clip_grad_norm_ over the whole (sharded) model: expert squares summed over the expert group."""

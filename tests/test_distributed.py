@@ -98,3 +98,36 @@ def test_expert_parallel_without_torchrun_is_a_config_error(tmp_path, monkeypatc
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match="torchrun --nproc-per-node 2"):
         Trainer(config(ROUTERS["hash"], tmp_path, expert=2), log=False)
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float32, "loop"), (torch.bfloat16, "grouped")])
+def test_receiver_on_real_pairs_only_equals_the_padded_plan(dtype, backend):
+    """first_rows (the receiver's and sender's plan cut to kept rows + 1 spare) gives the same output and
+    gradients as the full T*k-row plan, while permute and the experts see only n_kept + 1 rows."""
+    from routerlab.moe import ExpertBank
+    from routerlab.moe.layer import combine, moe_compute, permute, plan_dispatch
+    from routerlab.moe.parallel import first_rows
+
+    torch.manual_seed(0)
+    R, d, E, k = 200, 16, 8, 4
+    bank = ExpertBank(E, d, 24).to(dtype)
+    ids = torch.randint(-1, E, (R, k))
+    ids[:, 0] = ids[:, 0].clamp(min=0)  # every received row has at least one local slot
+    ids[-1] = -1  # ... except one, to test a row with none
+    weights, x, g = torch.rand(R, k), torch.randn(R, d, dtype=dtype), torch.randn(R, d)
+    results = []
+    for compact in (False, True):
+        bank.zero_grad()
+        xx, ww = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        if compact:
+            n = int((ids >= 0).sum())
+            plan = first_rows(plan_dispatch(ids, E, None), n)
+            rows = permute(xx, plan)
+            assert rows.shape[0] == n + 1 < R * k
+            out = combine(bank(rows, plan.counts, backend), ww, plan)
+        else:
+            out, _ = moe_compute(xx, ids, ww, bank, None, backend)
+        (out.float() * g).sum().backward()
+        results.append([out.detach(), xx.grad, ww.grad, bank.w_in.grad, bank.w_out.grad])
+    for full, cut in zip(*results):
+        assert torch.equal(full, cut)

@@ -6,13 +6,15 @@ plan_dispatch / permute / combine (routerlab/moe/layer.py); route and record are
      the token's kept experts lives there), so `permute` lays out one row per (destination, token), grouped
      by destination, padding last: each token travels ONCE to every rank that holds one of its experts
      (not once per slot: with k=6 of 64 experts on 2 ranks, 3x less traffic);
-  2. one small all_gather of every rank's rows per destination (and k): the split sizes reach the host
-     (the layer's only host synchronization) and every rank knows every split before any variable-size
-     collective, so no rank waits forever;
+  2. one small all_gather of every rank's rows and (row, expert) pairs per destination (and k): the split
+     sizes reach the host (the layer's only host synchronization) and every rank knows every split before
+     any variable-size collective, so no rank waits forever;
   3. variable-split `all_to_all_single` of the rows and of their metadata (k combine weights in fp32 and
      k local expert ids, -1 for slots computed elsewhere), one autograd node;
-  4. the receiver runs `moe_compute` on the rows it got, exactly as one process runs a whole layer:
-     plan_dispatch over local ids, permute, ExpertBank, combine with the weights -> one row per received row;
+  4. the receiver runs the single-process computation on the rows it got (plan_dispatch over local ids,
+     permute, ExpertBank, combine with the weights -> one row per received row), cut to its real
+     (row, expert) pairs (`first_rows`: the pair count came with the split sizes), so no padding slot is
+     copied or computed;
   5. the reverse exchange, then `combine(rows, None, sender plan)` sums each token's returned rows.
 Backward of each exchange is the reverse exchange (same autograd node on every rank, see _ANCHOR).
 
@@ -25,12 +27,14 @@ Imports torch only.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from routerlab.moe.experts import ExpertBank
-from routerlab.moe.layer import MoELayer, combine, moe_compute, permute, plan_dispatch
+from routerlab.moe.layer import DispatchPlan, MoELayer, combine, permute, plan_dispatch
 from routerlab.routers.base import Routing
 
 # Leaf that requires grad, passed into every exchange so its backward runs on every rank whenever grad mode
@@ -158,29 +162,46 @@ class ExpertParallelMoELayer(MoELayer):
         dest = torch.where(kept, experts // El, P)  # [T, k]; P = nowhere
         goes = torch.zeros(T, P + 1, dtype=torch.bool, device=x.device).scatter_(1, dest, True)[:, :P]
         plan = plan_dispatch(torch.where(goes, torch.arange(P, device=x.device), -1), P, None)
+        pairs = torch.zeros(P + 1, dtype=plan.counts.dtype, device=x.device).index_add_(0, dest.reshape(-1), torch.ones_like(dest.reshape(-1)))[:P]
 
-        # the only host sync: rows per destination (and k) of every rank
-        sizes = all_gather_rows(torch.cat([plan.counts, plan.counts.new_tensor([k])]), self.group).cpu()
-        k_max = int(sizes[:, P].max())
+        # the only host sync: rows and (row, expert) pairs per destination, and k, of every rank.
+        # k goes in by a fill (torch.full), not a host-to-device copy, which would be a second sync.
+        counts = torch.cat([plan.counts, pairs, torch.full((1,), k, dtype=plan.counts.dtype, device=x.device)])
+        sizes = all_gather_rows(counts, self.group).cpu()
+        k_max = int(sizes[:, 2 * P].max())
         send_splits, recv_splits = sizes[self.ep_rank, :P].tolist(), sizes[:, self.ep_rank].tolist()
+        n_send, n_pairs = sum(send_splits), int(sizes[:, P + self.ep_rank].sum())
 
         # metadata of each row: per slot, its weight and local expert id if its destination computes it
+        plan = first_rows(plan, n_send)
         row_token, row_dest = plan.token_of_row, plan.order // max(T, 1)
-        mine = dest.index_select(0, row_token) == row_dest[:, None]  # [T*P, k]
+        mine = dest.index_select(0, row_token) == row_dest[:, None]  # [n_send + 1, k]
         ids = torch.where(mine, experts.index_select(0, row_token) - row_dest[:, None] * El, -1)
         w = torch.where(mine, weights.index_select(0, row_token), 0).float()
         pad = k_max - k  # routers with a variable number of slots: pad to the agreed width
         meta = torch.cat([w, w.new_zeros(w.shape[0], pad), ids.float(), ids.new_full((ids.shape[0], pad), -1).float()], 1)
         recv_x, recv_meta = all_to_all((permute(x, plan), meta), recv_splits, send_splits, self.group)
 
-        # receiver: the single-process MoE computation on the rows it got
+        # receiver: the single-process MoE computation on the rows it got, over its n_pairs real
+        # (row, local expert) pairs only: the permute copies no padding slot (about half of R*k here)
         if recv_x.shape[0]:
             recv_ids = recv_meta[:, k_max:].detach().long()
-            rows, _ = moe_compute(recv_x, recv_ids, recv_meta[:, :k_max], self.experts, None, self.backend)
+            local = first_rows(plan_dispatch(recv_ids, El, None), n_pairs)
+            y = self.experts(permute(recv_x, local), local.counts, self.backend)
+            rows = combine(y, recv_meta[:, :k_max], local)
         else:  # nothing to compute here; some backends dislike empty inputs
             rows = recv_x
-        (back,) = all_to_all((rows,), send_splits, recv_splits, self.group, out_rows=T * P)
+        (back,) = all_to_all((rows,), send_splits, recv_splits, self.group, out_rows=plan.order.numel())
         return combine(back, None, plan), kept
+
+
+def first_rows(plan: DispatchPlan, n_kept: int) -> DispatchPlan:
+    """The plan over its first n_kept + 1 sorted rows (n_kept: its kept slots, known on the host): every
+    padding slot points at the one spare row n_kept, which nothing reads (it is not kept), so permute,
+    the experts and combine touch n_kept + 1 rows instead of T*k. The core's functions take it as is:
+    they size their work by len(order) and read rows through inv, masked by kept."""
+    rows = min(n_kept + 1, plan.order.numel())
+    return dataclasses.replace(plan, order=plan.order[:rows], inv=plan.inv.clamp(max=rows - 1))
 
 
 def shard_experts(model: torch.nn.Module, group=None) -> torch.nn.Module:
