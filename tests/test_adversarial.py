@@ -1,5 +1,7 @@
 """Adversarial load balancing: prices stay in their box, the adversary pushes the router off an overloaded
 expert, the critic learns to tell skewed usage from balanced usage, and both resume exactly."""
+import math
+
 import pytest
 import torch
 
@@ -121,3 +123,32 @@ def test_tensorboard_shows_prices_and_critic_loss(tiny_overrides, tmp_path):
         tags = events.Tags()["scalars"]
         assert tag in tags and "routing/load_cv/layer0" in tags
         assert len(events.Scalars(tag)) == 12 // 3
+
+
+def test_critic_catches_imbalance_inside_groups_that_prices_miss():
+    """Each micro-batch of 16 tokens goes to one expert, a different one per micro-batch: the batch is perfectly
+    balanced (prices see no violation), every group is collapsed (the critic sees it)."""
+    x = torch.zeros(64, D)
+    x[torch.arange(64), torch.arange(64) // 16] = 1.0 + 0.1 * torch.rand(64, generator=torch.Generator().manual_seed(0))
+    stream = [x] * 40
+
+    def frozen(spec):  # lr 0 below: the routing stays as built, only the adversary learns
+        router = build_router(spec, D, E)
+        with torch.no_grad():
+            router.gate.weight.copy_(3.0 * torch.eye(E, D))
+        return router
+
+    prices = frozen({"name": "adversarial", "k": 1, "price_lr": 0.05, "price_max": 1.0, "signal": "hard"})
+    drive(prices, stream, lr=0.0)
+    assert prices.prices.max() == 0  # batch loads are equal: no violation to price
+
+    critic = frozen({"name": "adversarial_critic", "k": 1, "group_size": 16, "critic_lr": 0.02})
+    drive(critic, stream, lr=0.0)
+    from routerlab.routers.adversarial_critic import critic_logit
+
+    usage = critic.group_usage(x @ critic.gate.weight.t(), critic(x).experts).detach()
+    balanced = critic.balanced_usage(4, 16, torch.Generator().manual_seed(5))
+    fake, real = critic_logit(critic.critic, usage, 32), critic_logit(critic.critic, balanced, 32)
+    assert fake.min() > real.max()  # told apart
+    # and the router is charged for it: weight * mean softplus(D) above weight * log 2, i.e. D > 0 ("router")
+    assert float(critic(x).aux["critic"].detach()) > 0.05 * math.log(2)
