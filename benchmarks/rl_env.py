@@ -48,7 +48,10 @@ def vectorized(kwargs: dict, num_envs: int, seconds: float, kind: str) -> float:
         step = lambda a: envs.step(a)  # noqa: E731
     space = envs.action_space
     space.seed(0)
-    actions = [space.sample() for _ in range(64)]
+    if kind == "gymnasium":  # a batched space
+        actions = [space.sample() for _ in range(64)]
+    else:  # SB3 vec envs expose the single env's space
+        actions = [np.stack([space.sample() for _ in range(num_envs)]) for _ in range(64)]
     decisions, i, start = 0, 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         step(actions[i % 64])

@@ -25,8 +25,18 @@ from gymnasium import spaces
 
 from environments.experts import ExpertSpec, expert_losses, make_trainer, pretrain_frozen, train_on_assignment
 from routerlab.errors import ConfigError
-from routerlab.moe.stats import specialization
 from routerlab.routers.rl import FEATURE_CLIP, observation, observation_projection
+
+def specialization(labels: np.ndarray, experts: np.ndarray, num_labels: int, num_experts: int) -> float:
+    """I(label; expert) / min(H(label), log E): `routerlab.moe.stats.specialization` in numpy (per episode, so fast)."""
+    joint = np.bincount(labels * num_experts + experts, minlength=num_labels * num_experts).reshape(num_labels, num_experts) / len(labels)
+    pl, pe = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / (pl @ pe)[nz])).sum())
+    h_label = float(-(pl[pl > 0] * np.log(pl[pl > 0])).sum())
+    norm = min(h_label, math.log(num_experts))
+    return mi / norm if norm > 0 else 0.0
+
 
 DEFAULT_TASK = {"name": "clusters", "num_clusters": 4, "input_dim": 8, "train_size": 4096, "val_size": 256}
 _FROZEN_CACHE: dict[tuple, tuple] = {}  # ExpertSpec -> (loss table, features, labels, oracle): shared by envs of a process
@@ -150,13 +160,7 @@ class TokenRoutingEnv(gym.Env):
     def step(self, action):
         if self._done:
             raise RuntimeError("episode is over: call reset() before step()")
-        try:
-            valid = self.action_space.contains(np.asarray(action, dtype=np.int64) if self.chunk > 1 else action)
-        except (TypeError, ValueError):
-            valid = False
-        if not valid:
-            raise ValueError(f"invalid action {action!r}: expected {self.action_space}")
-        experts = np.asarray(action, dtype=np.int64).reshape(self.chunk)
+        experts = self._validate(action)
         task_loss = float(self.chunk_loss[np.arange(self.chunk), experts].mean())
         before = np.maximum(self.load - self.capacity, 0).sum()
         self.load += np.bincount(experts, minlength=self.num_experts)
@@ -189,6 +193,14 @@ class TokenRoutingEnv(gym.Env):
         self.trained_steps = len(self.episode_actions)
         self.window = None
 
+    def _validate(self, action) -> np.ndarray:
+        """The action as int64 [C], or ValueError (wrong shape, type or range)."""
+        a = np.asarray(action)
+        valid = a.dtype.kind in "iu" and a.size == self.chunk and (self.chunk > 1 or a.ndim == 0) and (self.chunk == 1 or a.shape == (self.chunk,))
+        if not valid or a.min() < 0 or a.max() >= self.num_experts:
+            raise ValueError(f"invalid action {action!r}: expected {self.action_space}")
+        return a.astype(np.int64).reshape(self.chunk)
+
     def episode_metrics(self) -> dict[str, float]:
         actions, labels = np.concatenate(self.episode_actions), np.concatenate(self.episode_labels)
         load = np.bincount(actions, minlength=self.num_experts).astype(np.float64)
@@ -197,5 +209,5 @@ class TokenRoutingEnv(gym.Env):
             "episode_oracle_accuracy": float((actions == self.oracle_experts(labels)).mean()),
             "episode_load_cv": float(load.std() / load.mean()),
             "episode_overflow_frac": self.overflow_total / len(actions),
-            "episode_specialization": specialization(torch.as_tensor(labels), torch.as_tensor(actions), self.trainer.task.num_labels, self.num_experts),
+            "episode_specialization": specialization(labels, actions, self.trainer.task.num_labels, self.num_experts),
         }
