@@ -47,6 +47,7 @@ def open_storage(url: str, heartbeat: int = 10):
             raise ConfigError(f"storage {url!r}: cannot open the journal file: {err}") from None
     if "://" not in url:
         raise ConfigError(f"storage {url!r} is not a storage URL; valid: sqlite:///path/study.db, journal:path/study.log, postgresql://user:password@host:port/database")
+    given = url  # messages name what the user wrote (password hidden), not the driver we picked
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -75,7 +76,7 @@ def open_storage(url: str, heartbeat: int = 10):
         )
     except Exception as err:  # driver missing, server unreachable, authentication failed, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot open storage {redact(url)!r}: {first}") from None
+        raise ConfigError(f"cannot open storage {redact(given)!r}: {first}") from None
 
 
 def has_module(name: str) -> bool:

@@ -52,7 +52,7 @@ def states(study):
     return [t.state.name for t in study.get_trials(deepcopy=False)]
 
 
-def study_cli(*args, timeout=180):
+def study_cli(*args, timeout=400):
     return subprocess.run([sys.executable, "-m", "routerlab", "study", *map(str, args), "--no-progress"], env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -201,14 +201,14 @@ def test_multi_objective_study_exports_its_pareto_front(tmp_path):
 
 def test_a_trial_with_a_bad_intermediate_value_is_pruned(tmp_path):
     path = write_spec(tmp_path, pruner={"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
-                      space={"train.lr": {"float": [1.0e-7, 1.0e-1], "log": True}}, routers=[], router_space={},
-                      enqueue=[{"train.lr": 3.0e-2}, {"train.lr": 3.0e-2}, {"train.lr": 1.0e-7}])
+                      space={"train.lr": {"float": [1.0e-4, 1.0], "log": True}}, routers=[], router_space={},
+                      enqueue=[{"train.lr": 3.0e-3}, {"train.lr": 1.0e-3}, {"train.lr": 1.0}])
     spec = load_study(str(path))
     spec.base["train"].update(steps=4, eval_every=1)
     study = run_worker(spec, n_trials=3)
     good, _, bad = study.get_trials()
     assert states(study) == ["COMPLETE", "COMPLETE", "PRUNED"]
-    assert bad.params["train.lr"] == 1e-7 and max(bad.intermediate_values) < 4  # stopped before the end
+    assert bad.params["train.lr"] == 1.0 and max(bad.intermediate_values) < 4  # stopped before the end
     step = max(bad.intermediate_values)
     assert bad.intermediate_values[step] > good.intermediate_values[step]
 
