@@ -152,3 +152,11 @@ def test_critic_catches_imbalance_inside_groups_that_prices_miss():
     assert fake.min() > real.max()  # told apart
     # and the router is charged for it: weight * mean softplus(D) above weight * log 2, i.e. D > 0 ("router")
     assert float(critic(x).aux["critic"].detach()) > 0.05 * math.log(2)
+
+
+@pytest.mark.parametrize("name", ["adversarial", "adversarial_critic"])
+def test_trains_in_bfloat16(name, tiny_overrides, tmp_path):
+    overrides = tiny_overrides + ["task.name=chars", f"router.name={name}", "train.dtype=bfloat16", "train.steps=4"]
+    trainer = Trainer(load_config(None, overrides), run_dir=tmp_path / "run", log=False)
+    metrics = trainer.fit()
+    assert math.isfinite(metrics["loss"])

@@ -103,7 +103,7 @@ class AdversarialCritic(GatedRouter):
                 self._usage = usage.detach()
                 self._group_n = min(self.params.group_size, probs.shape[0])
             # non-saturating generator loss: the router wants its usage called balanced (D logit low)
-            aux["critic"] = self.params.weight * F.softplus(critic_logit(self.critic, usage, self.params.hidden)).mean()
+            aux["critic"] = self.params.weight * F.softplus(critic_logit(self.critic.float(), usage, self.params.hidden)).mean()
         return Routing(experts, weights.to(x.dtype), logits, aux)
 
     def after_step(self, stats) -> None:
@@ -116,16 +116,18 @@ class AdversarialCritic(GatedRouter):
             gen = torch.Generator().manual_seed(p.seed * 1_000_003 + int(self.critic_step))
             balanced = self.balanced_usage(usage.shape[0], self._group_n, gen).to(usage.device)
             with torch.enable_grad():
-                flat = self.critic.detach().requires_grad_()
+                flat = self.critic.detach().float().requires_grad_()  # float32 math even in a bf16 model
                 fake, real = critic_logit(flat, usage, p.hidden), critic_logit(flat, balanced, p.hidden)
                 loss = F.softplus(-fake).mean() + F.softplus(real).mean()  # logistic loss: router = 1, balanced = 0
                 (grad,) = torch.autograd.grad(loss, flat)
             with torch.no_grad():  # Adam (betas 0.9, 0.999), state in buffers
                 t = int(self.critic_step)
-                self.critic_m.mul_(0.9).add_(grad, alpha=0.1)
-                self.critic_v.mul_(0.999).addcmul_(grad, grad, value=0.001)
-                denom = (self.critic_v / (1 - 0.999**t)).sqrt_().add_(1e-8)
-                self.critic.addcdiv_(self.critic_m / (1 - 0.9**t), denom, value=-p.critic_lr)
+                m = self.critic_m.float().mul(0.9).add_(grad, alpha=0.1)
+                v = self.critic_v.float().mul(0.999).addcmul_(grad, grad, value=0.001)
+                denom = (v / (1 - 0.999**t)).sqrt_().add_(1e-8)
+                self.critic.copy_(flat.detach().addcdiv(m / (1 - 0.9**t), denom, value=-p.critic_lr))
+                self.critic_m.copy_(m)
+                self.critic_v.copy_(v)
             self._last_critic_loss = float(loss.detach())
 
     def extra_metrics(self) -> dict[str, float]:
