@@ -259,9 +259,6 @@ def test_two_workers_trials_add_up(tmp_path, kind, request):
     assert len({t.user_attrs["run_dir"] for t in trials}) == n
     assert len(list((tmp_path / "runs" / "studies" / name).glob("trial-*"))) == n
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
-    # a rerun of the same command finds the study complete and runs nothing more
-    assert study_cli(*args).returncode == 0
-    assert len(optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()) == n
 
 
 @pytest.mark.parametrize("fields, message", [
