@@ -6,6 +6,7 @@
 2. weak scaling: a small MoE transformer (fine-grained experts: E=64, k=6, d=2048, h=1408) at a fixed
    per-GPU batch, forward + backward + gradient sync: every GPU with all experts and no communication
    (the 1-GPU figure), then the experts sharded over all ranks;
+   (the expert-parallel layer with 1 token chunk per layer, then 2: chunk 2's exchange overlaps chunk 1's experts);
 3. where the time goes: GPU kernel time per step by kind (profiler: all-to-all, all-reduce, all-gather, the
    rest; NCCL kernels include waiting for the peer), host synchronizations per step (CUDA sync debug mode),
    against expert compute (ExpertBank alone).
@@ -58,6 +59,35 @@ def equivalence(device, dtype=torch.bfloat16) -> None:
     gw_ref = full.router.gate.weight.grad if hasattr(full.router, "gate") else next(full.router.parameters()).grad
     errs["grad_router"] = rel(gw, gw_ref)
     say(f"equivalence bf16 NCCL, {world} ranks vs 1 layer (relative L2 error): " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+
+
+def cut_plan_check(device) -> None:
+    """The receiver's plan cut by first_rows (every padding slot on one spare row) against the full padded
+    plan, on the GPU path (Triton combine/permute kernels, grouped experts): outputs and gradients."""
+    from routerlab.moe.layer import combine, moe_compute, permute, plan_dispatch
+    from routerlab.moe.parallel import first_rows
+
+    torch.manual_seed(0)
+    R, d, E, k = 4096, 512, 32, 6
+    bank = ExpertBank(E, d, 256).to(device, torch.bfloat16)
+    ids = torch.randint(-1, E, (R, k), device=device)
+    ids[:, 0] = ids[:, 0].clamp(min=0)
+    weights = torch.rand(R, k, device=device)
+    x = torch.randn(R, d, device=device, dtype=torch.bfloat16)
+    g = torch.randn(R, d, device=device)
+    results = []
+    for compact in (False, True):
+        bank.zero_grad()
+        xx, ww = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        if compact:
+            plan = first_rows(plan_dispatch(ids, E, None), int((ids >= 0).sum()))
+            out = combine(bank(permute(xx, plan), plan.counts), ww, plan)
+        else:
+            out, _ = moe_compute(xx, ids, ww, bank, None)
+        (out.float() * g).sum().backward()
+        results.append([out.detach(), xx.grad, ww.grad, bank.w_in.grad, bank.w_out.grad])
+    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(*results))
+    say(f"cut plan (first_rows) vs padded plan on the GPU path: max abs difference over output and grads {diff:.3g}")
 
 
 def make_model(device, layers: int, d: int, h: int, E: int, k: int, vocab: int, block: int):
@@ -148,6 +178,7 @@ def main() -> None:
     device = torch.device("cuda", par.local_rank)
     say(f"torch {torch.__version__}, {world} x {torch.cuda.get_device_name(device)}")
     equivalence(device)
+    cut_plan_check(device)
 
     layers, d, h, E, k, vocab, seqs, block = 2, 2048, 1408, 64, 6, 4096, 8, 2048
     T = seqs * block
@@ -160,20 +191,26 @@ def main() -> None:
     one, one_info = timed_steps(model, None, batch, targets, steps=10, profile=True)  # every GPU alone, all experts
     del model
     torch.cuda.empty_cache()
-    model = shard_experts(make_model(device, layers, d, h, E, k, vocab, block), par.expert_group)
-    ep, info = timed_steps(model, par, batch, targets, steps=10, profile=True)
+    runs = {}
+    for chunks in (1, 2):
+        model = shard_experts(make_model(device, layers, d, h, E, k, vocab, block), par.expert_group, chunks=chunks)
+        runs[chunks] = timed_steps(model, par, batch, targets, steps=10, profile=True)
+        del model
+        torch.cuda.empty_cache()
     experts_full = expert_compute(device, T, d, h, E, k)
     experts_local = expert_compute(device, T, d, h, E // world, k)
+    experts_half = expert_compute(device, T // 2, d, h, E // world, k)
     say(f"1 GPU : {one * 1e3:8.2f} ms/step  {T / one:12,.0f} tokens/s  (GPU kernels {sum(one_info['kinds'].values()) * 1e3:.2f} ms, host syncs/step {one_info['syncs']})")
-    say(f"{world} GPUs: {ep * 1e3:8.2f} ms/step  {world * T / ep:12,.0f} tokens/s  (weak-scaling speedup {world * one / ep:.2f}x, efficiency {one / ep:.0%})")
-    say(f"per step on {world} GPUs (rank 0), GPU kernel ms by kind: " + ", ".join(f"{kk} {v * 1e3:.2f}" for kk, v in sorted(info["kinds"].items()))
-        + f"; total {sum(info['kinds'].values()) * 1e3:.2f}; host syncs/step {info['syncs']} ({layers} MoE layers) at {', '.join(info['sync_sites'])}")
     say(f"1 GPU host syncs at: {', '.join(one_info['sync_sites'])}")
     say(f"expert compute (ExpertBank fwd+bwd alone, T*k rows): {layers} layers x {experts_local * 1e3:.2f} ms = {layers * experts_local * 1e3:.2f} ms "
-        f"(E/{world} experts); 1 GPU {layers * experts_full * 1e3:.2f} ms")
-    say(f"top kernels per step on {world} GPUs (rank 0), ms:")
-    for name, sec in info["top"]:
-        say(f"  {sec * 1e3:7.2f}  {name}")
+        f"(E/{world} experts; as 2 chunks of T/2: {layers} x 2 x {experts_half * 1e3:.2f} ms = {layers * 2 * experts_half * 1e3:.2f}); 1 GPU {layers * experts_full * 1e3:.2f} ms")
+    for chunks, (ep, info) in runs.items():
+        say(f"{world} GPUs, {chunks} chunk(s) per layer: {ep * 1e3:8.2f} ms/step  {world * T / ep:12,.0f} tokens/s  (weak-scaling speedup {world * one / ep:.2f}x, efficiency {one / ep:.0%})")
+        say(f"  per step (rank 0), GPU kernel ms by kind: " + ", ".join(f"{kk} {v * 1e3:.2f}" for kk, v in sorted(info["kinds"].items()))
+            + f"; total {sum(info['kinds'].values()) * 1e3:.2f} (kernels overlap when chunked); host syncs/step {info['syncs']} ({layers} MoE layers) at {', '.join(info['sync_sites'])}")
+        say("  top kernels per step (rank 0), ms:")
+        for name, sec in info["top"]:
+            say(f"    {sec * 1e3:7.2f}  {name}")
     par.close()
 
 

@@ -52,6 +52,9 @@ class TableRouter(Router):
         return Routing(experts, weights, logits)
 
 
+CHUNKS = {"learned_one_chunk": 1, "learned_three_chunks": 3}  # token chunks per layer: 2 in the other layer cases (the layer's default, used by the trainer cases, is 1)
+
+
 def layer_case(name: str, rank: int, world: int) -> dict[str, float]:
     """One MoE layer, sharded, against the same layer unsharded on the concatenated batch."""
     torch.manual_seed(7)
@@ -60,7 +63,7 @@ def layer_case(name: str, rank: int, world: int) -> dict[str, float]:
     ids = torch.randint(0, 4, (T,))
     capacity = None
     sizes = [T // world] * world
-    if name in ("learned", "learned_capacity"):
+    if name in ("learned", "learned_capacity", *CHUNKS):
         router = SoftmaxTopK(d, 4, SoftmaxTopKParams(k=2))
         capacity = 1.0 if name == "learned_capacity" else None
     else:
@@ -75,7 +78,7 @@ def layer_case(name: str, rank: int, world: int) -> dict[str, float]:
         if name == "zero_token_rank":
             sizes = [0, T] + [0] * (world - 2)
     full = MoELayer(router, ExpertBank(4, d, 16), capacity, "loop")
-    ep = shard_experts(torch.nn.Sequential(copy.deepcopy(full)))[0]
+    ep = shard_experts(torch.nn.Sequential(copy.deepcopy(full)), chunks=CHUNKS.get(name, 2))[0]
     grad_out = torch.randn(T, d)
 
     ref_x = x.clone().requires_grad_()
@@ -143,7 +146,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {"layer": {}, "trainer": {}}
-    for name in ("learned", "learned_capacity", "zero_token_rank", "empty_expert", "all_to_one", "all_to_one_capacity"):
+    for name in ("learned", "learned_capacity", "zero_token_rank", "empty_expert", "all_to_one", "all_to_one_capacity", *CHUNKS):
         results["layer"][name] = layer_case(name, rank, world)
     for key, router in ROUTERS.items():
         results["trainer"][key] = trainer_case(router, out, rank)

@@ -51,7 +51,8 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("case", ["learned", "learned_capacity", "zero_token_rank", "empty_expert", "all_to_one", "all_to_one_capacity"])
+@pytest.mark.parametrize("case", ["learned", "learned_capacity", "zero_token_rank", "empty_expert", "all_to_one", "all_to_one_capacity",
+                                  "learned_one_chunk", "learned_three_chunks"])
 def test_sharded_layer_equals_one_layer_on_the_whole_batch(runs, case):
     errors = runs["layer"][case]
     assert set(errors) >= {"out", "grad_x", "load"} and any(k.startswith("experts.") for k in errors)

@@ -133,7 +133,7 @@ class _Combine(torch.autograd.Function):
         if _fused(y):
             from routerlab.moe import triton_combine
 
-            ctx.save_for_backward(y, weights, inv, n_kept)
+            ctx.save_for_backward(y, weights, order, inv, n_kept)
             return triton_combine.gather_reduce(y, inv, n_kept, weights, num_tokens, k)
         w = torch.where(kept, weights.t().reshape(-1).to(y.dtype), 0)
         rows = torch.where(kept[:, None], y.index_select(0, inv), 0).view(k, num_tokens, y.shape[1])
@@ -146,8 +146,8 @@ class _Combine(torch.autograd.Function):
         if _fused(grad):
             from routerlab.moe import triton_combine
 
-            y, weights, inv, n_kept = ctx.saved_tensors
-            grad_y, grad_w = triton_combine.combine_grads(y, grad, inv, n_kept, weights, T, k)
+            y, weights, order, inv, n_kept = ctx.saved_tensors
+            grad_y, grad_w = triton_combine.combine_grads(y, grad, inv, order, n_kept, weights, T, k)
             return grad_y, grad_w.to(ctx.weights_dtype), None, None, None, None, None
         y, w, order, inv, kept = ctx.saved_tensors
         grad_y = grad_w = None

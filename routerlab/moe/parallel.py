@@ -1,22 +1,28 @@
 """Expert parallelism over torch.distributed: E experts split over the P ranks of an expert-parallel group.
 
 ExpertParallelMoELayer is an MoELayer whose `compute` step puts an exchange inside the core's own
-plan_dispatch / permute / combine (routerlab/moe/layer.py); route and record are MoELayer's. Per layer:
-  1. sender plan: `plan_dispatch` over each token's destination ranks ([T, P]: rank p, or -1 when none of
-     the token's kept experts lives there), so `permute` lays out one row per (destination, token), grouped
-     by destination, padding last: each token travels ONCE to every rank that holds one of its experts
-     (not once per slot: with k=6 of 64 experts on 2 ranks, 3x less traffic);
-  2. one small all_gather of every rank's rows and (row, expert) pairs per destination (and k): the split
-     sizes reach the host (the layer's only host synchronization) and every rank knows every split before
-     any variable-size collective, so no rank waits forever;
-  3. variable-split `all_to_all_single` of the rows and of their metadata (k combine weights in fp32 and
-     k local expert ids, -1 for slots computed elsewhere), one autograd node;
-  4. the receiver runs the single-process computation on the rows it got (plan_dispatch over local ids,
-     permute, ExpertBank, combine with the weights -> one row per received row), cut to its real
-     (row, expert) pairs (`first_rows`: the pair count came with the split sizes), so no padding slot is
-     copied or computed;
-  5. the reverse exchange, then `combine(rows, None, sender plan)` sums each token's returned rows.
-Backward of each exchange is the reverse exchange (same autograd node on every rank, see _ANCHOR).
+plan_dispatch / permute / combine (routerlab/moe/layer.py); route and record are MoELayer's. Per layer, the
+rank's tokens are cut into `chunks` contiguous chunks, each with its own exchanges, so that one chunk's
+all-to-all can run while another chunk's experts compute (forward and backward, see Exchange). Default 1:
+on 2 x H200 two chunks were slower (44.4 vs 40.3 ms/step; NCCL kernels and the grouped GEMM share the SMs,
+and half-size GEMMs are less efficient; docs/benchmarks.md, expert parallelism v4).
+  1. sender plan per chunk: `plan_dispatch` over each token's destination ranks ([T, P]: rank p, or -1 when
+     none of the token's kept experts lives there), so `permute` lays out one row per (destination, token),
+     grouped by destination, padding last: each token travels ONCE to every rank that holds one of its
+     experts (not once per slot: with k=6 of 64 experts on 2 ranks, 3x less traffic);
+  2. one small all_gather of every rank's rows and (row, expert) pairs per destination and chunk (and k): the
+     split sizes reach the host (the layer's only host synchronization) and every rank knows every split
+     before any variable-size collective, so no rank waits forever;
+  3. every chunk's variable-split `all_to_all_single` of its rows and their metadata (k combine weights in
+     fp32 and k local expert ids, -1 for slots computed elsewhere) is started (async) before any is waited for;
+  4. chunk by chunk, the receiver waits for its rows and runs the single-process computation on them
+     (plan_dispatch over local ids, permute, ExpertBank, combine with the weights -> one row per received
+     row), cut to its real (row, expert) pairs (`first_rows`: the pair count came with the split sizes),
+     then starts the reverse exchange while the next chunk computes;
+  5. `combine(rows, None, sender plan)` sums each token's returned rows.
+Backward of each exchange is the reverse exchange, started in one autograd node and waited for in another,
+so the autograd engine runs a chunk's expert backward while another chunk's gradients travel. Every
+exchange is tied to _ANCHOR, so every rank runs the same backward collectives, in the same order.
 
 Capacity (capacity_factor set): C = capacity_for(T_global, k, E, cf), T_global the tokens of the whole
 expert-parallel group, and the slots kept are exactly those one process would keep on the concatenated
@@ -42,33 +48,98 @@ from routerlab.routers.base import Routing
 _ANCHOR = torch.zeros((), requires_grad=True)
 
 
-def _exchange(xs: tuple[Tensor, ...], out_splits: list[int], in_splits: list[int], group, out_rows: int) -> tuple[Tensor, ...]:
-    """Send the first sum(in_splits) rows of each x; receive sum(out_splits) rows into buffers of out_rows rows
-    (rows past the received ones are padding, zeroed)."""
+def _start(xs: tuple[Tensor, ...], out_splits: list[int], in_splits: list[int], group, out_rows: int) -> tuple[list[Tensor], list]:
+    """Start sending the first sum(in_splits) rows of each x (async); buffers of out_rows rows receive
+    sum(out_splits) rows (rows past them: padding, zeroed). The buffers are valid once every work is waited on."""
     n_out = sum(out_splits)
-    outs = []
+    outs, works = [], []
     for x in xs:
         out = x.new_empty((out_rows,) + tuple(x.shape[1:]))
         if out_rows > n_out:
             out[n_out:].zero_()
-        dist.all_to_all_single(out[:n_out], x[: sum(in_splits)].contiguous(), out_splits, in_splits, group=group)
+        works.append(dist.all_to_all_single(out[:n_out], x[: sum(in_splits)].contiguous(), out_splits, in_splits, group=group, async_op=True))
         outs.append(out)
-    return tuple(outs)
+    return outs, works
 
 
-class _AllToAll(torch.autograd.Function):
-    """Several tensors in one node, so every rank runs their backward exchanges together, in the same order."""
+def _wait(works: list) -> None:
+    # NCCL: the current stream waits for the exchange (no host sync); gloo: the host waits
+    for work in works:
+        work.wait()
+
+
+class _Link:
+    """What the two autograd nodes of one exchange share: the splits and the works in flight (forward, then backward)."""
+
+    def __init__(self, out_splits: list[int], in_splits: list[int], group) -> None:
+        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
+        self.works: list = []
+        self.in_rows: list[int] = []
+        self.back: list[Tensor] = []
+        self.back_works: list = []
+
+
+class _Start(torch.autograd.Function):
+    """Starts the exchange; its outputs are valid only after _Finish. Backward waits for the reverse exchange
+    that _Finish.backward started, so whatever autograd runs between the two overlaps it."""
 
     @staticmethod
-    def forward(ctx, out_splits: list[int], in_splits: list[int], group, out_rows: int, anchor: Tensor, *xs: Tensor):
-        ctx.splits, ctx.group, ctx.in_rows = (out_splits, in_splits), group, [x.shape[0] for x in xs]
-        return _exchange(xs, out_splits, in_splits, group, out_rows)
+    def forward(ctx, link: _Link, out_rows: int, anchor: Tensor, *xs: Tensor):
+        ctx.link = link
+        link.in_rows = [x.shape[0] for x in xs]
+        outs, link.works = _start(xs, link.out_splits, link.in_splits, link.group, out_rows)
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        out_splits, in_splits = ctx.splits
-        back = [_exchange((g,), in_splits, out_splits, ctx.group, rows)[0] for g, rows in zip(grads, ctx.in_rows)]
-        return (None, None, None, None, None, *back)
+        link = ctx.link
+        _wait(link.back_works)
+        back, link.back, link.back_works = link.back, [], []
+        return (None, None, None, *back)
+
+
+class _Finish(torch.autograd.Function):
+    """Waits for the exchange. Backward starts the reverse exchange (the grads go back along the same splits)."""
+
+    @staticmethod
+    def forward(ctx, link: _Link, *outs: Tensor):
+        ctx.link = link
+        _wait(link.works)
+        link.works = []
+        return tuple(o.view_as(o) for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        link = ctx.link
+        for g, rows in zip(grads, link.in_rows):
+            (out,), works = _start((g,), link.in_splits, link.out_splits, link.group, rows)
+            link.back.append(out)
+            link.back_works += works
+        # _Start ignores these (it returns the reverse exchange's result); they only carry autograd on to it
+        return (None, *grads)
+
+
+class Exchange:
+    """A variable-split all_to_all_single of the rows of several tensors, started now and finished later, so
+    other work (the experts of another chunk) runs while it is in flight, forward and backward.
+
+    Differentiable: backward is the reverse exchange, also started in one node (_Finish) and waited for in
+    another (_Start). Every exchange is tied to _ANCHOR, so every rank runs the same backward collectives.
+    """
+
+    def __init__(self, xs: tuple[Tensor, ...], out_splits: list[int], in_splits: list[int], group=None, out_rows: int | None = None) -> None:
+        out_rows = sum(out_splits) if out_rows is None else out_rows
+        self.link = _Link(out_splits, in_splits, group)
+        if torch.is_grad_enabled():
+            self.outs = _Start.apply(self.link, out_rows, _ANCHOR, *xs)
+        else:
+            self.outs, self.link.works = _start(xs, out_splits, in_splits, group, out_rows)
+
+    def finish(self) -> tuple[Tensor, ...]:
+        if torch.is_grad_enabled():
+            return _Finish.apply(self.link, *self.outs)
+        _wait(self.link.works)
+        return tuple(self.outs)
 
 
 def all_to_all(xs: tuple[Tensor, ...], out_splits: list[int], in_splits: list[int], group=None, out_rows: int | None = None) -> tuple[Tensor, ...]:
@@ -77,10 +148,7 @@ def all_to_all(xs: tuple[Tensor, ...], out_splits: list[int], in_splits: list[in
     Sends the first sum(in_splits) rows (later rows: padding, not sent); returns out_rows rows
     (default sum(out_splits)), the received ones first, then zero padding.
     """
-    out_rows = sum(out_splits) if out_rows is None else out_rows
-    if torch.is_grad_enabled():
-        return _AllToAll.apply(out_splits, in_splits, group, out_rows, _ANCHOR, *xs)
-    return _exchange(xs, out_splits, in_splits, group, out_rows)
+    return Exchange(xs, out_splits, in_splits, group, out_rows).finish()
 
 
 def all_gather_rows(x: Tensor, group=None) -> Tensor:
@@ -133,11 +201,13 @@ class ExpertParallelMoELayer(MoELayer):
     state_dict sliced along dim 0 of the `experts.*` tensors loads into it.
     """
 
-    def __init__(self, layer: MoELayer, group=None) -> None:
+    def __init__(self, layer: MoELayer, group=None, chunks: int = 1) -> None:
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         full = layer.experts
         if full.num_experts % size:
             raise ValueError(f"num_experts={full.num_experts} must be divisible by the expert-parallel size {size}")
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
         local = full.num_experts // size
         bank = ExpertBank(local, full.d_model, full.hidden, full.activation)
         source = next(full.parameters())
@@ -148,6 +218,7 @@ class ExpertParallelMoELayer(MoELayer):
         super().__init__(layer.router, bank, layer.capacity_factor, layer.backend)
         self.group, self.ep_size, self.ep_rank = group, size, rank
         self.num_experts, self.local_experts = full.num_experts, local
+        self.chunks = chunks  # token chunks per layer: one chunk's exchange can run while another's experts compute
 
     def compute(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         experts, weights = routing.experts, routing.weights
@@ -157,42 +228,73 @@ class ExpertParallelMoELayer(MoELayer):
             kept = experts >= 0
         else:
             kept = global_capacity_mask(experts, self.num_experts, self.capacity_factor, self.group, self.ep_rank)
-
-        # sender plan: "experts" = destination ranks; slot p of token t is (rank p, token t), kept if it goes there
         dest = torch.where(kept, experts // El, P)  # [T, k]; P = nowhere
-        goes = torch.zeros(T, P + 1, dtype=torch.bool, device=x.device).scatter_(1, dest, True)[:, :P]
-        plan = plan_dispatch(torch.where(goes, torch.arange(P, device=x.device), -1), P, None)
-        pairs = torch.zeros(P + 1, dtype=plan.counts.dtype, device=x.device).index_add_(0, dest.reshape(-1), torch.ones_like(dest.reshape(-1)))[:P]
 
-        # the only host sync: rows and (row, expert) pairs per destination, and k, of every rank.
+        # the tokens in C chunks (contiguous; split, so backward is one cat, not C zero-filled copies of x)
+        C = self.chunks
+        lengths = [T // C + (c < T % C) for c in range(C)]
+        chunks = list(zip(*(t.split(lengths) for t in (x, dest, experts, weights))))
+
+        # sender plans, one per chunk: "experts" = destination ranks; slot p of token t is (rank p, token t)
+        plans, counts = [], []
+        for _, dest_c, _, _ in chunks:
+            Tc = dest_c.shape[0]
+            goes = torch.zeros(Tc, P + 1, dtype=torch.bool, device=x.device).scatter_(1, dest_c, True)[:, :P]
+            plan = plan_dispatch(torch.where(goes, torch.arange(P, device=x.device), -1), P, None)
+            flat = dest_c.reshape(-1)
+            pairs = torch.zeros(P + 1, dtype=plan.counts.dtype, device=x.device).index_add_(0, flat, torch.ones_like(flat))[:P]
+            plans.append(plan)
+            counts += [plan.counts, pairs]
+
+        # the only host sync: rows and (row, expert) pairs per destination and chunk, and k, of every rank.
         # k goes in by a fill (torch.full), not a host-to-device copy, which would be a second sync.
-        counts = torch.cat([plan.counts, pairs, torch.full((1,), k, dtype=plan.counts.dtype, device=x.device)])
-        sizes = all_gather_rows(counts, self.group).cpu()
-        k_max = int(sizes[:, 2 * P].max())
-        send_splits, recv_splits = sizes[self.ep_rank, :P].tolist(), sizes[:, self.ep_rank].tolist()
-        n_send, n_pairs = sum(send_splits), int(sizes[:, P + self.ep_rank].sum())
+        counts.append(torch.full((1,), k, dtype=plans[0].counts.dtype, device=x.device))
+        sizes = all_gather_rows(torch.cat(counts), self.group).cpu()  # [P, C * 2P + 1]
+        k_max = int(sizes[:, -1].max())
 
-        # metadata of each row: per slot, its weight and local expert id if its destination computes it
-        plan = first_rows(plan, n_send)
+        # send every chunk's rows and metadata; all exchanges start before any is waited for
+        sent = []
+        for c, (x_c, dest_c, experts_c, weights_c) in enumerate(chunks):
+            base = 2 * P * c
+            send_splits, recv_splits = sizes[self.ep_rank, base : base + P].tolist(), sizes[:, base + self.ep_rank].tolist()
+            n_pairs = int(sizes[:, base + P + self.ep_rank].sum())
+            plan = first_rows(plans[c], sum(send_splits))
+            meta = self._metadata(plan, dest_c, experts_c, weights_c, k_max)
+            sent.append((plan, send_splits, recv_splits, n_pairs, Exchange((permute(x_c, plan), meta), recv_splits, send_splits, self.group)))
+
+        # receive chunk c and compute its experts while the later chunks' exchanges are in flight;
+        # then start returning its rows while the next chunk computes
+        returned = []
+        for plan, send_splits, recv_splits, n_pairs, exchange in sent:
+            recv_x, recv_meta = exchange.finish()
+            rows = self._receiver(recv_x, recv_meta, k_max, n_pairs)
+            returned.append(Exchange((rows,), send_splits, recv_splits, self.group, out_rows=plan.order.numel()))
+
+        # each token's returned rows summed (the core's combine over the sender plan)
+        outs = [combine(back.finish()[0], None, sent[c][0]) for c, back in enumerate(returned)]
+        return (outs[0] if C == 1 else torch.cat(outs)), kept
+
+    def _metadata(self, plan: DispatchPlan, dest: Tensor, experts: Tensor, weights: Tensor, k_max: int) -> Tensor:
+        """[rows, 2 * k_max] fp32: per slot of each sent row, its combine weight and local expert id if the
+        row's destination computes it (else 0 and -1); padded to the width every rank agreed on."""
+        T, k = experts.shape
+        El = self.local_experts
         row_token, row_dest = plan.token_of_row, plan.order // max(T, 1)
-        mine = dest.index_select(0, row_token) == row_dest[:, None]  # [n_send + 1, k]
+        mine = dest.index_select(0, row_token) == row_dest[:, None]  # [rows, k]
         ids = torch.where(mine, experts.index_select(0, row_token) - row_dest[:, None] * El, -1)
         w = torch.where(mine, weights.index_select(0, row_token), 0).float()
         pad = k_max - k  # routers with a variable number of slots: pad to the agreed width
-        meta = torch.cat([w, w.new_zeros(w.shape[0], pad), ids.float(), ids.new_full((ids.shape[0], pad), -1).float()], 1)
-        recv_x, recv_meta = all_to_all((permute(x, plan), meta), recv_splits, send_splits, self.group)
+        return torch.cat([w, w.new_zeros(w.shape[0], pad), ids.float(), ids.new_full((ids.shape[0], pad), -1).float()], 1)
 
-        # receiver: the single-process MoE computation on the rows it got, over its n_pairs real
-        # (row, local expert) pairs only: the permute copies no padding slot (about half of R*k here)
-        if recv_x.shape[0]:
-            recv_ids = recv_meta[:, k_max:].detach().long()
-            local = first_rows(plan_dispatch(recv_ids, El, None), n_pairs)
-            y = self.experts(permute(recv_x, local), local.counts, self.backend)
-            rows = combine(y, recv_meta[:, :k_max], local)
-        else:  # nothing to compute here; some backends dislike empty inputs
-            rows = recv_x
-        (back,) = all_to_all((rows,), send_splits, recv_splits, self.group, out_rows=plan.order.numel())
-        return combine(back, None, plan), kept
+    def _receiver(self, recv_x: Tensor, recv_meta: Tensor, k_max: int, n_pairs: int) -> Tensor:
+        """The single-process MoE computation on the received rows, over their n_pairs real (row, local
+        expert) pairs only (`first_rows`): no padding slot is copied or computed. One row per received row."""
+        if not recv_x.shape[0]:  # nothing to compute here; some backends dislike empty inputs
+            return recv_x
+        recv_ids = recv_meta[:, k_max:].detach().long()
+        local = first_rows(plan_dispatch(recv_ids, self.local_experts, None), n_pairs)
+        y = self.experts(permute(recv_x, local), local.counts, self.backend)
+        return combine(y, recv_meta[:, :k_max], local)
 
 
 def first_rows(plan: DispatchPlan, n_kept: int) -> DispatchPlan:
@@ -204,11 +306,12 @@ def first_rows(plan: DispatchPlan, n_kept: int) -> DispatchPlan:
     return dataclasses.replace(plan, order=plan.order[:rows], inv=plan.inv.clamp(max=rows - 1))
 
 
-def shard_experts(model: torch.nn.Module, group=None) -> torch.nn.Module:
-    """Replace every MoELayer of `model` by an ExpertParallelMoELayer holding this rank's experts (in place)."""
+def shard_experts(model: torch.nn.Module, group=None, chunks: int = 1) -> torch.nn.Module:
+    """Replace every MoELayer of `model` by an ExpertParallelMoELayer holding this rank's experts (in place);
+    chunks: token chunks per layer whose exchanges overlap the other chunks' expert compute."""
     for name, module in list(model.named_modules()):
         if isinstance(module, MoELayer) and not isinstance(module, ExpertParallelMoELayer):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, ExpertParallelMoELayer(module, group))
+            setattr(parent, child, ExpertParallelMoELayer(module, group, chunks))
     return model

@@ -6,7 +6,10 @@ inv[slot] < n_kept (a device scalar, so nothing waits on the host). Padding rows
   gather_reduce   out[t] = sum_j kept * w[t, j] * src[inv[j, t]]      (combine forward; permute backward, w = 1)
   combine_grads   grad_y[inv[j, t]] = kept * w[t, j] * grad[t];  grad_w[t, j] = kept * <y[inv[j, t]], grad[t]>
 
-One pass over the rows each, fp32 accumulation. The torch versions in layer.py are the fallback and reference.
+One pass over the rows each, fp32 accumulation. combine_grads writes each row of grad_y once: a padding
+slot stores its zero row only when it owns that row (order[row] == slot). A plan cut by
+parallel.first_rows points every padding slot at ONE spare row; unmasked, ~T*k/2 programs wrote that
+row and serialized on it (docs/benchmarks.md, expert parallelism v3). The torch versions in layer.py are the fallback and reference.
 """
 from __future__ import annotations
 
@@ -35,12 +38,15 @@ def _gather_reduce(src, inv, n_kept, w, out, T, d, k, HAS_W: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _combine_grads(y, grad, inv, n_kept, w, grad_y, grad_w, T, d, k, BLOCK: tl.constexpr):
+def _combine_grads(y, grad, inv, order, n_kept, w, grad_y, grad_w, T, d, k, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     n = tl.load(n_kept)
     for j in range(0, k):
-        row = tl.load(inv + j * T + t)
+        slot = j * T + t
+        row = tl.load(inv + slot)
         keep = row < n
+        # the one writer of a padding row: the slot sorted there (kept slots own their rows)
+        owner = keep | (tl.load(order + row, mask=row >= n, other=-1) == slot)
         scale = tl.where(keep, tl.load(w + t * k + j).to(tl.float32), 0.0)
         dot = tl.zeros([BLOCK], dtype=tl.float32)
         for c0 in range(0, d, BLOCK):
@@ -49,7 +55,7 @@ def _combine_grads(y, grad, inv, n_kept, w, grad_y, grad_w, T, d, k, BLOCK: tl.c
             g = tl.load(grad + t * d + cols, mask=cmask, other=0.0).to(tl.float32)
             yv = tl.load(y + row * d + cols, mask=cmask & keep, other=0.0).to(tl.float32)
             dot += yv * g
-            tl.store(grad_y + row * d + cols, (g * scale).to(grad_y.dtype.element_ty), mask=cmask)
+            tl.store(grad_y + row * d + cols, (g * scale).to(grad_y.dtype.element_ty), mask=cmask & owner)
         tl.store(grad_w + t * k + j, tl.where(keep, tl.sum(dot, 0), 0.0))
 
 
@@ -68,11 +74,12 @@ def gather_reduce(src: Tensor, inv: Tensor, n_kept: Tensor, weights: Tensor | No
     return out
 
 
-def combine_grads(y: Tensor, grad: Tensor, inv: Tensor, n_kept: Tensor, weights: Tensor, num_tokens: int, k: int) -> tuple[Tensor, Tensor]:
+def combine_grads(y: Tensor, grad: Tensor, inv: Tensor, order: Tensor, n_kept: Tensor, weights: Tensor, num_tokens: int, k: int) -> tuple[Tensor, Tensor]:
+    """order: the plan's [N] slot of each row (N = y rows; inv < N), so each padding row has one writer."""
     d = y.shape[1]
     grad_y = torch.empty_like(y)
     grad_w = torch.empty(num_tokens, k, device=y.device, dtype=torch.float32)
     if num_tokens:
-        _combine_grads[(num_tokens,)](y, grad.contiguous(), inv, n_kept, weights.contiguous(), grad_y, grad_w,
+        _combine_grads[(num_tokens,)](y, grad.contiguous(), inv, order, n_kept, weights.contiguous(), grad_y, grad_w,
                                       num_tokens, d, k, BLOCK=_block(d), num_warps=4)
     return grad_y, grad_w
