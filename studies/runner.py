@@ -41,8 +41,9 @@ def make_pruner(spec: StudySpec):
         return optuna.pruners.NopPruner()
     if p.type == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
-    steps = spec.base["train"]["steps"]
-    return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=steps, reduction_factor=p.reduction_factor)
+    train = spec.base["train"]  # the resource is the training step; reports come every eval_every steps
+    min_resource = min(p.min_resource or train["eval_every"], train["steps"])
+    return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=train["steps"], reduction_factor=p.reduction_factor)
 
 
 def open_study(spec: StudySpec, storage_url: str | None = None, heartbeat: int = 10, worker_index: int = 0):

@@ -103,7 +103,7 @@ class Pruner(Strict):
     type: Literal["median", "hyperband", "none"] = "median"
     n_startup_trials: int = Field(5, ge=0)  # median: trials that finish before pruning starts
     n_warmup_steps: int = Field(0, ge=0)  # median: steps of a trial before it may be pruned
-    min_resource: int | Literal["auto"] = "auto"  # hyperband
+    min_resource: int | None = Field(None, ge=1)  # hyperband: steps every trial gets (default train.eval_every)
     reduction_factor: int = Field(3, ge=2)  # hyperband
 
 

@@ -213,6 +213,13 @@ def test_a_trial_with_a_bad_intermediate_value_is_pruned(tmp_path):
     assert bad.intermediate_values[step] > good.intermediate_values[step]
 
 
+def test_a_hyperband_study_reports_on_the_step_scale(tmp_path):
+    spec = load_study(str(write_spec(tmp_path, pruner={"type": "hyperband"})))
+    spec.base["train"].update(steps=4, eval_every=2)
+    study = run_worker(spec, n_trials=2)
+    assert set(states(study)) <= {"COMPLETE", "PRUNED"} and len(states(study)) == 2
+    assert list(study.trials[0].intermediate_values) == [2, 4]
+
 def test_a_killed_workers_trial_is_retried(tmp_path):
     path = write_spec(tmp_path)
     name = path.stem
