@@ -6,7 +6,8 @@
 2. weak scaling: a small MoE transformer (fine-grained experts: E=64, k=6, d=2048, h=1408) at a fixed
    per-GPU batch, forward + backward + gradient sync: every GPU with all experts and no communication
    (the 1-GPU figure), then the experts sharded over all ranks;
-   (the expert-parallel layer with 1 token chunk per layer, then 2: chunk 2's exchange overlaps chunk 1's experts);
+   (the expert-parallel layer with fixed splits (no host sync) and 1 token chunk per layer, variable splits
+   (one host sync per layer) and 1 chunk, fixed splits and 2 chunks: chunk 2's exchange overlaps chunk 1's experts);
 3. where the time goes: GPU kernel time per step by kind (profiler: all-to-all, all-reduce, all-gather, the
    rest; NCCL kernels include waiting for the peer), host synchronizations per step (CUDA sync debug mode),
    against expert compute (ExpertBank alone).
@@ -36,12 +37,12 @@ def say(*args) -> None:
         print(*args, flush=True)
 
 
-def equivalence(device, dtype=torch.bfloat16) -> None:
+def equivalence(device, exchange: str, dtype=torch.bfloat16) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     d, h, E, k, T = 512, 1024, 64, 6, 4096
     full = MoELayer(SoftmaxTopK(d, E, SoftmaxTopKParams(k=k)), ExpertBank(E, d, h)).to(device, dtype)
-    ep = shard_experts(torch.nn.Sequential(copy.deepcopy(full)))[0]
+    ep = shard_experts(torch.nn.Sequential(copy.deepcopy(full)), exchange=exchange)[0]
     x = torch.randn(T * world, d, device=device, dtype=dtype)
     g = torch.randn_like(x)
     ref_x = x.clone().requires_grad_()
@@ -58,7 +59,7 @@ def equivalence(device, dtype=torch.bfloat16) -> None:
     dist.all_reduce(gw)
     gw_ref = full.router.gate.weight.grad if hasattr(full.router, "gate") else next(full.router.parameters()).grad
     errs["grad_router"] = rel(gw, gw_ref)
-    say(f"equivalence bf16 NCCL, {world} ranks vs 1 layer (relative L2 error): " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    say(f"equivalence bf16 NCCL, {exchange} splits, {world} ranks vs 1 layer (relative L2 error): " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
 
 
 def cut_plan_check(device) -> None:
@@ -177,7 +178,8 @@ def main() -> None:
     par = ExpertParallel(world, "cuda")
     device = torch.device("cuda", par.local_rank)
     say(f"torch {torch.__version__}, {world} x {torch.cuda.get_device_name(device)}")
-    equivalence(device)
+    for exchange in ("fixed", "variable"):
+        equivalence(device, exchange)
     cut_plan_check(device)
 
     layers, d, h, E, k, vocab, seqs, block = 2, 2048, 1408, 64, 6, 4096, 8, 2048
@@ -192,9 +194,9 @@ def main() -> None:
     del model
     torch.cuda.empty_cache()
     runs = {}
-    for chunks in (1, 2):
-        model = shard_experts(make_model(device, layers, d, h, E, k, vocab, block), par.expert_group, chunks=chunks)
-        runs[chunks] = timed_steps(model, par, batch, targets, steps=10, profile=True)
+    for exchange, chunks in (("fixed", 1), ("variable", 1), ("fixed", 2)):
+        model = shard_experts(make_model(device, layers, d, h, E, k, vocab, block), par.expert_group, chunks=chunks, exchange=exchange)
+        runs[exchange, chunks] = timed_steps(model, par, batch, targets, steps=10, profile=True)
         del model
         torch.cuda.empty_cache()
     experts_full = expert_compute(device, T, d, h, E, k)
@@ -204,8 +206,8 @@ def main() -> None:
     say(f"1 GPU host syncs at: {', '.join(one_info['sync_sites'])}")
     say(f"expert compute (ExpertBank fwd+bwd alone, T*k rows): {layers} layers x {experts_local * 1e3:.2f} ms = {layers * experts_local * 1e3:.2f} ms "
         f"(E/{world} experts; as 2 chunks of T/2: {layers} x 2 x {experts_half * 1e3:.2f} ms = {layers * 2 * experts_half * 1e3:.2f}); 1 GPU {layers * experts_full * 1e3:.2f} ms")
-    for chunks, (ep, info) in runs.items():
-        say(f"{world} GPUs, {chunks} chunk(s) per layer: {ep * 1e3:8.2f} ms/step  {world * T / ep:12,.0f} tokens/s  (weak-scaling speedup {world * one / ep:.2f}x, efficiency {one / ep:.0%})")
+    for (exchange, chunks), (ep, info) in runs.items():
+        say(f"{world} GPUs, {exchange} splits, {chunks} chunk(s) per layer: {ep * 1e3:8.2f} ms/step  {world * T / ep:12,.0f} tokens/s  (weak-scaling speedup {world * one / ep:.2f}x, efficiency {one / ep:.0%})")
         say(f"  per step (rank 0), GPU kernel ms by kind: " + ", ".join(f"{kk} {v * 1e3:.2f}" for kk, v in sorted(info["kinds"].items()))
             + f"; total {sum(info['kinds'].values()) * 1e3:.2f} (kernels overlap when chunked); host syncs/step {info['syncs']} ({layers} MoE layers) at {', '.join(info['sync_sites'])}")
         say("  top kernels per step (rank 0), ms:")

@@ -121,7 +121,7 @@ class ExpertParallel(SingleProcess):
         return torch.device("cuda", self.local_rank) if self.cuda else torch.device(name)
 
     def shard(self, model: nn.Module) -> nn.Module:
-        return shard_experts(model, self.expert_group) if self.expert_size > 1 else model
+        return shard_experts(model, self.expert_group, exchange="auto") if self.expert_size > 1 else model  # equal batch slices: fixed splits are safe
 
     def shard_batch(self, batch):
         """This rank's contiguous slice of the global batch (every rank draws the same global batch)."""

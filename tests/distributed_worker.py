@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from routerlab.config import make_config
 from routerlab.moe import ExpertBank, MoELayer
-from routerlab.moe.parallel import all_gather_rows, shard_experts
+from routerlab.moe.parallel import ExpertParallelMoELayer, all_gather_rows, shard_experts
 from routerlab.routers import Router, Routing
 from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
 from routerlab.train import Trainer
@@ -52,10 +52,11 @@ class TableRouter(Router):
         return Routing(experts, weights, logits)
 
 
-CHUNKS = {"learned_one_chunk": 1, "learned_three_chunks": 3}  # token chunks per layer: 2 in the other layer cases (the layer's default, used by the trainer cases, is 1)
+LAYER_CASES = ("learned", "learned_capacity", "zero_token_rank", "empty_expert", "all_to_one", "all_to_one_capacity", "learned_one_chunk", "learned_three_chunks")
+CHUNKS = {"learned_one_chunk": 1, "learned_three_chunks": 3}  # token chunks per layer: 2 in the other layer cases (the layer's default, used by the trainer cases, is 1); every case also with exchange="fixed" (but the zero-token rank)
 
 
-def layer_case(name: str, rank: int, world: int) -> dict[str, float]:
+def layer_case(name: str, rank: int, world: int, exchange: str = "variable") -> dict[str, float]:
     """One MoE layer, sharded, against the same layer unsharded on the concatenated batch."""
     torch.manual_seed(7)
     d, T = 8, 12
@@ -78,7 +79,8 @@ def layer_case(name: str, rank: int, world: int) -> dict[str, float]:
         if name == "zero_token_rank":
             sizes = [0, T] + [0] * (world - 2)
     full = MoELayer(router, ExpertBank(4, d, 16), capacity, "loop")
-    ep = shard_experts(torch.nn.Sequential(copy.deepcopy(full)), chunks=CHUNKS.get(name, 2))[0]
+    ep = shard_experts(torch.nn.Sequential(copy.deepcopy(full)), chunks=CHUNKS.get(name, 2), exchange=exchange)[0]
+    assert ep.exchange == exchange
     grad_out = torch.randn(T, d)
 
     ref_x = x.clone().requires_grad_()
@@ -109,6 +111,8 @@ def layer_case(name: str, rank: int, world: int) -> dict[str, float]:
 def trainer_case(router: dict, out: Path, rank: int) -> dict:
     trainer = Trainer(config(router, out / "runs", expert=2), log=False)
     par = trainer.parallel
+    # the trainer shards with exchange="auto": static splits on 2 ranks (equal batch slices)
+    assert {m.exchange for m in trainer.model.modules() if isinstance(m, ExpertParallelMoELayer)} == {"fixed"}
     batch = trainer.task.batch("train", 8, torch.Generator().manual_seed(99))
     loss, logits = trainer.task_loss(par.shard_batch(batch))
     aux = trainer.model.aux_losses()
@@ -146,8 +150,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {"layer": {}, "trainer": {}}
-    for name in ("learned", "learned_capacity", "zero_token_rank", "empty_expert", "all_to_one", "all_to_one_capacity", *CHUNKS):
+    for name in LAYER_CASES:
         results["layer"][name] = layer_case(name, rank, world)
+        if name != "zero_token_rank":  # fixed splits need the same token count on every rank
+            results["layer"][f"{name}_fixed"] = layer_case(name, rank, world, "fixed")
     for key, router in ROUTERS.items():
         results["trainer"][key] = trainer_case(router, out, rank)
     results["resumed_from_one_process"] = resume_case(ROUTERS["softmax_topk"], out, one_process_ckpt)

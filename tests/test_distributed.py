@@ -18,7 +18,7 @@ from routerlab.errors import ConfigError
 from routerlab.train import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_worker import ROUTERS, config  # noqa: E402
+from distributed_worker import LAYER_CASES, ROUTERS, config  # noqa: E402
 
 TOL = 1e-5
 
@@ -51,9 +51,9 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("case", ["learned", "learned_capacity", "zero_token_rank", "empty_expert", "all_to_one", "all_to_one_capacity",
-                                  "learned_one_chunk", "learned_three_chunks"])
+@pytest.mark.parametrize("case", [*LAYER_CASES, *(f"{c}_fixed" for c in LAYER_CASES if c != "zero_token_rank")])
 def test_sharded_layer_equals_one_layer_on_the_whole_batch(runs, case):
+    """Variable splits (host-synced sizes) and, suffix _fixed, static splits (every token to every rank)."""
     errors = runs["layer"][case]
     assert set(errors) >= {"out", "grad_x", "load"} and any(k.startswith("experts.") for k in errors)
     assert max(errors.values()) < TOL, errors

@@ -24,6 +24,17 @@ Backward of each exchange is the reverse exchange, started in one autograd node 
 so the autograd engine runs a chunk's expert backward while another chunk's gradients travel. Every
 exchange is tied to _ANCHOR, so every rank runs the same backward collectives, in the same order.
 
+Fixed exchange (`exchange="fixed"`, or "auto" on groups of <= 2 ranks; the trainer uses "auto"): steps 1-2
+and 5 change so that no split size needs the host. Every rank sends every chunk's Tc tokens to EVERY rank
+(Tc rows per destination, padded by the tokens that go nowhere there) plus one [Tc, 2k] metadata tensor
+(weights, global expert ids); all split sizes are Tc, known on the host, so no count all_gather and no host
+sync. The receiver runs the single-process computation on the slots of its own experts (an uncut plan of
+P*Tc*k slots, padding last: the kernels skip it) and returns one partial row per received row; the sender
+sums its P partials. Precondition: every rank of the group passes the same number of tokens (the trainer's
+equal batch slices do); a rank with a different count would make the exchange mismatch. Costs: on 2 ranks
+with E=64, k=6 ~1.2% more rows travel; with P ranks the receiver's plan and buffers grow with P, hence
+"auto" = fixed only for P <= 2, and the variable path stays for any token counts.
+
 Capacity (capacity_factor set): C = capacity_for(T_global, k, E, cf), T_global the tokens of the whole
 expert-parallel group, and the slots kept are exactly those one process would keep on the concatenated
 batch (rank order): choice-major, then rank, then token; one more small all_gather, no extra host sync.
@@ -42,6 +53,12 @@ from torch import Tensor
 from routerlab.moe.experts import ExpertBank
 from routerlab.moe.layer import DispatchPlan, MoELayer, combine, permute, plan_dispatch
 from routerlab.routers.base import Routing
+
+EXCHANGES = ("variable", "fixed", "auto")
+# "auto" uses fixed splits up to this group size: the fixed receiver's static plan has P * T * k slots
+# (about T * k real ones), and every token travels to every rank (on 2 ranks with k=6 of 64 experts,
+# ~98.8% of tokens go to both anyway); with more ranks the padding grows with P, so variable splits win.
+AUTO_FIXED_MAX_RANKS = 2
 
 # Leaf that requires grad, passed into every exchange so its backward runs on every rank whenever grad mode
 # is on, whether or not this rank's own input requires grad (a rank that skipped it would hang the others).
@@ -201,8 +218,10 @@ class ExpertParallelMoELayer(MoELayer):
     state_dict sliced along dim 0 of the `experts.*` tensors loads into it.
     """
 
-    def __init__(self, layer: MoELayer, group=None, chunks: int = 1) -> None:
+    def __init__(self, layer: MoELayer, group=None, chunks: int = 1, exchange: str = "variable") -> None:
         size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
         full = layer.experts
         if full.num_experts % size:
             raise ValueError(f"num_experts={full.num_experts} must be divisible by the expert-parallel size {size}")
@@ -219,6 +238,9 @@ class ExpertParallelMoELayer(MoELayer):
         self.group, self.ep_size, self.ep_rank = group, size, rank
         self.num_experts, self.local_experts = full.num_experts, local
         self.chunks = chunks  # token chunks per layer: one chunk's exchange can run while another's experts compute
+        # "fixed": every rank sends all its tokens to every rank (static splits, no host sync; needs the same
+        # token count on every rank of the group); "auto" picks it where the padding is cheap (P <= 2)
+        self.exchange = ("fixed" if size <= AUTO_FIXED_MAX_RANKS else "variable") if exchange == "auto" else exchange
 
     def compute(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         experts, weights = routing.experts, routing.weights
@@ -233,6 +255,8 @@ class ExpertParallelMoELayer(MoELayer):
         # the tokens in C chunks (contiguous; split, so backward is one cat, not C zero-filled copies of x)
         C = self.chunks
         lengths = [T // C + (c < T % C) for c in range(C)]
+        if self.exchange == "fixed":
+            return self._compute_fixed(x, torch.where(kept, experts, -1), weights, lengths), kept
         chunks = list(zip(*(t.split(lengths) for t in (x, dest, experts, weights))))
 
         # sender plans, one per chunk: "experts" = destination ranks; slot p of token t is (rank p, token t)
@@ -274,6 +298,43 @@ class ExpertParallelMoELayer(MoELayer):
         outs = [combine(back.finish()[0], None, sent[c][0]) for c, back in enumerate(returned)]
         return (outs[0] if C == 1 else torch.cat(outs)), kept
 
+    def _compute_fixed(self, x: Tensor, experts: Tensor, weights: Tensor, lengths: list[int]) -> Tensor:
+        """Static splits, no host sync: every rank sends each chunk's Tc tokens to every rank (Tc rows per
+        destination, the same on every rank), with their metadata (k combine weights in fp32, k global expert
+        ids, -1 for dropped or unused slots); the receiver keeps the slots of its own experts. Each receiver
+        returns one partial output row per received row (zero where none of its experts was chosen) and the
+        sender sums its P partials. With E=64, k=6 on 2 ranks ~98.8% of tokens go to both ranks anyway."""
+        P, El, me = self.ep_size, self.local_experts, self.ep_rank
+        meta = torch.cat([weights.float(), experts.float()], 1)  # [T, 2k]; ids exact in fp32 below 2^24
+        sent = []
+        for x_c, meta_c in zip(x.split(lengths), meta.split(lengths)):
+            Tc = x_c.shape[0]
+            splits = [Tc] * P
+            # expand + reshape: one copy per destination block (its backward sums the P returned gradients)
+            xs = tuple(t.expand(P, *t.shape).reshape(P * Tc, t.shape[1]) for t in (x_c, meta_c))
+            sent.append((splits, Exchange(xs, splits, splits, self.group)))
+        returned = []
+        for splits, exchange in sent:
+            recv_x, recv_meta = exchange.finish()
+            rows = self._receiver_fixed(recv_x, recv_meta, me, El)
+            returned.append(Exchange((rows,), splits, splits, self.group))
+        outs = []
+        for (splits, _), back in zip(sent, returned):
+            outs.append(back.finish()[0].view(P, splits[0], x.shape[1]).sum(0))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _receiver_fixed(self, recv_x: Tensor, recv_meta: Tensor, me: int, El: int) -> Tensor:
+        """The single-process computation on every received row, over the slots of this rank's experts; the
+        plan is not cut (its size is static: rows * k slots, padding last, which the kernels skip)."""
+        if not recv_x.shape[0]:
+            return recv_x
+        k = recv_meta.shape[1] // 2
+        ids = recv_meta[:, k:].detach().long()
+        local = torch.where((ids >= 0) & (ids // El == me), ids - me * El, -1)
+        plan = plan_dispatch(local, El, None)
+        y = self.experts(permute(recv_x, plan), plan.counts, self.backend)
+        return combine(y, recv_meta[:, :k], plan)
+
     def _metadata(self, plan: DispatchPlan, dest: Tensor, experts: Tensor, weights: Tensor, k_max: int) -> Tensor:
         """[rows, 2 * k_max] fp32: per slot of each sent row, its combine weight and local expert id if the
         row's destination computes it (else 0 and -1); padded to the width every rank agreed on."""
@@ -306,12 +367,14 @@ def first_rows(plan: DispatchPlan, n_kept: int) -> DispatchPlan:
     return dataclasses.replace(plan, order=plan.order[:rows], inv=plan.inv.clamp(max=rows - 1))
 
 
-def shard_experts(model: torch.nn.Module, group=None, chunks: int = 1) -> torch.nn.Module:
+def shard_experts(model: torch.nn.Module, group=None, chunks: int = 1, exchange: str = "variable") -> torch.nn.Module:
     """Replace every MoELayer of `model` by an ExpertParallelMoELayer holding this rank's experts (in place);
-    chunks: token chunks per layer whose exchanges overlap the other chunks' expert compute."""
+    chunks: token chunks per layer whose exchanges overlap the other chunks' expert compute; exchange:
+    "variable" (any token counts, one host sync per layer), "fixed" (static splits, no host sync; every rank
+    of the group must pass the same number of tokens) or "auto" (fixed when the group has <= 2 ranks)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, MoELayer) and not isinstance(module, ExpertParallelMoELayer):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, ExpertParallelMoELayer(module, group, chunks))
+            setattr(parent, child, ExpertParallelMoELayer(module, group, chunks, exchange))
     return model
