@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from routerlab.config import Config, apply_overrides, make_config
+from routerlab.config import Config, apply_overrides, make_config, read_config_file
 from routerlab.errors import ConfigError
 from routerlab.routers.registry import format_validation_error
 
@@ -99,13 +98,5 @@ def check_setup(config: Config, fed: FederatedParams) -> None:
 
 def load_setup(path: str | Path | None, overrides: list[str] = ()) -> FederatedSetup:
     """Read a federated config (default: federated/digits.yaml) and apply `--set key=value` overrides."""
-    p = Path(path) if path is not None else DEFAULT_CONFIG
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (task, model, router, train, run, federated)")
+    data = read_config_file(path if path is not None else DEFAULT_CONFIG, "task, model, router, train, run, federated")
     return make_setup(apply_overrides(data, list(overrides)))

@@ -64,8 +64,9 @@ def train(
         metrics = trainer.fit()
     finally:
         trainer.close()
-    console.print(metrics_table(metrics, f"{cfg.run_name()} after {trainer.step} steps"))
-    console.print(f"TensorBoard: [bold]tensorboard --logdir {cfg.run.dir}[/]   checkpoint: {trainer.checkpoint_path}")
+    if trainer.parallel.is_main:  # under torchrun, one table, not one per rank
+        console.print(metrics_table(metrics, f"{cfg.run_name()} after {trainer.step} steps"))
+        console.print(f"TensorBoard: [bold]tensorboard --logdir {cfg.run.dir}[/]   checkpoint: {trainer.checkpoint_path}")
 
 
 @app.command()
@@ -98,25 +99,17 @@ def tasks() -> None:
     console.print(table)
 
 
-from routerlab.ablate.cli import register as _register_ablate  # noqa: E402
+def register_commands(app: typer.Typer) -> None:
+    """Add the commands that other parts declare as `routerlab.commands` entry points (pyproject.toml):
+    ablate (routerlab.ablate), study (studies), federate (federated), rl (environments), bench. Going
+    through entry points keeps routerlab from importing the packages that build on it."""
+    from importlib.metadata import entry_points
 
-_register_ablate(app)
+    for entry in sorted(entry_points(group="routerlab.commands"), key=lambda e: e.name):
+        entry.load()(app)
 
-from studies.cli import register as _register_studies  # noqa: E402
 
-_register_studies(app)
-
-from federated.cli import register as _register_federated  # noqa: E402
-
-_register_federated(app)
-
-from routerlab.rl_cli import register as _register_rl  # noqa: E402
-
-_register_rl(app)
-
-from routerlab.bench import register as _register_bench  # noqa: E402
-
-_register_bench(app)
+register_commands(app)
 
 
 def main() -> None:

@@ -154,16 +154,20 @@ def make_config(data: dict[str, Any]) -> Config:
         raise ConfigError(f"invalid config: {format_validation_error(err)}") from None
 
 
+def read_config_file(path: str | Path, sections: str = "task, model, router, train, run") -> dict[str, Any]:
+    """The mapping in a YAML config file; a missing, unreadable or non-mapping file is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections ({sections})")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (task, model, router, train, run)")
+    data = read_config_file(path) if path is not None else {}
     return make_config(apply_overrides(data, list(overrides)))

@@ -95,23 +95,27 @@ class Trainer:
         self._window: list[RoutingStats | None] = [None] * len(self.layers)
 
     # ---- one step -------------------------------------------------------------------------------
-    def task_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token task loss [N] (in the order the MoE layers see the tokens) and logits [N, C]."""
         logits = self.model(batch.inputs, batch.token_ids)
         logits = logits.reshape(-1, logits.shape[-1]).float()
-        token_loss = F.cross_entropy(logits, batch.targets.reshape(-1), reduction="none")
-        self.token_loss = token_loss.detach()  # for Router.observe_token_loss
+        return F.cross_entropy(logits, batch.targets.reshape(-1), reduction="none"), logits
+
+    def task_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        token_loss, logits = self.token_losses(batch)
         return token_loss.mean(), logits
 
     def train_step(self, batch: Batch | None = None) -> float:
         self.model.train()
-        batch = (batch or self.task.batch("train", self.config.train.batch_size, self.data_rng)).to(self.device)
+        batch = (batch or self.task.batch("train", self.config.train.batch_size, self.data_rng)).to(self.device, self.dtype)
         global_tokens = batch.num_tokens
         batch = self.parallel.shard_batch(batch)  # every rank draws the global batch and keeps its slice
         start = time.perf_counter()
-        loss, _ = self.task_loss(batch)
+        token_loss, _ = self.token_losses(batch)
+        loss = token_loss.mean()
         aux = self.model.aux_losses()
         for i, layer in enumerate(self.layers):  # routers rewarded per token (REINFORCE) add their losses here
-            aux.update({f"layer{i}/{k}": v for k, v in layer.router.observe_token_loss(self.token_loss).items()})
+            aux.update({f"layer{i}/{k}": v for k, v in layer.router.observe_token_loss(token_loss.detach()).items()})
         total = loss + sum(aux.values()) if aux else loss
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -160,7 +164,7 @@ class Trainer:
         top1: list[list[torch.Tensor]] = [[] for _ in self.layers]
         labels = []
         for batch in self.eval_set:
-            batch = batch.to(self.device)
+            batch = batch.to(self.device, self.dtype)
             loss, logits = self.task_loss(batch)
             n = batch.targets.numel()
             loss_sum += loss.item() * n

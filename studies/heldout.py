@@ -10,7 +10,6 @@ import argparse
 
 import numpy as np
 import torch
-import yaml
 
 from routerlab.config import load_config, make_config
 from routerlab.errors import ConfigError

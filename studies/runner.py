@@ -159,7 +159,6 @@ def count_finished(study) -> int:
 def run_worker(spec: StudySpec, storage_url: str | None = None, n_trials: int | None = None, timeout: float | None = None,
                heartbeat: int = 10, worker_index: int = 0, progress: bool = False):
     """Run trials in this process until the study holds n_trials finished trials (or timeout)."""
-    import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 

@@ -29,7 +29,7 @@ def ppo_policy(tmp_path_factory):
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
 
-    from routerlab.rl_cli import save_policy
+    from environments.cli import save_policy
 
     venv = make_vec_env(ENV_ID, n_envs=4, seed=0)
     model = PPO("MlpPolicy", venv, n_steps=64, batch_size=128, learning_rate=1e-3, seed=0, device="cpu")
@@ -159,7 +159,7 @@ def test_rl_router_matches_the_policy_deterministic_actions(ppo_policy):
 def test_rl_router_with_chunks_and_projection_matches_policy_in_a_trainer(tmp_path):
     from stable_baselines3 import PPO
 
-    from routerlab.rl_cli import save_policy
+    from environments.cli import save_policy
 
     env = frozen(chunk=2, obs_dim=4, tokens=8)
     model = PPO("MlpPolicy", env, n_steps=16, batch_size=16, seed=0, device="cpu")  # untrained: still deterministic

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from routerlab.routers import build_router
-from routerlab.routers.gated import importance_weights, switch_style_balance
+from routerlab.routers.base import switch_balance_loss
+from routerlab.routers.gated import importance_weights
 
 D, E = 16, 8
 LEARNED = ["softmax_topk", "noisy_topk", "switch", "gshard_top2", "expert_choice", "sinkhorn", "base", "bias_balanced",
@@ -122,12 +123,12 @@ def test_importance_balance_reweights_the_switch_objective():
     torch.manual_seed(0)
     probs = torch.rand(100, 4).softmax(-1)
     top1 = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
-    plain = switch_style_balance(probs, top1[:, None], 4)
-    weighted = switch_style_balance(probs, top1[:, None], 4, importance_weights(top1, 4, 1.0))
-    flat = switch_style_balance(probs, top1[:, None], 4, torch.ones(100))
+    plain = switch_balance_loss(probs, top1[:, None], 4)
+    weighted = switch_balance_loss(probs, top1[:, None], 4, importance_weights(top1, 4, 1.0))
+    flat = switch_balance_loss(probs, top1[:, None], 4, torch.ones(100))
     torch.testing.assert_close(plain, flat)
     assert not torch.allclose(plain, weighted)
     r = build_router({"name": "switch", "alpha": 0.0, "importance_balance": 1.0}, D, E)
     out = r(torch.randn(64, D))
-    manual = switch_style_balance(out.logits.softmax(-1), out.experts, E, importance_weights(out.experts[:, 0], E, 1.0))
+    manual = switch_balance_loss(out.logits.softmax(-1), out.experts, E, importance_weights(out.experts[:, 0], E, 1.0))
     torch.testing.assert_close(out.aux["importance_balance"], manual)

@@ -89,3 +89,11 @@ def test_tensorboard_run_has_the_routing_dashboards(tiny_overrides, tmp_path):
     assert "load/heatmap" in tags["images"]
     assert "custom_scalars__config__" in tags["tensors"]
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+
+
+@pytest.mark.parametrize("task", ["clusters", "chars"])
+def test_bfloat16_training_runs_for_classifier_and_lm(task, tiny_overrides, tmp_path):
+    trainer = make(tiny_overrides + [f"task.name={task}", "train.dtype=bfloat16", "train.steps=3"], tmp_path, log=False)
+    metrics = trainer.fit()
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    assert math.isfinite(metrics["loss"])

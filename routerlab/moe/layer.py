@@ -88,13 +88,6 @@ def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None) -> Di
     return DispatchPlan(order, inv, inv < n_kept, counts, n_kept, num_tokens, k)
 
 
-def dispatch(experts: Tensor, num_experts: int, capacity: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Compatibility form of plan_dispatch (syncs): (kept slots grouped by expert, counts [E], their tokens)."""
-    plan = plan_dispatch(experts, num_experts, capacity)
-    keep = plan.order[: int(plan.counts.sum())]
-    return keep, plan.counts, keep % plan.num_tokens
-
-
 def _fused(t: Tensor) -> bool:
     """Use the Triton gather kernels (triton_combine) for CUDA tensors when Triton is there."""
     return t.is_cuda and _triton_available()

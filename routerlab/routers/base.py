@@ -71,13 +71,18 @@ def topk_routing(probs: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tens
     return experts, weights
 
 
-def switch_balance_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Tensor:
-    """E * sum_i f_i * P_i (Fedus et al. 2021): f from the hard choices, P differentiable."""
+def switch_balance_loss(probs: Tensor, experts: Tensor, num_experts: int, token_weights: Tensor | None = None) -> Tensor:
+    """E * sum_i f_i * P_i (Fedus et al. 2021): f from the hard choices (-1 skipped), P the differentiable
+    mean probability, optionally token-weighted (the importance-weighting option)."""
     valid = experts >= 0
     counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
     counts.scatter_add_(0, experts[valid], torch.ones_like(experts[valid], dtype=probs.dtype))
     f = counts / counts.sum().clamp_min(1.0)
-    return num_experts * (f * probs.mean(0)).sum()
+    if token_weights is None:
+        P = probs.mean(0)
+    else:
+        P = (token_weights[:, None] * probs).sum(0) / token_weights.sum().clamp_min(1e-9)
+    return num_experts * (f * P).sum()
 
 
 def z_loss(logits: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routerlab.routers.base import Router, z_loss
+from routerlab.routers.base import Router, switch_balance_loss, z_loss
 from routerlab.routers.registry import RouterParams, require
 
 
@@ -51,19 +51,6 @@ class GateParams(RouterParams):
         require(self.router_clip >= 0, f"router_clip must be >= 0 (0 = off), got {self.router_clip}")
         require(self.importance_balance >= 0, f"importance_balance must be >= 0, got {self.importance_balance}")
         require(self.importance_power >= 0, f"importance_power must be >= 0, got {self.importance_power}")
-
-
-def switch_style_balance(probs: Tensor, experts: Tensor, num_experts: int, token_weights: Tensor | None = None) -> Tensor:
-    """E * sum_i f_i * P_i with f from the hard choices (-1 skipped) and P the (token-weighted) mean probability."""
-    valid = experts >= 0
-    counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
-    counts.scatter_add_(0, experts[valid], torch.ones_like(experts[valid], dtype=probs.dtype))
-    f = counts / counts.sum().clamp_min(1.0)
-    if token_weights is None:
-        P = probs.mean(0)
-    else:
-        P = (token_weights[:, None] * probs).sum(0) / token_weights.sum().clamp_min(1e-9)
-    return num_experts * (f * P).sum()
 
 
 def importance_weights(top1: Tensor, num_experts: int, power: float) -> Tensor:
@@ -141,7 +128,7 @@ class GatedRouter(Router):
                 top1 = torch.where(experts[:, 0] >= 0, experts[:, 0], top1)
             w = importance_weights(top1, self.num_experts, p.importance_power)
             chosen = top1[:, None] if experts is None else experts
-            aux["importance_balance"] = p.importance_balance * switch_style_balance(probs, chosen, self.num_experts, w)
+            aux["importance_balance"] = p.importance_balance * switch_balance_loss(probs, chosen, self.num_experts, w)
         return aux
 
     # -- hooks ----------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from routerlab.routers.base import Routing, topk_routing
-from routerlab.routers.gated import GateParams, GatedRouter, switch_style_balance
+from routerlab.routers.base import Routing, switch_balance_loss, topk_routing
+from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
 
 
@@ -75,5 +75,5 @@ class GraphRouter(GatedRouter):
         experts, weights = topk_routing(probs, self.params.k, renormalize=True)
         aux = self.stability_losses(logits, experts)
         if self.params.alpha > 0 and self.training:
-            aux["balance"] = self.params.alpha * switch_style_balance(probs, experts, self.num_experts)
+            aux["balance"] = self.params.alpha * switch_balance_loss(probs, experts, self.num_experts)
         return Routing(experts, weights.to(x.dtype), logits, aux)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from routerlab.routers.base import Routing
-from routerlab.routers.gated import GateParams, GatedRouter, switch_style_balance
+from routerlab.routers.base import Routing, switch_balance_loss
+from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
 
 
@@ -64,7 +64,7 @@ class GShardTop2(GatedRouter):
                 capacity = math.ceil(p.capacity_factor * (hi - lo) / E)
                 experts[lo:hi] = _apply_capacity(experts[lo:hi], E, capacity)
             if p.alpha > 0 and self.training:
-                balance.append(switch_style_balance(probs[lo:hi], first[lo:hi], E))
+                balance.append(switch_balance_loss(probs[lo:hi], first[lo:hi], E))
         if balance:
             aux["balance"] = p.alpha * torch.stack(balance).mean()
         weights = torch.where(experts >= 0, weights, torch.zeros_like(weights))

@@ -13,23 +13,12 @@ Forwards before the fit (evaluation of an untrained model) use the random fallba
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from routerlab.errors import ConfigError
-from routerlab.routers.base import Router, Routing
-from routerlab.routers.registry import RouterParams, register_router, require
-
-
-@dataclass(frozen=True)
-class HashBalancedParams(RouterParams):
-    seed: int = 0  # seed of the fallback table for ids never counted
-    table_size: int = 65536  # token ids are taken modulo this
-
-    def __post_init__(self) -> None:
-        require(self.table_size >= 1, f"table_size must be >= 1, got {self.table_size}")
+from routerlab.routers.hash import Hash, HashParams, random_table
+from routerlab.routers.registry import register_router
 
 
 def greedy_table(counts: Tensor, fallback: Tensor, num_experts: int) -> Tensor:
@@ -47,16 +36,12 @@ def greedy_table(counts: Tensor, fallback: Tensor, num_experts: int) -> Tensor:
     return table
 
 
-@register_router("hash_balanced", HashBalancedParams)
-class HashBalanced(Router):
+@register_router("hash_balanced", HashParams)
+class HashBalanced(Hash):
     """Token-id table balanced greedily by token frequency (fit on the first training batch or by fit())."""
 
-    needs_token_ids = True
-
-    def __init__(self, d_model: int, num_experts: int, params: HashBalancedParams) -> None:
+    def __init__(self, d_model: int, num_experts: int, params: HashParams) -> None:
         super().__init__(d_model, num_experts, params)
-        g = torch.Generator().manual_seed(params.seed)
-        self.register_buffer("table", torch.randint(num_experts, (params.table_size,), generator=g))
         self.register_buffer("fitted", torch.tensor(False))
 
     @torch.no_grad()
@@ -66,16 +51,12 @@ class HashBalanced(Router):
         full = torch.zeros(size, dtype=torch.float64)
         counts = torch.as_tensor(counts).detach().cpu().double().flatten()
         full.index_add_(0, torch.arange(counts.numel()) % size, counts)
-        g = torch.Generator().manual_seed(self.params.seed)
-        fallback = torch.randint(self.num_experts, (size,), generator=g)
+        fallback = random_table(self.num_experts, size, self.params.seed)
         self.table.copy_(greedy_table(full, fallback, self.num_experts).to(self.table.device))
         self.fitted.fill_(True)
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
-        if token_ids is None:
-            raise ConfigError(f"router {self.router_name!r} needs token ids; this task has none (use 'lsh' or a learned router)")
+    def keys(self, x: Tensor, token_ids: Tensor | None) -> Tensor:
         ids = token_ids % self.table.numel()
         if self.training and not bool(self.fitted):
             self.fit(torch.bincount(ids.cpu(), minlength=self.table.numel()))
-        experts = self.table[ids].unsqueeze(1)
-        return Routing(experts, torch.ones(experts.shape, dtype=x.dtype, device=x.device))
+        return ids

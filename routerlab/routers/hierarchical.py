@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from routerlab.errors import ConfigError
-from routerlab.routers.base import Routing, z_loss
-from routerlab.routers.gated import GateParams, GatedRouter, switch_style_balance
+from routerlab.routers.base import Routing, switch_balance_loss, z_loss
+from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
 
 
@@ -66,5 +65,5 @@ class Hierarchical(GatedRouter):
         if p.z_loss > 0:
             aux["z_loss"] = p.z_loss * (z_loss(group_logits) + z_loss(expert_logits.reshape(T * G, m)))
         if p.alpha > 0 and self.training:
-            aux["balance"] = p.alpha * switch_style_balance(probs.reshape(T, -1), experts, self.num_experts)
+            aux["balance"] = p.alpha * switch_balance_loss(probs.reshape(T, -1), experts, self.num_experts)
         return Routing(experts, weights.to(x.dtype), logits, aux)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from routerlab.routers.base import Routing
-from routerlab.routers.gated import GateParams, GatedRouter, switch_style_balance
+from routerlab.routers.base import Routing, switch_balance_loss
+from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
 
 
@@ -71,7 +71,7 @@ class SparseGate(GatedRouter):
         aux = self.stability_losses(logits, experts)
         if self.params.alpha > 0 and self.training:
             dense = torch.zeros_like(logits, dtype=gates.dtype).scatter_add(1, experts.clamp_min(0), weights)
-            aux["balance"] = self.params.alpha * switch_style_balance(dense, experts, self.num_experts)
+            aux["balance"] = self.params.alpha * switch_balance_loss(dense, experts, self.num_experts)
         return Routing(experts, weights.to(x.dtype), logits, aux)
 
 

@@ -28,9 +28,11 @@ class Batch:
     labels: Tensor  # long, one specialization label per MoE token ([B] or [B, L])
     token_ids: Tensor | None = None  # long, one id per MoE token, or None
 
-    def to(self, device: torch.device | str) -> Batch:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        """Move to device; float inputs also take the model's dtype (ids and labels stay integers)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.inputs), move(self.targets), move(self.labels), move(self.token_ids))
+        inputs = self.inputs.to(device, dtype) if dtype is not None and self.inputs.is_floating_point() else move(self.inputs)
+        return Batch(inputs, move(self.targets), move(self.labels), move(self.token_ids))
 
     @property
     def num_tokens(self) -> int:

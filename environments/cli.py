@@ -1,7 +1,7 @@
 """`routerlab rl train` / `routerlab rl eval`: stable-baselines3 on the routing environments (docs/rl.md).
 
-gymnasium, stable-baselines3 and the environments package are imported inside the commands, so the
-CLI starts without them.
+Registered as a `routerlab.commands` entry point. gymnasium and stable-baselines3 are imported inside
+the commands, so `routerlab` starts without them.
 """
 from __future__ import annotations
 
