@@ -108,11 +108,12 @@ def layer_case(name: str, rank: int, world: int, exchange: str = "variable") -> 
     return err
 
 
-def trainer_case(router: dict, out: Path, rank: int) -> dict:
-    trainer = Trainer(config(router, out / "runs", expert=2), log=False)
+def trainer_case(router: dict, out: Path, rank: int, world: int) -> dict:
+    trainer = Trainer(config(router, out / "runs", expert=world), log=False)
     par = trainer.parallel
-    # the trainer shards with exchange="auto": static splits on 2 ranks (equal batch slices)
-    assert {m.exchange for m in trainer.model.modules() if isinstance(m, ExpertParallelMoELayer)} == {"fixed"}
+    # the trainer shards with exchange="auto": static splits up to 2 ranks (equal batch slices), variable above
+    want = "fixed" if world <= 2 else "variable"
+    assert {m.exchange for m in trainer.model.modules() if isinstance(m, ExpertParallelMoELayer)} == {want}
     batch = trainer.task.batch("train", 8, torch.Generator().manual_seed(99))
     loss, logits = trainer.task_loss(par.shard_batch(batch))
     aux = trainer.model.aux_losses()
@@ -125,20 +126,20 @@ def trainer_case(router: dict, out: Path, rank: int) -> dict:
         grads[name] = par._gather(g) if ".experts." in name else g.clone()
     total = total.detach().reshape(1)
     dist.all_reduce(total)  # the global mean loss: ranks hold equal slices
-    result = {"logits": all_gather_rows(logits.detach()).flatten(0, 1), "total": float(total) / 2, "grads": grads}
+    result = {"logits": all_gather_rows(logits.detach()).flatten(0, 1), "total": float(total) / world, "grads": grads}
     trainer.optimizer.zero_grad(set_to_none=True)
     result["losses"] = [trainer.train_step() for _ in range(3)]
     result["buffers"] = {n: b.clone() for n, b in trainer.model.named_buffers() if b.is_floating_point()}
-    if router["name"] == "softmax_topk":  # checkpoint written by 2 ranks; the test resumes it in 1 process
+    if router["name"] == "softmax_topk":  # checkpoint written by all ranks; the test resumes it in 1 process
         trainer.save(out / "ep2.pt")
         result["next_loss"] = trainer.train_step()
     trainer.close()
     return result
 
 
-def resume_case(router: dict, out: Path, checkpoint: str) -> float:
-    """A checkpoint written by 1 process, resumed on 2 ranks: the next step's loss."""
-    trainer = Trainer(config(router, out / "runs2", expert=2), log=False, resume=checkpoint)
+def resume_case(router: dict, out: Path, checkpoint: str, world: int) -> float:
+    """A checkpoint written by 1 process, resumed on `world` ranks: the next step's loss."""
+    trainer = Trainer(config(router, out / "runs2", expert=world), log=False, resume=checkpoint)
     loss = trainer.train_step()
     trainer.close()
     return loss
@@ -155,8 +156,8 @@ def main() -> None:
         if name != "zero_token_rank":  # fixed splits need the same token count on every rank
             results["layer"][f"{name}_fixed"] = layer_case(name, rank, world, "fixed")
     for key, router in ROUTERS.items():
-        results["trainer"][key] = trainer_case(router, out, rank)
-    results["resumed_from_one_process"] = resume_case(ROUTERS["softmax_topk"], out, one_process_ckpt)
+        results["trainer"][key] = trainer_case(router, out, rank, world)
+    results["resumed_from_one_process"] = resume_case(ROUTERS["softmax_topk"], out, one_process_ckpt, world)
     if rank == 0:
         torch.save(results, out / "results.pt")
     dist.destroy_process_group()

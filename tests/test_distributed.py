@@ -1,7 +1,8 @@
-"""Expert parallelism on 2 CPU processes (gloo, started by torchrun here) equals one process on the same batch.
+"""Expert parallelism on 2 and 4 CPU processes (gloo, started by torchrun here) equals one process on the
+same batch.
 
-One torchrun launch (tests/distributed_worker.py) runs every 2-rank case; the tests compare with runs
-made in this process. Takes about 30-40 s on 2 cores.
+One torchrun launch per world size (tests/distributed_worker.py) runs every case; the tests compare with
+runs made in this process. Takes about a minute on 2 cores.
 """
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ep")
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
+def runs(tmp_path_factory, request):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"ep{world}")
     # one process: 3 steps, checkpoint, the 4th step's loss (the 2-rank run resumes this checkpoint)
     one = Trainer(config(ROUTERS["softmax_topk"], out / "runs1", expert=1), log=False)
     for _ in range(3):
@@ -40,7 +42,7 @@ def runs(tmp_path_factory):
     one_next = one.train_step()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(world),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            str(Path(__file__).parent / "distributed_worker.py"), str(out), str(out / "one.pt")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -60,7 +62,7 @@ def test_sharded_layer_equals_one_layer_on_the_whole_batch(runs, case):
 
 
 @pytest.mark.parametrize("router", ["softmax_topk", "hash", "bias_balanced"])
-def test_two_ranks_equal_one_process(runs, router, tmp_path):
+def test_ranks_equal_one_process(runs, router, tmp_path):
     got = runs["trainer"][router]
     one = Trainer(config(ROUTERS[router], tmp_path, expert=1), log=False)
     batch = one.task.batch("train", 8, torch.Generator().manual_seed(99))
@@ -84,14 +86,14 @@ def test_two_ranks_equal_one_process(runs, router, tmp_path):
         assert any(b.abs().max() > 0 for n, b in one.model.named_buffers() if n.endswith("bias"))
 
 
-def test_checkpoint_of_two_ranks_resumes_in_one_process(runs, tmp_path):
+def test_checkpoint_of_several_ranks_resumes_in_one_process(runs, tmp_path):
     got = runs["trainer"]["softmax_topk"]
     resumed = Trainer(config(ROUTERS["softmax_topk"], tmp_path, expert=1), log=False, resume=runs["out"] / "ep2.pt")
     assert resumed.step == 3
     assert resumed.train_step() == pytest.approx(got["next_loss"], abs=TOL)
 
 
-def test_checkpoint_of_one_process_resumes_on_two_ranks(runs):
+def test_checkpoint_of_one_process_resumes_on_several_ranks(runs):
     assert runs["resumed_from_one_process"] == pytest.approx(runs["one_next"], abs=TOL)
 
 
