@@ -17,7 +17,9 @@ console = Console()
 
 
 def fail(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # messages hold brackets ('.[all]', 'cuda[:N]'); they are not markup
+
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -106,7 +108,23 @@ def register_commands(app: typer.Typer) -> None:
     from importlib.metadata import entry_points
 
     for entry in sorted(entry_points(group="routerlab.commands"), key=lambda e: e.name):
-        entry.load()(app)
+        try:
+            register = entry.load()
+        except ModuleNotFoundError as err:  # its optional extra (rl, studies, federated) is not installed
+            register = missing_extra_command(entry.name, err.name)
+        register(app)
+
+
+def missing_extra_command(name: str, module: str) -> Callable[[typer.Typer], None]:
+    """A stand-in command that says which package to install, so `routerlab` works without every extra."""
+
+    def register(app: typer.Typer) -> None:
+        @app.command(name=name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                     help=f"(unavailable: needs the Python package {module!r})")
+        def unavailable() -> None:
+            fail(f"'routerlab {name}' needs the Python package {module!r}; install routerlab with its extras: pip install -e '.[all]'")
+
+    return register
 
 
 register_commands(app)

@@ -39,6 +39,7 @@ BAD_INPUTS = [
     (["--set", "task.corpus=/no/such/file.txt"], "corpus file '/no/such/file.txt' does not exist"),
     (["--set", "router.name=hash", "--set", "task.name=digits"], "routes by token id, but task 'digits' has no token ids"),
     (["--config", "/no/such/config.yaml"], "config file '/no/such/config.yaml' does not exist"),
+    (["--set", "train.device=tpu"], r"device must be 'cpu' or 'cuda\[:N\]', got 'tpu'"),  # brackets survive
 ]
 
 
@@ -98,3 +99,15 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "routerlab", "train", "--set", "router.name=nope"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown router 'nope'" in proc.stderr
+
+
+def test_a_missing_optional_extra_disables_only_its_command(tmp_path):
+    fake = tmp_path / "gymnasium"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError('No module named gymnasium', name='gymnasium')\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "routerlab", "rl", "train"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "needs the Python package 'gymnasium'" in proc.stderr and ".[all]" in proc.stderr
+    listed = subprocess.run([sys.executable, "-m", "routerlab", "routers"], capture_output=True, text=True, env=env)
+    assert listed.returncode == 0 and "softmax_topk" in listed.stdout
