@@ -154,17 +154,17 @@ def make_config(data: dict[str, Any]) -> Config:
         raise ConfigError(f"invalid config: {format_validation_error(err)}") from None
 
 
-def read_config_file(path: str | Path, sections: str = "task, model, router, train, run") -> dict[str, Any]:
-    """The mapping in a YAML config file; a missing, unreadable or non-mapping file is a ConfigError."""
+def read_config_file(path: str | Path, sections: str = "task, model, router, train, run", what: str = "config file") -> dict[str, Any]:
+    """The mapping in a YAML file; a missing, unreadable or non-mapping file is a ConfigError."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections ({sections})")
+        raise ConfigError(f"{what} {str(p)!r} must hold a mapping of sections ({sections})")
     return data
 
 

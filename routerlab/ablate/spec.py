@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from routerlab.config import Config, make_config
+from routerlab.config import Config, make_config, read_config_file
 from routerlab.errors import ConfigError
 
 DEFAULT_METRICS = [
@@ -80,14 +79,7 @@ class AblationSpec:
 
 def load_spec(path: str | Path) -> AblationSpec:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"ablation file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"ablation file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"ablation file {str(p)!r} must be a mapping with base, axes, metrics")
+    data = read_config_file(p, "name, description, base, axes, exclude, metrics", what="ablation file")
     return parse_spec(data, name=p.stem, path=str(p), here=p.parent)
 
 
@@ -119,10 +111,7 @@ def parse_spec(data: dict[str, Any], *, name: str = "ablation", path: str = "", 
 def _read_base(text: str, here: Path) -> dict[str, Any]:
     for candidate in (here / text, Path(text)):
         if candidate.is_file():
-            loaded = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"base config {text!r} must hold a mapping of sections")
-            return loaded
+            return read_config_file(candidate, what="base config")
     raise ConfigError(f"base config file {text!r} does not exist (looked beside the ablation file and in the current folder)")
 
 
