@@ -70,6 +70,8 @@ def run_federation(grid: Grid, setup: FederatedSetup, run_dir: Path) -> dict:
         ]
         round_start = time.perf_counter()
         replies = [r for r in grid.send_and_receive(messages, timeout=fed.round_timeout) if not r.has_error()]
+        # replies come in arrival order; aggregate in client order so that sums, and so results, repeat exactly
+        replies.sort(key=lambda r: int(r.content["metrics"]["partition-id"]))
         train_s = time.perf_counter() - round_start
         bytes_down = array_bytes(sent) * len(messages)
         keys_sent.update(sent.keys())
