@@ -24,10 +24,6 @@ ACTIVATIONS = ("swiglu", "gelu")
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
-# Measured choice for CPU fp32 (docs/benchmarks.md, `routerlab bench`): padded bmm beat the loop.
-CPU_FP32_BACKEND = "padded"
-
-
 def grouped_mm_supported(x: Tensor) -> bool:
     """grouped_mm needs bf16/fp16 (its fp32 backward fails on CPU) and, on CUDA, a Hopper-class GPU."""
     if _grouped_mm is None or x.dtype not in (torch.bfloat16, torch.float16):
@@ -38,12 +34,12 @@ def grouped_mm_supported(x: Tensor) -> bool:
 
 
 def choose_backend(backend: str, x: Tensor) -> str:
+    """auto: grouped matmul where it runs; else the per-expert loop, which beat `padded` in every run of
+    `routerlab bench` on an idle 2-core CPU (fp32; docs/benchmarks.md)."""
     if backend != "auto":
         return backend
     if grouped_mm_supported(x):
         return "grouped"
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        return CPU_FP32_BACKEND
     return "loop"
 
 
