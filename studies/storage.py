@@ -12,12 +12,14 @@ have no heartbeats in Optuna 5: a killed worker's trial stays RUNNING and is not
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from pathlib import Path
 
 from routerlab.errors import ConfigError
 
 MAX_RETRY = 3  # a trial whose workers keep dying is given up after this many retries
+SCHEMA_RACE_ATTEMPTS = 10  # workers started together on a new database race to create its tables
 
 
 def default_url(run_dir: Path) -> str:
@@ -66,17 +68,34 @@ def open_storage(url: str, heartbeat: int = 10):
         if parsed.drivername == "postgresql" and not has_module("psycopg") and has_module("psycopg2"):
             # SQLAlchemy 2.1 made psycopg 3 the default driver; the `studies` extra installs psycopg2
             url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat,
-            grace_period=3 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-        )
-    except Exception as err:  # driver missing, server unreachable, authentication failed, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot open storage {redact(given)!r}: {first}") from None
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat,
+                grace_period=3 * heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            )
+        except Exception as err:  # driver missing, server unreachable, authentication failed, ...
+            if lost_schema_race(err) and attempt + 1 < SCHEMA_RACE_ATTEMPTS:
+                time.sleep(0.1 * (attempt + 1))  # the winner finishes its schema; the next attempt finds it
+                continue
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"cannot open storage {redact(given)!r}: {first}") from None
+
+
+def lost_schema_race(err: Exception) -> bool:
+    """Did another process create Optuna's tables while this one was creating them too?
+
+    Workers started together on a new database all try to create the schema; the losers see
+    "table ... already exists" or a duplicate alembic_version row. Opening again succeeds.
+    """
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    text = str(err).lower()
+    return isinstance(err, IntegrityError) or (
+        isinstance(err, (OperationalError, ProgrammingError)) and "already exists" in text)
 
 
 def has_module(name: str) -> bool:
