@@ -4,8 +4,8 @@ Weights: `w_in` [E, d, 2h] (SwiGLU: gate columns [:h], up columns [h:]) or [E, d
 `w_out` [E, h, d]. Gate and up share one matrix so the first expert GEMM is one wide product.
 
 Input rows arrive sorted by expert: `counts[e]` rows for expert e, then possibly padding rows (slots
-that were dropped or unused) at the end. Padding rows' outputs are unspecified: the caller never reads
-them (see layer.combine). Backends:
+that were dropped or unused) at the end. Padding rows' values and outputs are unspecified (the GPU
+permute leaves them unset, NaN included): no result depends on rows past counts.sum() (see layer.combine). Backends:
   loop     one matmul per expert (the reference: always correct, any device and dtype)
   grouped  torch grouped matmul over the sorted rows (CUDA sm90+ bf16/fp16; CPU bf16/fp16); no host sync
   padded   rows scattered into an [E, C, d] buffer, C = largest count, then batched matmul
@@ -72,20 +72,21 @@ class _SwiGLU(torch.autograd.Function):
         return triton_swiglu.backward(h13, grad)
 
 
-def swiglu_forward(h13: Tensor) -> Tensor:
-    """silu(gate) * up without autograd (Triton on CUDA)."""
+def swiglu_forward(h13: Tensor, n_rows: Tensor | None = None) -> Tensor:
+    """silu(gate) * up without autograd (Triton on CUDA). n_rows: [1] device tensor; rows at or past it
+    are padding, skipped by the Triton kernel (outputs unspecified there)."""
     if h13.is_cuda and _triton_available():
         from routerlab.moe import triton_swiglu
 
-        return triton_swiglu.forward(h13.contiguous())
+        return triton_swiglu.forward(h13.contiguous(), n_rows)
     return swiglu_reference(h13)
 
 
-def swiglu_backward(h13: Tensor, grad: Tensor) -> Tensor:
+def swiglu_backward(h13: Tensor, grad: Tensor, n_rows: Tensor | None = None) -> Tensor:
     if h13.is_cuda and _triton_available():
         from routerlab.moe import triton_swiglu
 
-        return triton_swiglu.backward(h13.contiguous(), grad)
+        return triton_swiglu.backward(h13.contiguous(), grad, n_rows)
     with torch.enable_grad():
         h = h13.detach().requires_grad_(True)
         return torch.autograd.grad(swiglu_reference(h), h, grad)[0]
@@ -96,21 +97,22 @@ class _GroupedSwiGLUFFN(torch.autograd.Function):
 
     The activation g = swiglu(h13) is recomputed in backward (one elementwise pass) instead of kept:
     eager autograd would keep it too, N*h more elements (issue 10's memory bound, docs/benchmarks.md).
+    Rows past offs[-1] are padding: grouped_mm leaves them alone and so do the SwiGLU kernels.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, offs: Tensor) -> Tensor:
         h13 = _grouped_mm(x, w_in, offs=offs)
         ctx.save_for_backward(x, w_in, w_out, offs, h13)
-        return _grouped_mm(swiglu_forward(h13), w_out, offs=offs)
+        return _grouped_mm(swiglu_forward(h13, offs[-1:]), w_out, offs=offs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w_in, w_out, offs, h13 = ctx.saved_tensors
         grad = grad.contiguous()
-        g = swiglu_forward(h13)
+        g = swiglu_forward(h13, offs[-1:])
         grad_w_out = _grouped_mm(g.mT, grad, offs=offs)
-        grad_h13 = swiglu_backward(h13, _grouped_mm(grad, w_out.mT, offs=offs))
+        grad_h13 = swiglu_backward(h13, _grouped_mm(grad, w_out.mT, offs=offs), offs[-1:])
         grad_x = _grouped_mm(grad_h13, w_in.mT, offs=offs)
         grad_w_in = _grouped_mm(x.mT, grad_h13, offs=offs)
         return grad_x, grad_w_in, grad_w_out, None

@@ -101,6 +101,10 @@ class _Permute(torch.autograd.Function):
     def forward(ctx, x: Tensor, token_of_row: Tensor, inv: Tensor, kept: Tensor, n_kept: Tensor, k: int) -> Tensor:
         ctx.save_for_backward(inv, kept, n_kept)
         ctx.k, ctx.num_tokens = k, x.shape[0]
+        if _fused(x):
+            from routerlab.moe import triton_combine
+
+            return triton_combine.gather_rows(x, token_of_row, n_kept)  # padding rows skipped (left unset)
         return x.index_select(0, token_of_row)
 
     @staticmethod
@@ -126,7 +130,7 @@ class _Combine(torch.autograd.Function):
         if _fused(y):
             from routerlab.moe import triton_combine
 
-            ctx.save_for_backward(y, weights, order, inv, n_kept)
+            ctx.save_for_backward(y, weights, inv, n_kept)
             return triton_combine.gather_reduce(y, inv, n_kept, weights, num_tokens, k)
         w = torch.where(kept, weights.t().reshape(-1).to(y.dtype), 0)
         rows = torch.where(kept[:, None], y.index_select(0, inv), 0).view(k, num_tokens, y.shape[1])
@@ -139,8 +143,8 @@ class _Combine(torch.autograd.Function):
         if _fused(grad):
             from routerlab.moe import triton_combine
 
-            y, weights, order, inv, n_kept = ctx.saved_tensors
-            grad_y, grad_w = triton_combine.combine_grads(y, grad, inv, order, n_kept, weights, T, k)
+            y, weights, inv, n_kept = ctx.saved_tensors
+            grad_y, grad_w = triton_combine.combine_grads(y, grad, inv, n_kept, weights, T, k)
             return grad_y, grad_w.to(ctx.weights_dtype), None, None, None, None, None
         y, w, order, inv, kept = ctx.saved_tensors
         grad_y = grad_w = None

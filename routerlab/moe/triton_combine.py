@@ -3,13 +3,13 @@
 Slot j of token t is j * T + t; inv[slot] is its row among the expert-sorted rows; a slot is kept when
 inv[slot] < n_kept (a device scalar, so nothing waits on the host). Padding rows may hold anything.
 
+  gather_rows     out[row] = x[token_of_row[row]] for row < n_kept               (permute forward)
   gather_reduce   out[t] = sum_j kept * w[t, j] * src[inv[j, t]]      (combine forward; permute backward, w = 1)
-  combine_grads   grad_y[inv[j, t]] = kept * w[t, j] * grad[t];  grad_w[t, j] = kept * <y[inv[j, t]], grad[t]>
+  combine_grads   grad_y[inv[j, t]] = w[t, j] * grad[t];  grad_w[t, j] = <y[inv[j, t]], grad[t]>   (kept slots)
 
-One pass over the rows each, fp32 accumulation. combine_grads writes each row of grad_y once: a padding
-slot stores its zero row only when it owns that row (order[row] == slot). A plan cut by
-parallel.first_rows points every padding slot at ONE spare row; unmasked, ~T*k/2 programs wrote that
-row and serialized on it (docs/benchmarks.md, expert parallelism v3). The torch versions in layer.py are the fallback and reference.
+One pass over the real rows each, fp32 accumulation; padding rows are neither read nor written, so they
+cost nothing however many there are (the fixed-exchange receiver's plan is half padding, parallel.py).
+The torch versions in layer.py are the fallback and reference.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+ROW_PROGRAMS = 8192  # gather_rows: programs along the rows, each looping over rows below n_kept
 
 
 @triton.jit
@@ -32,30 +34,39 @@ def _gather_reduce(src, inv, n_kept, w, out, T, d, k, HAS_W: tl.constexpr, BLOCK
         scale = 1.0
         if HAS_W:
             scale = tl.load(w + t * k + j).to(tl.float32)
-        vals = tl.load(src + row * d + cols, mask=cmask & keep, other=0.0).to(tl.float32)
+        vals = tl.load(src + row * d + cols, mask=cols < tl.where(keep, d, 0), other=0.0).to(tl.float32)
         acc += tl.where(keep, vals * scale, 0.0)
     tl.store(out + t * d + cols, acc.to(out.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
-def _combine_grads(y, grad, inv, order, n_kept, w, grad_y, grad_w, T, d, k, BLOCK: tl.constexpr):
+def _gather_rows(x, token_of_row, n_kept, out, d, BLOCK: tl.constexpr):
+    # programs loop over the rows below n_kept (read on the device): padding rows cost no program
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    for r in range(tl.program_id(0), tl.load(n_kept), tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        t = tl.load(token_of_row + row)
+        tl.store(out + row * d + cols, tl.load(x + t * d + cols, mask=mask), mask=mask)
+
+
+@triton.jit
+def _combine_grads(y, grad, inv, n_kept, w, grad_y, grad_w, T, d, k, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     n = tl.load(n_kept)
     for j in range(0, k):
         slot = j * T + t
         row = tl.load(inv + slot)
         keep = row < n
-        # the one writer of a padding row: the slot sorted there (kept slots own their rows)
-        owner = keep | (tl.load(order + row, mask=row >= n, other=-1) == slot)
         scale = tl.where(keep, tl.load(w + t * k + j).to(tl.float32), 0.0)
         dot = tl.zeros([BLOCK], dtype=tl.float32)
         for c0 in range(0, d, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
-            cmask = cols < d
-            g = tl.load(grad + t * d + cols, mask=cmask, other=0.0).to(tl.float32)
-            yv = tl.load(y + row * d + cols, mask=cmask & keep, other=0.0).to(tl.float32)
+            g = tl.load(grad + t * d + cols, mask=cols < d, other=0.0).to(tl.float32)
+            kmask = cols < tl.where(keep, d, 0)  # a padding slot's row is neither read nor written
+            yv = tl.load(y + row * d + cols, mask=kmask, other=0.0).to(tl.float32)
             dot += yv * g
-            tl.store(grad_y + row * d + cols, (g * scale).to(grad_y.dtype.element_ty), mask=cmask & owner)
+            tl.store(grad_y + row * d + cols, (g * scale).to(grad_y.dtype.element_ty), mask=kmask)
         tl.store(grad_w + t * k + j, tl.where(keep, tl.sum(dot, 0), 0.0))
 
 
@@ -74,12 +85,20 @@ def gather_reduce(src: Tensor, inv: Tensor, n_kept: Tensor, weights: Tensor | No
     return out
 
 
-def combine_grads(y: Tensor, grad: Tensor, inv: Tensor, order: Tensor, n_kept: Tensor, weights: Tensor, num_tokens: int, k: int) -> tuple[Tensor, Tensor]:
-    """order: the plan's [N] slot of each row (N = y rows; inv < N), so each padding row has one writer."""
+def gather_rows(x: Tensor, token_of_row: Tensor, n_kept: Tensor) -> Tensor:
+    rows, d = token_of_row.numel(), x.shape[1]
+    out = torch.empty(rows, d, device=x.device, dtype=x.dtype)
+    if rows:
+        block = _block(d)
+        _gather_rows[(min(rows, ROW_PROGRAMS), triton.cdiv(d, block))](x.contiguous(), token_of_row, n_kept, out, d, BLOCK=block, num_warps=4)
+    return out
+
+
+def combine_grads(y: Tensor, grad: Tensor, inv: Tensor, n_kept: Tensor, weights: Tensor, num_tokens: int, k: int) -> tuple[Tensor, Tensor]:
     d = y.shape[1]
     grad_y = torch.empty_like(y)
     grad_w = torch.empty(num_tokens, k, device=y.device, dtype=torch.float32)
     if num_tokens:
-        _combine_grads[(num_tokens,)](y, grad.contiguous(), inv, order, n_kept, weights.contiguous(), grad_y, grad_w,
+        _combine_grads[(num_tokens,)](y, grad.contiguous(), inv, n_kept, weights.contiguous(), grad_y, grad_w,
                                       num_tokens, d, k, BLOCK=_block(d), num_warps=4)
     return grad_y, grad_w

@@ -2,6 +2,9 @@
 
 Input h13 [N, 2h] (gate | up, contiguous). Forward reads it once and writes silu(gate) * up [N, h];
 backward reads h13 and the output gradient once and writes the input gradient [N, 2h]. Math in fp32.
+`n_rows` (optional, a 1-element int tensor on the device, e.g. the grouped offsets' last entry): rows
+at or past it are padding, neither read nor written (their outputs are unspecified), so a plan with
+many padding rows, such as the fixed-exchange receiver's (parallel.py), costs only its real rows.
 The pure-PyTorch `experts.swiglu_reference` is the fallback and the reference.
 """
 from __future__ import annotations
@@ -12,49 +15,67 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK = 1024
+# Programs along the rows; each loops over rows program, program + PROGRAMS, ... up to the real row count,
+# so padding rows cost no program at all: one program per row (the v5 kernels) spent ~0.2 ms per call
+# launching and retiring ~200k empty programs on the fixed-exchange receiver (docs/benchmarks.md, v6).
+PROGRAMS = 8192
 
 
 @triton.jit
-def _fwd(h13, out, hidden, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _fwd(h13, out, n_rows, rows, hidden, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
-    a = tl.load(h13 + row * 2 * hidden + cols, mask=mask).to(tl.float32)
-    b = tl.load(h13 + row * 2 * hidden + hidden + cols, mask=mask).to(tl.float32)
-    g = a * tl.sigmoid(a) * b
-    tl.store(out + row * hidden + cols, g.to(out.dtype.element_ty), mask=mask)
+    end = rows
+    if HAS_LIMIT:
+        end = tl.minimum(tl.load(n_rows), rows)
+    for r in range(tl.program_id(0), end, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        a = tl.load(h13 + row * 2 * hidden + cols, mask=mask).to(tl.float32)
+        b = tl.load(h13 + row * 2 * hidden + hidden + cols, mask=mask).to(tl.float32)
+        g = a * tl.sigmoid(a) * b
+        tl.store(out + row * hidden + cols, g.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bwd(h13, grad, grad_h13, hidden, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _bwd(h13, grad, grad_h13, n_rows, rows, hidden, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
-    a = tl.load(h13 + row * 2 * hidden + cols, mask=mask).to(tl.float32)
-    b = tl.load(h13 + row * 2 * hidden + hidden + cols, mask=mask).to(tl.float32)
-    g = tl.load(grad + row * hidden + cols, mask=mask).to(tl.float32)
-    s = tl.sigmoid(a)
-    silu = a * s
-    grad_a = g * b * s * (1.0 + a * (1.0 - s))
-    grad_b = g * silu
-    tl.store(grad_h13 + row * 2 * hidden + cols, grad_a.to(grad_h13.dtype.element_ty), mask=mask)
-    tl.store(grad_h13 + row * 2 * hidden + hidden + cols, grad_b.to(grad_h13.dtype.element_ty), mask=mask)
+    end = rows
+    if HAS_LIMIT:
+        end = tl.minimum(tl.load(n_rows), rows)
+    for r in range(tl.program_id(0), end, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        a = tl.load(h13 + row * 2 * hidden + cols, mask=mask).to(tl.float32)
+        b = tl.load(h13 + row * 2 * hidden + hidden + cols, mask=mask).to(tl.float32)
+        g = tl.load(grad + row * hidden + cols, mask=mask).to(tl.float32)
+        s = tl.sigmoid(a)
+        silu = a * s
+        grad_a = g * b * s * (1.0 + a * (1.0 - s))
+        grad_b = g * silu
+        tl.store(grad_h13 + row * 2 * hidden + cols, grad_a.to(grad_h13.dtype.element_ty), mask=mask)
+        tl.store(grad_h13 + row * 2 * hidden + hidden + cols, grad_b.to(grad_h13.dtype.element_ty), mask=mask)
 
 
-def forward(h13: Tensor) -> Tensor:
+def _grid(rows: int, hidden: int) -> tuple[int, int]:
+    return min(rows, PROGRAMS), triton.cdiv(hidden, BLOCK)
+
+
+def forward(h13: Tensor, n_rows: Tensor | None = None) -> Tensor:
     rows, width = h13.shape
     hidden = width // 2
     out = torch.empty(rows, hidden, device=h13.device, dtype=h13.dtype)
     if rows:
-        _fwd[(rows, triton.cdiv(hidden, BLOCK))](h13, out, hidden, BLOCK=BLOCK, num_warps=4)
+        limit = n_rows if n_rows is not None else h13  # dummy pointer when every row is real
+        _fwd[_grid(rows, hidden)](h13, out, limit, rows, hidden, HAS_LIMIT=n_rows is not None, BLOCK=BLOCK, num_warps=4)
     return out
 
 
-def backward(h13: Tensor, grad: Tensor) -> Tensor:
+def backward(h13: Tensor, grad: Tensor, n_rows: Tensor | None = None) -> Tensor:
     rows, width = h13.shape
     hidden = width // 2
     grad = grad.contiguous()
     grad_h13 = torch.empty_like(h13)
     if rows:
-        _bwd[(rows, triton.cdiv(hidden, BLOCK))](h13, grad, grad_h13, hidden, BLOCK=BLOCK, num_warps=4)
+        limit = n_rows if n_rows is not None else h13
+        _bwd[_grid(rows, hidden)](h13, grad, grad_h13, limit, rows, hidden, HAS_LIMIT=n_rows is not None, BLOCK=BLOCK, num_warps=4)
     return grad_h13

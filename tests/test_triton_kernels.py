@@ -1,0 +1,75 @@
+"""The Triton kernels of the GPU path (SwiGLU, permute gather, combine and its backward), run on CPU under
+Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: it must be set before triton is imported) and
+compared with the PyTorch references. Padding rows hold NaN, so a kernel that reads one fails the check;
+few programs are launched, so the kernels' row loops run several rounds."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is installed with the test extra on Linux only")
+
+
+def test_kernels_match_the_torch_references_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.strip().endswith("kernels ok"), done.stdout[-2000:]
+
+
+def check_kernels() -> None:
+    from routerlab.moe import triton_combine, triton_swiglu
+    from routerlab.moe.experts import swiglu_reference
+    from routerlab.moe.layer import plan_dispatch
+
+    triton_swiglu.PROGRAMS = triton_combine.ROW_PROGRAMS = 3
+    torch.manual_seed(0)
+
+    def close(got, want, what):
+        assert torch.isfinite(got).all(), f"{what}: non-finite values (a padding row was read)"
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), f"{what}: max error {float((got - want).abs().max())}"
+
+    # SwiGLU: rows at or past n_rows are padding (NaN here) and must be neither read nor needed
+    rows, real, hidden = 11, 7, 40
+    h13 = torch.randn(rows, 2 * hidden)
+    h13[real:] = float("nan")
+    grad = torch.randn(rows, hidden)
+    n_rows = torch.tensor([real], dtype=torch.int32)
+    want = swiglu_reference(h13[:real])
+    close(triton_swiglu.forward(h13, n_rows)[:real], want, "swiglu forward")
+    leaf = h13[:real].clone().requires_grad_(True)
+    want_grad = torch.autograd.grad(swiglu_reference(leaf), leaf, grad[:real])[0]
+    close(triton_swiglu.backward(h13, grad, n_rows)[:real], want_grad, "swiglu backward")
+    close(triton_swiglu.forward(h13[:real].contiguous()), want, "swiglu forward, every row real")
+
+    # a plan with unused slots (-1) and capacity drops: padding rows at the end
+    T, k, d, E = 13, 3, 24, 4
+    experts = torch.randint(-1, E, (T, k))
+    plan = plan_dispatch(experts, E, capacity=5)
+    n = int(plan.n_kept)
+    assert 0 < n < T * k, "the plan must have real and padding rows"
+    x = torch.randn(T, d)
+    close(triton_combine.gather_rows(x, plan.token_of_row, plan.n_kept)[:n], x[plan.token_of_row[:n]], "permute gather")
+
+    y = torch.randn(T * k, d)
+    y[n:] = float("nan")
+    weights = torch.rand(T, k)
+    kept = plan.kept.view(k, T)
+    slot_rows = torch.where(kept[..., None], y[plan.inv.clamp(max=n - 1)].view(k, T, d), 0)
+    close(triton_combine.gather_reduce(y, plan.inv, plan.n_kept, weights, T, k),
+          (slot_rows * weights.t()[..., None]).sum(0), "combine forward")
+    close(triton_combine.gather_reduce(y, plan.inv, plan.n_kept, None, T, k), slot_rows.sum(0), "sum of slots")
+
+    grad_out = torch.randn(T, d)
+    grad_y, grad_w = triton_combine.combine_grads(y, grad_out, plan.inv, plan.n_kept, weights, T, k)
+    slot_w = torch.where(kept, weights.t(), 0).reshape(-1)
+    want_grad_y = grad_out[plan.order % T] * slot_w[plan.order][:, None]
+    close(grad_y[:n], want_grad_y[:n], "combine backward, rows")
+    close(grad_w, (slot_rows * grad_out).sum(-1).t(), "combine backward, weights")
+    print("kernels ok")
+
+
+if __name__ == "__main__":
+    check_kernels()
