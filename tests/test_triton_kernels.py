@@ -1,7 +1,8 @@
-"""The Triton kernels of the GPU path (SwiGLU, permute gather, combine and its backward), run on CPU under
-Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: it must be set before triton is imported) and
-compared with the PyTorch references. Padding rows hold NaN, so a kernel that reads one fails the check;
-few programs are launched, so the kernels' row loops run several rounds."""
+"""The Triton kernels of the GPU path (SwiGLU, permute gather, combine and its backward) on a CPU machine:
+each compiles for Hopper (sm_90, the H200), and each matches its PyTorch reference when run by Triton's
+interpreter (TRITON_INTERPRET=1, in a subprocess: it must be set before triton is imported). Padding rows
+hold NaN, so a kernel that reads one fails the check; few programs are launched, so the kernels' row loops
+run several rounds."""
 import os
 import subprocess
 import sys
@@ -17,6 +18,43 @@ def test_kernels_match_the_torch_references_under_the_interpreter():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.strip().endswith("kernels ok"), done.stdout[-2000:]
+
+
+# every kernel's arguments as the GPU path passes them: pointers (*dtype), ints (i32), compile-time constants
+KERNEL_ARGS = {
+    ("triton_swiglu", "_fwd"): {"h13": "*bf16", "out": "*bf16", "n_rows": "*i32", "rows": "i32", "hidden": "i32"},
+    ("triton_swiglu", "_bwd"): {"h13": "*bf16", "grad": "*bf16", "grad_h13": "*bf16", "n_rows": "*i32", "rows": "i32", "hidden": "i32"},
+    ("triton_combine", "_gather_rows"): {"x": "*bf16", "token_of_row": "*i64", "n_kept": "*i64", "out": "*bf16", "d": "i32"},
+    ("triton_combine", "_gather_reduce"): {"src": "*bf16", "inv": "*i64", "n_kept": "*i64", "w": "*fp32", "out": "*bf16", "T": "i32", "d": "i32", "k": "i32"},
+    ("triton_combine", "_combine_grads"): {"y": "*bf16", "grad": "*bf16", "inv": "*i64", "n_kept": "*i64", "w": "*fp32", "grad_y": "*bf16",
+                                           "grad_w": "*fp32", "T": "i32", "d": "i32", "k": "i32"},
+}
+FLAGS = ("HAS_LIMIT", "HAS_W")  # each kernel with one of these compiles in both forms
+
+
+def compile_cases():
+    import importlib
+
+    for (module, kernel), arg_types in KERNEL_ARGS.items():
+        fn = getattr(importlib.import_module(f"routerlab.moe.{module}"), kernel)
+        flags = [name for name in fn.arg_names if name in FLAGS]
+        for on in ([True, False] if flags else [True]):
+            yield pytest.param(fn, arg_types, {"BLOCK": 1024, **dict.fromkeys(flags, on)}, id=f"{kernel}-{flags[0]}={on}" if flags else kernel)
+
+
+@pytest.mark.parametrize("fn, arg_types, constants", compile_cases())
+def test_kernel_compiles_for_hopper(fn, arg_types, constants):
+    # no GPU here, but Triton compiles to a cubin for sm_90 (H200) all the same: a kernel that would fail
+    # to compile on the GPU machine fails here
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = {**arg_types, **dict.fromkeys(constants, "constexpr")}
+    assert sorted(types) == sorted(fn.arg_names), f"KERNEL_ARGS is out of date: the kernel takes {fn.arg_names}"
+    signature = {name: types[name] for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]
 
 
 def check_kernels() -> None:

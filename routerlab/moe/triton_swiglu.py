@@ -22,36 +22,41 @@ PROGRAMS = 8192
 
 
 @triton.jit
-def _fwd(h13, out, n_rows, rows, hidden, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < hidden
+def _real_rows(n_rows, rows, HAS_LIMIT: tl.constexpr):
     end = rows
     if HAS_LIMIT:
         end = tl.minimum(tl.load(n_rows), rows)
-    for r in range(tl.program_id(0), end, tl.num_programs(0)):
+    return end
+
+
+@triton.jit
+def _gate_up(h13, row, hidden, cols, mask):
+    a = tl.load(h13 + row * 2 * hidden + cols, mask=mask).to(tl.float32)
+    b = tl.load(h13 + row * 2 * hidden + hidden + cols, mask=mask).to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _fwd(h13, out, n_rows, rows, hidden, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    for r in range(tl.program_id(0), _real_rows(n_rows, rows, HAS_LIMIT), tl.num_programs(0)):
         row = tl.cast(r, tl.int64)
-        a = tl.load(h13 + row * 2 * hidden + cols, mask=mask).to(tl.float32)
-        b = tl.load(h13 + row * 2 * hidden + hidden + cols, mask=mask).to(tl.float32)
-        g = a * tl.sigmoid(a) * b
-        tl.store(out + row * hidden + cols, g.to(out.dtype.element_ty), mask=mask)
+        a, b = _gate_up(h13, row, hidden, cols, mask)
+        tl.store(out + row * hidden + cols, (a * tl.sigmoid(a) * b).to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bwd(h13, grad, grad_h13, n_rows, rows, hidden, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
-    end = rows
-    if HAS_LIMIT:
-        end = tl.minimum(tl.load(n_rows), rows)
-    for r in range(tl.program_id(0), end, tl.num_programs(0)):
+    for r in range(tl.program_id(0), _real_rows(n_rows, rows, HAS_LIMIT), tl.num_programs(0)):
         row = tl.cast(r, tl.int64)
-        a = tl.load(h13 + row * 2 * hidden + cols, mask=mask).to(tl.float32)
-        b = tl.load(h13 + row * 2 * hidden + hidden + cols, mask=mask).to(tl.float32)
+        a, b = _gate_up(h13, row, hidden, cols, mask)
         g = tl.load(grad + row * hidden + cols, mask=mask).to(tl.float32)
         s = tl.sigmoid(a)
-        silu = a * s
         grad_a = g * b * s * (1.0 + a * (1.0 - s))
-        grad_b = g * silu
+        grad_b = g * a * s
         tl.store(grad_h13 + row * 2 * hidden + cols, grad_a.to(grad_h13.dtype.element_ty), mask=mask)
         tl.store(grad_h13 + row * 2 * hidden + hidden + cols, grad_b.to(grad_h13.dtype.element_ty), mask=mask)
 
