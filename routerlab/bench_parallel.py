@@ -6,11 +6,12 @@
 2. weak scaling: a small MoE transformer (fine-grained experts: E=64, k=6, d=2048, h=1408) at a fixed
    per-GPU batch, forward + backward + gradient sync: every GPU with all experts and no communication
    (the 1-GPU figure), then the experts sharded over all ranks;
-   (the expert-parallel layer with fixed splits (no host sync) and 1 token chunk per layer, variable splits
-   (one host sync per layer) and 1 chunk, fixed splits and 2 chunks: chunk 2's exchange overlaps chunk 1's experts);
-3. where the time goes: GPU kernel time per step by kind (profiler: all-to-all, all-reduce, all-gather, the
-   rest; NCCL kernels include waiting for the peer), host synchronizations per step (CUDA sync debug mode),
-   against expert compute (ExpertBank alone).
+   (the expert-parallel layer with fixed splits (all_gather + reduce_scatter, no host sync) and 1 token chunk
+   per layer, variable splits (all_to_all, one host sync per layer) and 1 chunk, fixed splits and 2 chunks:
+   chunk 2's exchange overlaps chunk 1's experts);
+3. where the time goes: GPU kernel time per step by kind (profiler: each NCCL collective, the rest; NCCL
+   kernels include waiting for the peer), host synchronizations per step (CUDA sync debug mode), against
+   expert compute (ExpertBank alone) and each collective alone (ranks in step: the transfer itself).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from routerlab.bench import check_correctness
 from routerlab.distributed import ExpertParallel
 from routerlab.models.transformer import MoETransformerLM
 from routerlab.moe import ExpertBank, MoELayer
-from routerlab.moe.parallel import all_gather_rows, shard_experts
+from routerlab.moe.parallel import AllGather, AllToAll, ReduceScatter, all_gather_rows, shard_experts
 from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
 
 
@@ -101,11 +102,22 @@ def make_model(device, layers: int, d: int, h: int, E: int, k: int, vocab: int, 
 def kernel_kind(name: str) -> str:
     low = name.lower()
     if "nccl" in low:
-        for kind in ("SendRecv", "AllToAll", "AllReduce", "AllGather"):
-            if kind.lower() in low:
-                return "nccl all-to-all" if kind in ("SendRecv", "AllToAll") else f"nccl {kind[:3].lower()}-{kind[3:].lower()}"
-        return "nccl other"
+        kinds = {"sendrecv": "all-to-all", "alltoall": "all-to-all", "allreduce": "all-reduce", "allgather": "all-gather", "reducescatter": "reduce-scatter"}
+        return "nccl " + next((kind for key, kind in kinds.items() if key in low), "other")
     return "compute"
+
+
+def seconds_per_call(fn, steps: int, warmup: int = 3) -> float:
+    """Wall seconds per call of fn on the GPU, after warm-up calls, every rank starting together."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
 
 
 def timed_steps(model, par, batch, targets, steps: int, profile: bool = False) -> tuple[float, dict]:
@@ -114,21 +126,15 @@ def timed_steps(model, par, batch, targets, steps: int, profile: bool = False) -
     def step():
         logits = model(batch)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        loss.backward()
-        if par is not None:
+        if par is None:
+            loss.backward()
+        else:
+            par.backward(loss)
             par.sync_grads(model)
         for p in model.parameters():
             p.grad = None
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    seconds = seconds_per_call(step, steps)
     info: dict = {}
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
@@ -144,7 +150,7 @@ def timed_steps(model, par, batch, targets, steps: int, profile: bool = False) -
                 by_kind[kernel_kind(e.name)] += us / 1e6
                 by_name[e.name[:70]] += us / 1e6
         info["kinds"] = dict(by_kind)
-        info["top"] = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+        info["top"] = sorted(by_name.items(), key=lambda kv: -kv[1])[:16]
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -163,14 +169,20 @@ def expert_compute(device, T: int, d: int, h: int, E: int, k: int, steps: int = 
     counts = torch.full((E,), T * k // E, device=device)
     counts[: T * k - int(counts.sum())] += 1
     g = torch.randn(T * k, d, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        bank(x, counts).backward(g)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        bank(x, counts).backward(g)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return seconds_per_call(lambda: bank(x, counts).backward(g), steps)
+
+
+def exchange_alone(device, T: int, d: int, steps: int = 20) -> dict[str, float]:
+    """Seconds per collective of the fixed exchange (T rows of d bf16 per rank) with nothing else running
+    and the ranks in step: the transfer itself, without the peer wait that the training step's NCCL
+    kernels include."""
+    world = dist.get_world_size()
+    x = torch.randn(T, d, device=device, dtype=torch.bfloat16)
+    wide = torch.randn(world * T, d, device=device, dtype=torch.bfloat16)
+    splits = [T] * world
+    ops = {"all_gather": lambda: AllGather().start(x, world * T)[1].wait(), "reduce_scatter": lambda: ReduceScatter().start(wide, T)[1].wait(),
+           "all_to_all_single": lambda: AllToAll(splits, splits).start(wide, world * T)[1].wait()}
+    return {name: seconds_per_call(op, steps) for name, op in ops.items()}
 
 
 def main() -> None:
@@ -203,16 +215,22 @@ def main() -> None:
         runs[exchange, chunks] = timed_steps(model, par, batch, targets, steps=10, profile=True)
         del model
         torch.cuda.empty_cache()
+    alone = exchange_alone(device, T, d)
     experts_full = expert_compute(device, T, d, h, E, k)
     experts_local = expert_compute(device, T, d, h, E // world, k)
     experts_half = expert_compute(device, T // 2, d, h, E // world, k)
     say(f"1 GPU : {one * 1e3:8.2f} ms/step  {T / one:12,.0f} tokens/s  (GPU kernels {sum(one_info['kinds'].values()) * 1e3:.2f} ms, host syncs/step {one_info['syncs']})")
     say(f"1 GPU host syncs at: {', '.join(one_info['sync_sites'])}")
+    say("  top kernels per step, ms:")
+    for name, sec in one_info["top"]:
+        say(f"    {sec * 1e3:7.2f}  {name}")
     say(f"expert compute (ExpertBank fwd+bwd alone, T*k rows): {layers} layers x {experts_local * 1e3:.2f} ms = {layers * experts_local * 1e3:.2f} ms "
         f"(E/{world} experts; as 2 chunks of T/2: {layers} x 2 x {experts_half * 1e3:.2f} ms = {layers * 2 * experts_half * 1e3:.2f}); 1 GPU {layers * experts_full * 1e3:.2f} ms")
+    say(f"exchange alone ({T} x {d} bf16 per rank, ranks in step, no peer wait): "
+        + ", ".join(f"{name} {sec * 1e3:.3f} ms ({T * d * 2 * (world - 1) / sec / 1e9:.0f} GB/s sent per rank)" for name, sec in alone.items()))
     for (exchange, chunks), (ep, info) in runs.items():
         say(f"{world} GPUs, {exchange} splits, {chunks} chunk(s) per layer: {ep * 1e3:8.2f} ms/step  {world * T / ep:12,.0f} tokens/s  (weak-scaling speedup {world * one / ep:.2f}x, efficiency {one / ep:.0%})")
-        say(f"  per step (rank 0), GPU kernel ms by kind: " + ", ".join(f"{kk} {v * 1e3:.2f}" for kk, v in sorted(info["kinds"].items()))
+        say("  per step (rank 0), GPU kernel ms by kind: " + ", ".join(f"{kk} {v * 1e3:.2f}" for kk, v in sorted(info["kinds"].items()))
             + f"; total {sum(info['kinds'].values()) * 1e3:.2f} (kernels overlap when chunked); host syncs/step {info['syncs']} ({layers} MoE layers) at {', '.join(info['sync_sites'])}")
         say("  top kernels per step (rank 0), ms:")
         for name, sec in info["top"]:

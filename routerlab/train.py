@@ -118,7 +118,7 @@ class Trainer:
             aux.update({f"layer{i}/{k}": v for k, v in layer.router.observe_token_loss(token_loss.detach()).items()})
         total = loss + sum(aux.values()) if aux else loss
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.parallel.backward(total)
         self.parallel.sync_grads(self.model)
         for layer in self.layers:
             layer.router.before_step()

@@ -24,16 +24,17 @@ Backward of each exchange is the reverse exchange, started in one autograd node 
 so the autograd engine runs a chunk's expert backward while another chunk's gradients travel. Every
 exchange is tied to _ANCHOR, so every rank runs the same backward collectives, in the same order.
 
-Fixed exchange (`exchange="fixed"`, or "auto" on groups of <= 2 ranks; the trainer uses "auto"): steps 1-2
-and 5 change so that no split size needs the host. Every rank sends every chunk's Tc tokens to EVERY rank
-(Tc rows per destination, padded by the tokens that go nowhere there) plus one [Tc, 2k] metadata tensor
-(weights, global expert ids); all split sizes are Tc, known on the host, so no count all_gather and no host
-sync. The receiver runs the single-process computation on the slots of its own experts (an uncut plan of
-P*Tc*k slots, padding last: the kernels skip it) and returns one partial row per received row; the sender
-sums its P partials. Precondition: every rank of the group passes the same number of tokens (the trainer's
-equal batch slices do); a rank with a different count would make the exchange mismatch. Costs: on 2 ranks
-with E=64, k=6 ~1.2% more rows travel; with P ranks the receiver's plan and buffers grow with P, hence
-"auto" = fixed only for P <= 2, and the variable path stays for any token counts.
+Fixed exchange (`exchange="fixed"`, or "auto" on groups of <= 4 ranks; the trainer uses "auto"): steps 1-2
+and 5 change so that no split size needs the host. Every chunk's Tc tokens go to EVERY rank, with one
+[Tc, 2k] metadata tensor (weights, global expert ids): an all_gather, whose sizes are static, so no count
+exchange and no host sync. The receiver runs the single-process computation on the slots of its own experts
+(an uncut plan of P*Tc*k slots, padding last: the kernels skip it) and returns one partial row per received
+row; a reduce_scatter sums each token's P partials on its own rank (no copies for the P blocks or the sum,
+which the all_to_all version paid: 1.1 ms a step on 2 x H200). Precondition: every rank of the group passes the same
+number of tokens (the trainer's equal batch slices do); a rank with a different count would make the
+collectives mismatch. Costs: on 2 ranks with E=64, k=6 ~1.2% more rows travel; with P ranks the receiver's
+plan and buffers grow with P, hence "auto" = fixed only for P <= 4 (measured), and the variable path stays
+for any token counts.
 
 Capacity (capacity_factor set): C = capacity_for(T_global, k, E, cf), T_global the tokens of the whole
 expert-parallel group, and the slots kept are exactly those one process would keep on the concatenated
@@ -55,27 +56,88 @@ from routerlab.moe.layer import DispatchPlan, MoELayer, combine, permute, plan_d
 from routerlab.routers.base import Routing
 
 EXCHANGES = ("variable", "fixed", "auto")
-# "auto" uses fixed splits up to this group size: the fixed receiver's static plan has P * T * k slots
-# (about T * k real ones), and every token travels to every rank (on 2 ranks with k=6 of 64 experts,
-# ~98.8% of tokens go to both anyway); with more ranks the padding grows with P, so variable splits win.
-AUTO_FIXED_MAX_RANKS = 2
+# "auto" uses fixed splits up to this group size, the largest measured: on 4 x H200 fixed splits ran 39.4 ms
+# a step against 43.2 for variable ones (docs/benchmarks.md, expert parallelism v7). The fixed receiver's
+# static plan has P * T * k slots (about T * k real ones) and every token travels to every rank, so the
+# padding grows with P; untested beyond 4 ranks, where variable splits stay.
+AUTO_FIXED_MAX_RANKS = 4
 
 # Leaf that requires grad, passed into every exchange so its backward runs on every rank whenever grad mode
 # is on, whether or not this rank's own input requires grad (a rank that skipped it would hang the others).
 _ANCHOR = torch.zeros((), requires_grad=True)
 
 
-def _start(xs: tuple[Tensor, ...], out_splits: list[int], in_splits: list[int], group, out_rows: int) -> tuple[list[Tensor], list]:
-    """Start sending the first sum(in_splits) rows of each x (async); buffers of out_rows rows receive
-    sum(out_splits) rows (rows past them: padding, zeroed). The buffers are valid once every work is waited on."""
-    n_out = sum(out_splits)
-    outs, works = [], []
-    for x in xs:
+# torch >= 2.13 names them *_single (the *_tensor names warn there); the GPU machine's 2.11 has only *_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class AllToAll:
+    """Variable-split all_to_all_single: sends the first sum(in_splits) rows (later rows: padding, not sent)
+    into a buffer whose first sum(out_splits) rows are received (later rows: zero padding)."""
+
+    def __init__(self, out_splits: list[int], in_splits: list[int], group=None) -> None:
+        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
+
+    def rows(self, in_rows: int) -> int:
+        return sum(self.out_splits)
+
+    def start(self, x: Tensor, out_rows: int):
+        n_out = sum(self.out_splits)
         out = x.new_empty((out_rows,) + tuple(x.shape[1:]))
         if out_rows > n_out:
             out[n_out:].zero_()
-        works.append(dist.all_to_all_single(out[:n_out], x[: sum(in_splits)].contiguous(), out_splits, in_splits, group=group, async_op=True))
+        work = dist.all_to_all_single(out[:n_out], x[: sum(self.in_splits)].contiguous(), self.out_splits, self.in_splits, group=self.group, async_op=True)
+        return out, work
+
+    def reverse(self) -> AllToAll:
+        return AllToAll(self.in_splits, self.out_splits, self.group)
+
+
+class AllGather:
+    """[R, ...] -> [P*R, ...]: the rows of every rank of the group, in rank order. Reverse: ReduceScatter."""
+
+    def __init__(self, group=None) -> None:
+        self.group = group
+
+    def rows(self, in_rows: int) -> int:
+        return in_rows * dist.get_world_size(self.group)
+
+    def start(self, x: Tensor, out_rows: int):
+        out = x.new_empty((out_rows,) + tuple(x.shape[1:]))
+        return out, _all_gather_single(out, x.contiguous(), group=self.group, async_op=True)
+
+    def reverse(self) -> ReduceScatter:
+        return ReduceScatter(self.group)
+
+
+class ReduceScatter:
+    """[P*R, ...] -> [R, ...]: block p of the sum over the ranks of the group goes to rank p. Reverse: AllGather."""
+
+    def __init__(self, group=None) -> None:
+        self.group = group
+
+    def rows(self, in_rows: int) -> int:
+        return in_rows // dist.get_world_size(self.group)
+
+    def start(self, x: Tensor, out_rows: int):
+        out = x.new_empty((out_rows,) + tuple(x.shape[1:]))
+        return out, _reduce_scatter_single(out, x.contiguous(), group=self.group, async_op=True)
+
+    def reverse(self) -> AllGather:
+        return AllGather(self.group)
+
+
+Collective = AllToAll | AllGather | ReduceScatter
+
+
+def _start(xs: tuple[Tensor, ...], collective: Collective, out_rows: int) -> tuple[list[Tensor], list]:
+    """Start the collective on each x (async); the buffers are valid once every work is waited on."""
+    outs, works = [], []
+    for x in xs:
+        out, work = collective.start(x, out_rows)
         outs.append(out)
+        works.append(work)
     return outs, works
 
 
@@ -86,10 +148,10 @@ def _wait(works: list) -> None:
 
 
 class _Link:
-    """What the two autograd nodes of one exchange share: the splits and the works in flight (forward, then backward)."""
+    """What the two autograd nodes of one exchange share: the collective and the works in flight (forward, then backward)."""
 
-    def __init__(self, out_splits: list[int], in_splits: list[int], group) -> None:
-        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
+    def __init__(self, collective: Collective) -> None:
+        self.collective = collective
         self.works: list = []
         self.in_rows: list[int] = []
         self.back: list[Tensor] = []
@@ -104,7 +166,7 @@ class _Start(torch.autograd.Function):
     def forward(ctx, link: _Link, out_rows: int, anchor: Tensor, *xs: Tensor):
         ctx.link = link
         link.in_rows = [x.shape[0] for x in xs]
-        outs, link.works = _start(xs, link.out_splits, link.in_splits, link.group, out_rows)
+        outs, link.works = _start(xs, link.collective, out_rows)
         return tuple(outs)
 
     @staticmethod
@@ -116,7 +178,8 @@ class _Start(torch.autograd.Function):
 
 
 class _Finish(torch.autograd.Function):
-    """Waits for the exchange. Backward starts the reverse exchange (the grads go back along the same splits)."""
+    """Waits for the exchange. Backward starts the reverse collective on the grads (the adjoint: all_to_all
+    along the swapped splits, reduce_scatter for all_gather and back)."""
 
     @staticmethod
     def forward(ctx, link: _Link, *outs: Tensor):
@@ -128,8 +191,9 @@ class _Finish(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         link = ctx.link
+        reverse = link.collective.reverse()
         for g, rows in zip(grads, link.in_rows):
-            (out,), works = _start((g,), link.in_splits, link.out_splits, link.group, rows)
+            (out,), works = _start((g,), reverse, rows)
             link.back.append(out)
             link.back_works += works
         # _Start ignores these (it returns the reverse exchange's result); they only carry autograd on to it
@@ -137,35 +201,27 @@ class _Finish(torch.autograd.Function):
 
 
 class Exchange:
-    """A variable-split all_to_all_single of the rows of several tensors, started now and finished later, so
-    other work (the experts of another chunk) runs while it is in flight, forward and backward.
+    """A collective (AllToAll, AllGather, ReduceScatter) over the rows of several tensors, started now and
+    finished later, so other work (the experts of another chunk) runs while it is in flight, forward and backward.
 
-    Differentiable: backward is the reverse exchange, also started in one node (_Finish) and waited for in
+    Differentiable: backward is the reverse collective, also started in one node (_Finish) and waited for in
     another (_Start). Every exchange is tied to _ANCHOR, so every rank runs the same backward collectives.
+    out_rows: rows of each result (default collective.rows(rows of x)); AllToAll pads past the received ones.
     """
 
-    def __init__(self, xs: tuple[Tensor, ...], out_splits: list[int], in_splits: list[int], group=None, out_rows: int | None = None) -> None:
-        out_rows = sum(out_splits) if out_rows is None else out_rows
-        self.link = _Link(out_splits, in_splits, group)
+    def __init__(self, xs: tuple[Tensor, ...], collective: Collective, out_rows: int | None = None) -> None:
+        out_rows = collective.rows(xs[0].shape[0]) if out_rows is None else out_rows
+        self.link = _Link(collective)
         if torch.is_grad_enabled():
             self.outs = _Start.apply(self.link, out_rows, _ANCHOR, *xs)
         else:
-            self.outs, self.link.works = _start(xs, out_splits, in_splits, group, out_rows)
+            self.outs, self.link.works = _start(xs, collective, out_rows)
 
     def finish(self) -> tuple[Tensor, ...]:
         if torch.is_grad_enabled():
             return _Finish.apply(self.link, *self.outs)
         _wait(self.link.works)
         return tuple(self.outs)
-
-
-def all_to_all(xs: tuple[Tensor, ...], out_splits: list[int], in_splits: list[int], group=None, out_rows: int | None = None) -> tuple[Tensor, ...]:
-    """Differentiable variable-split all_to_all_single of the rows of each x (splits per rank of `group`).
-
-    Sends the first sum(in_splits) rows (later rows: padding, not sent); returns out_rows rows
-    (default sum(out_splits)), the received ones first, then zero padding.
-    """
-    return Exchange(xs, out_splits, in_splits, group, out_rows).finish()
 
 
 def all_gather_rows(x: Tensor, group=None) -> Tensor:
@@ -176,7 +232,7 @@ def all_gather_rows(x: Tensor, group=None) -> Tensor:
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.stack(parts)
     out = x.new_empty((size,) + tuple(x.shape))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather_single(out, x.contiguous(), group=group)
     return out
 
 
@@ -239,7 +295,7 @@ class ExpertParallelMoELayer(MoELayer):
         self.num_experts, self.local_experts = full.num_experts, local
         self.chunks = chunks  # token chunks per layer: one chunk's exchange can run while another's experts compute
         # "fixed": every rank sends all its tokens to every rank (static splits, no host sync; needs the same
-        # token count on every rank of the group); "auto" picks it where the padding is cheap (P <= 2)
+        # token count on every rank of the group); "auto" picks it where it was measured faster (P <= 4)
         self.exchange = ("fixed" if size <= AUTO_FIXED_MAX_RANKS else "variable") if exchange == "auto" else exchange
 
     def compute(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
@@ -284,7 +340,7 @@ class ExpertParallelMoELayer(MoELayer):
             n_pairs = int(sizes[:, base + P + self.ep_rank].sum())
             plan = first_rows(plans[c], sum(send_splits))
             meta = self._metadata(plan, dest_c, experts_c, weights_c, k_max)
-            sent.append((plan, send_splits, recv_splits, n_pairs, Exchange((permute(x_c, plan), meta), recv_splits, send_splits, self.group)))
+            sent.append((plan, send_splits, recv_splits, n_pairs, Exchange((permute(x_c, plan), meta), AllToAll(recv_splits, send_splits, self.group))))
 
         # receive chunk c and compute its experts while the later chunks' exchanges are in flight;
         # then start returning its rows while the next chunk computes
@@ -292,35 +348,27 @@ class ExpertParallelMoELayer(MoELayer):
         for plan, send_splits, recv_splits, n_pairs, exchange in sent:
             recv_x, recv_meta = exchange.finish()
             rows = self._receiver(recv_x, recv_meta, k_max, n_pairs)
-            returned.append(Exchange((rows,), send_splits, recv_splits, self.group, out_rows=plan.order.numel()))
+            returned.append(Exchange((rows,), AllToAll(send_splits, recv_splits, self.group), out_rows=plan.order.numel()))
 
         # each token's returned rows summed (the core's combine over the sender plan)
         outs = [combine(back.finish()[0], None, sent[c][0]) for c, back in enumerate(returned)]
         return (outs[0] if C == 1 else torch.cat(outs)), kept
 
     def _compute_fixed(self, x: Tensor, experts: Tensor, weights: Tensor, lengths: list[int]) -> Tensor:
-        """Static splits, no host sync: every rank sends each chunk's Tc tokens to every rank (Tc rows per
-        destination, the same on every rank), with their metadata (k combine weights in fp32, k global expert
-        ids, -1 for dropped or unused slots); the receiver keeps the slots of its own experts. Each receiver
-        returns one partial output row per received row (zero where none of its experts was chosen) and the
-        sender sums its P partials. With E=64, k=6 on 2 ranks ~98.8% of tokens go to both ranks anyway."""
-        P, El, me = self.ep_size, self.local_experts, self.ep_rank
+        """Static splits, no host sync: every rank's tokens go to every rank (an all_gather of each chunk's Tc
+        tokens and their metadata: k combine weights in fp32, k global expert ids, -1 for dropped or unused
+        slots); the receiver keeps the slots of its own experts and returns one partial output row per
+        received row (zero where none of its experts was chosen); a reduce_scatter sums each token's P
+        partials on its own rank. Backward: the same two collectives, swapped. With E=64, k=6 on 2 ranks
+        ~98.8% of tokens go to both ranks anyway."""
+        El, me = self.local_experts, self.ep_rank
         meta = torch.cat([weights.float(), experts.float()], 1)  # [T, 2k]; ids exact in fp32 below 2^24
-        sent = []
-        for x_c, meta_c in zip(x.split(lengths), meta.split(lengths)):
-            Tc = x_c.shape[0]
-            splits = [Tc] * P
-            # expand + reshape: one copy per destination block (its backward sums the P returned gradients)
-            xs = tuple(t.expand(P, *t.shape).reshape(P * Tc, t.shape[1]) for t in (x_c, meta_c))
-            sent.append((splits, Exchange(xs, splits, splits, self.group)))
+        sent = [Exchange((x_c, meta_c), AllGather(self.group)) for x_c, meta_c in zip(x.split(lengths), meta.split(lengths))]
         returned = []
-        for splits, exchange in sent:
+        for exchange in sent:
             recv_x, recv_meta = exchange.finish()
-            rows = self._receiver_fixed(recv_x, recv_meta, me, El)
-            returned.append(Exchange((rows,), splits, splits, self.group))
-        outs = []
-        for (splits, _), back in zip(sent, returned):
-            outs.append(back.finish()[0].view(P, splits[0], x.shape[1]).sum(0))
+            returned.append(Exchange((self._receiver_fixed(recv_x, recv_meta, me, El),), ReduceScatter(self.group)))
+        outs = [back.finish()[0] for back in returned]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _receiver_fixed(self, recv_x: Tensor, recv_meta: Tensor, me: int, El: int) -> Tensor:
@@ -371,7 +419,7 @@ def shard_experts(model: torch.nn.Module, group=None, chunks: int = 1, exchange:
     """Replace every MoELayer of `model` by an ExpertParallelMoELayer holding this rank's experts (in place);
     chunks: token chunks per layer whose exchanges overlap the other chunks' expert compute; exchange:
     "variable" (any token counts, one host sync per layer), "fixed" (static splits, no host sync; every rank
-    of the group must pass the same number of tokens) or "auto" (fixed when the group has <= 2 ranks)."""
+    of the group must pass the same number of tokens) or "auto" (fixed when the group has <= 4 ranks)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, MoELayer) and not isinstance(module, ExpertParallelMoELayer):
             parent_name, _, child = name.rpartition(".")
