@@ -91,20 +91,21 @@ def client_task(task: Task, setup, partition_id: int) -> Task:
     """A shallow copy of `task` holding only client `partition_id`'s data (the base task is untouched)."""
     fed = setup.fed
     seed = setup.config.seed if fed.partition_seed is None else fed.partition_seed
-    if not 0 <= partition_id < fed.num_clients:
-        raise ConfigError(f"partition-id {partition_id} is outside 0..{fed.num_clients - 1} (federated.num_clients={fed.num_clients})")
+    total = fed.num_clients + fed.unseen_clients  # unseen clients hold data too; they just never train
+    if not 0 <= partition_id < total:
+        raise ConfigError(f"partition-id {partition_id} is outside 0..{total - 1} (federated.num_clients + unseen_clients = {total})")
     part = copy.copy(task)
     part.data = dict(task.data)
     if task.kind == "lm":
         ids = task.data["train"]
-        piece = ids[torch.as_tensor(split_indices(np.zeros(len(ids)), fed.num_clients, "contiguous")[partition_id])]
+        piece = ids[torch.as_tensor(split_indices(np.zeros(len(ids)), total, "contiguous")[partition_id])]
         n_val = int(len(piece) * getattr(task.params, "val_frac", 0.1))
         if min(n_val, len(piece) - n_val) <= task.block_size + 1:
             raise ConfigError(f"a slice of {len(piece)} characters per client is too short for block_size={task.block_size}; use fewer clients or a shorter block_size")
         part.data = {"train": piece[: len(piece) - n_val], "val": piece[len(piece) - n_val:]}
         return part
     targets = task.data["train"][1].numpy()
-    parts = split_indices(targets, fed.num_clients, fed.partition, alpha=fed.alpha, classes_per_client=fed.classes_per_client,
+    parts = split_indices(targets, total, fed.partition, alpha=fed.alpha, classes_per_client=fed.classes_per_client,
                           seed=seed, min_examples=fed.min_examples)
     mine = parts[partition_id]
     part.restrict("train", torch.as_tensor(mine, dtype=torch.long))

@@ -52,10 +52,12 @@ def simulate(setup: FederatedSetup, run_dir: str | Path | None = None, verbose: 
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": setup.fed.sim_cpus, "num_gpus": 0, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
     }
-    run_simulation(server_app=make_server_app(setup, run_dir), client_app=client_app, num_supernodes=setup.fed.num_clients,
+    run_simulation(server_app=make_server_app(setup, run_dir), client_app=client_app, num_supernodes=setup.fed.num_clients + setup.fed.unseen_clients,
                    backend_config=backend_config, verbose_logging=verbose)
     if not summary_path.is_file():
-        raise RuntimeError(f"the federation did not finish (no {summary_path}); run with --verbose to see Flower's log")
+        failed = run_dir / "failed.json"
+        reason = json.loads(failed.read_text())["error"] if failed.is_file() else "no summary.json"
+        raise RuntimeError(f"the federation failed: {reason}; run with --verbose to see Flower's log")
     summary = json.loads(summary_path.read_text())
     summary["wall_s"] = time.time() - started
     summary["startup_s"] = summary["first_round_at"] - started

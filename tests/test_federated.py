@@ -121,7 +121,7 @@ def test_proximal_term_gradient():
     model = torch.nn.Linear(3, 1)
     with torch.no_grad():
         anchor = [p.clone() for p in model.parameters()]
-    add_proximal_term(model, mu=0.5, skip_routers=False)
+    add_proximal_term(model, mu=0.5)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -139,7 +139,7 @@ def test_proximal_term_gradient():
 
 # ---- bad input ----------------------------------------------------------------------------------
 def test_invalid_strategy_and_alpha_fail_clearly():
-    with pytest.raises(ConfigError, match="unknown strategy 'fedsgd'; valid strategies: fedavg, expert_weighted, personal_router"):
+    with pytest.raises(ConfigError, match="unknown strategy 'fedsgd'; valid strategies: fedavg, expert_weighted, personal_router, local_only"):
         load_setup(None, ["federated.strategy=fedsgd"])
     for alpha in ("0", "-1"):
         with pytest.raises(ConfigError, match="alpha must be > 0"):
