@@ -112,3 +112,18 @@ def client_task(task: Task, setup, partition_id: int) -> Task:
     val = client_eval_indices(targets[mine], task.data["val"][1].numpy(), seed * 1000 + partition_id)
     part.restrict("val", torch.as_tensor(val, dtype=torch.long))
     return part
+
+
+def pooled_task(task: Task, setup) -> Task:
+    """A copy of `task` whose training data is the union of the seen clients' partitions (the
+    centralized baseline: the same examples the federation trains on, in one place)."""
+    fed = setup.fed
+    parts = [client_task(task, setup, pid) for pid in range(fed.num_clients)]
+    pooled = copy.copy(task)
+    pooled.data = dict(task.data)
+    if task.kind == "lm":
+        pooled.data["train"] = torch.cat([p.data["train"] for p in parts])
+        pooled.data["val"] = torch.cat([p.data["val"] for p in parts])
+        return pooled
+    pooled.data["train"] = tuple(torch.cat([p.data["train"][i] for p in parts]) for i in range(len(task.data["train"])))
+    return pooled

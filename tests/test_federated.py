@@ -108,6 +108,95 @@ def test_expert_weighted_two_clients_matches_hand_computation():
     assert torch.equal(pr[ROUTER], start[ROUTER]) and torch.allclose(pr[EXPERT], out[EXPERT])
 
 
+def test_merge_over_the_clients_that_held_each_expert():
+    """Unequal clients: a holds experts {0, 1}, b holds {1, 2}; each expert is averaged over its holders."""
+    start = state([9, 9, 9], 9, 9)
+    a = ClientUpdate({EXPERT: torch.tensor([[1.0], [10.0]]), SHARED: torch.tensor([1.0])}, 1, {"ffns.0": torch.tensor([4.0, 1.0, 0.0])}, {"ffns.0": [0, 1]})
+    b = ClientUpdate({EXPERT: torch.tensor([[20.0], [200.0]]), SHARED: torch.tensor([5.0])}, 3, {"ffns.0": torch.tensor([0.0, 3.0, 2.0])}, {"ffns.0": [1, 2]})
+    fed = aggregate("fedavg", start, [a, b])
+    # expert 0: only a (value 1); expert 1: a 10, b 20 by examples 1:3; expert 2: only b (200)
+    assert torch.allclose(fed[EXPERT].flatten(), torch.tensor([1.0, (10 + 3 * 20) / 4, 200.0]))
+    assert torch.allclose(fed[SHARED], torch.tensor([(1 + 3 * 5) / 4]))
+    assert torch.equal(fed[ROUTER], start[ROUTER])  # nobody sent a router
+    ew = aggregate("expert_weighted", start, [a, b])  # expert 1 by tokens 1:3
+    assert torch.allclose(ew[EXPERT].flatten(), torch.tensor([1.0, (1 * 10 + 3 * 20) / 4, 200.0]))
+    lone = aggregate("expert_weighted", start, [ClientUpdate({EXPERT: torch.tensor([[5.0]])}, 2, {"ffns.0": torch.tensor([0.0, 0.0, 0.0])}, {"ffns.0": [2]})])
+    assert torch.equal(lone[EXPERT], start[EXPERT])  # held but never used: keeps its global value
+
+
+def test_choose_experts_keeps_the_most_used_and_explores():
+    from federated.aggregate import choose_experts
+
+    tokens = np.array([0, 50, 3, 0, 20, 0, 7, 0])
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        chosen = choose_experts(tokens, 8, keep=4, explore=1, rng=rng)
+        assert len(chosen) == 4 and chosen == sorted(set(chosen))
+        assert {1, 4, 6} <= set(chosen)  # the three most used (50, 20, 7)
+        assert len(set(chosen) - {1, 4, 6}) == 1  # plus one explored expert
+    first = choose_experts(None, 8, keep=3, explore=1, rng=np.random.default_rng(0))
+    assert len(first) == 3  # no history: a random subset
+    assert choose_experts(tokens, 8, keep=8, explore=1, rng=np.random.default_rng(0)) == list(range(8))
+
+
+def test_sparse_client_routes_only_among_its_experts_and_returns_only_them():
+    """A client holding experts {1, 3} of 4 (k=1) never routes elsewhere; its reply carries just those rows."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from federated.client_app import app as client_app
+    from routerlab.train import Trainer
+
+    setup = tiny_setup(num_clients=2, local_steps=4)
+    global_state = Trainer(setup.config, log=False).model.state_dict()
+    layers = sorted({k.split(".experts.")[0] for k in global_state if ".experts." in k})
+    held = [1, 3]
+    arrays = {k: (v[held] if ".experts." in k else v) for k, v in global_state.items()}
+    config = {"round": 1, "setup": setup.to_json(), "local": [], "k": 0, **{f"experts:{layer}": held for layer in layers}}
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    msg = Message(RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(config)}), dst_node_id=7, message_type=MessageType.TRAIN, group_id="1")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    reply = client_app(msg, context)
+    m = reply.content["metrics"]
+    for layer in layers:
+        tokens = list(m[f"tokens:{layer}"])
+        assert tokens[0] == 0 and tokens[2] == 0 and tokens[1] + tokens[3] == 4 * 32  # 4 steps x 32 examples, k=1
+        assert list(m[f"held:{layer}"]) == held
+    back = reply.content["arrays"].to_torch_state_dict()
+    assert set(back) == set(arrays)
+    for k, v in back.items():
+        assert v.shape == arrays[k].shape  # expert tensors: 2 rows, not 4
+    sent = sum(len(a.data) for a in ArrayRecord(arrays).values())  # serialized arrays: data plus a small header each
+    assert sum(len(a.data) for a in reply.content["arrays"].values()) == sent  # the bytes up are what was sent down
+    assert sent < 0.75 * sum(len(a.data) for a in ArrayRecord(global_state).values())  # half the experts: far fewer bytes
+
+
+def test_strategy_from_a_plugin_file(tmp_path):
+    """A new strategy is one file: registered by name, valid in a config, used by aggregate."""
+    from federated.strategies import load_strategy_plugin, strategy_names
+
+    plugin = tmp_path / "median_experts.py"
+    plugin.write_text(
+        "import torch\n"
+        "from federated.strategies import register_strategy\n"
+        "from federated.strategies.base import ExpertStrategy\n\n"
+        "@register_strategy('equal_experts')\n"
+        "class EqualExperts(ExpertStrategy):\n"
+        "    @staticmethod\n"
+        "    def expert_weights(update, layer):\n"
+        "        return torch.ones(3)\n"
+    )
+    load_strategy_plugin(plugin)
+    assert "equal_experts" in strategy_names()
+    assert tiny_setup(strategy="equal_experts").fed.strategy == "equal_experts"
+    a = ClientUpdate(state([1, 10, 100], 1, 1), 1)
+    b = ClientUpdate(state([3, 30, 300], 5, 5), 3)
+    out = aggregate("equal_experts", state([0, 0, 0], 0, 0), [a, b])
+    assert torch.allclose(out[EXPERT].flatten(), torch.tensor([2.0, 20.0, 200.0]))  # experts 1:1, shared 1:3
+    assert torch.allclose(out[SHARED], torch.tensor([4.0]))
+
+
 def test_round_metrics():
     assert worst_decile([0.9, 0.2, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.95, 0.85]) == 0.2
     assert worst_decile([0.5] * 10 + [0.1, 0.2]) == pytest.approx(0.15)  # 12 clients: lowest 2
@@ -144,6 +233,8 @@ def test_invalid_strategy_and_alpha_fail_clearly():
     for alpha in ("0", "-1"):
         with pytest.raises(ConfigError, match="alpha must be > 0"):
             load_setup(None, [f"federated.alpha={alpha}"])
+    with pytest.raises(ConfigError, match="send_experts=1 must lie between the top-k"):
+        make_setup({**TINY, "router": {"name": "softmax_topk", "k": 2}, "federated": {"send_experts": 1}})
     with pytest.raises(ConfigError, match="partition=contiguous"):
         make_setup({**TINY, "task": {"name": "chars"}, "federated": {"partition": "iid"}})
 
@@ -160,7 +251,9 @@ def test_cli_rejects_bad_strategy_with_one_line():
 
 # ---- Flower runs --------------------------------------------------------------------------------
 def test_simulation_personal_router_with_failed_client(tmp_path):
-    """Ray simulation: 3 clients, one raises in every round; routers never leave the clients."""
+    """Ray simulation: 3 clients, one raises in every round; routers never leave the clients; the
+    in-process engine gives the same model from the same seed."""
+    from federated.inprocess import run_inprocess
     from federated.simulation import simulate
 
     setup = tiny_setup(strategy="personal_router", fail_fraction=0.34, proximal_mu=0.01, sim_cpus=2)
@@ -179,10 +272,16 @@ def test_simulation_personal_router_with_failed_client(tmp_path):
     routers = [k for k in final if ".router." in k]
     assert routers and all(torch.equal(final[k], initial[k]) for k in routers)
     assert any(not torch.equal(final[k], initial[k]) for k in final if ".experts." in k)
+    same = run_inprocess(setup, tmp_path / "inprocess")
+    again = torch.load(tmp_path / "inprocess" / "model.pt", weights_only=True)
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    assert same["final"]["personal_acc_mean"] == summary["final"]["personal_acc_mean"]
 
 
-def test_deployment_engine_run_returns_a_trained_model(tmp_path):
-    """flower-superlink + 2 flower-supernode on 127.0.0.1, `flwr run` of a copy of the app, all stopped."""
+def test_secure_deployment_refuses_an_unknown_supernode(tmp_path):
+    """TLS + SuperNode authentication: 2 registered SuperNodes train over HTTPS; a SuperNode whose key was
+    never registered is refused (Flower exit code 305) and never listed; `flwr run` of a copy of the app
+    returns a trained model; pyproject.toml is unchanged and every process is stopped."""
     from federated.deployment import copy_app, flwr_run, local_deployment
     from routerlab.train import Trainer
 
@@ -190,9 +289,15 @@ def test_deployment_engine_run_returns_a_trained_model(tmp_path):
     run_dir = tmp_path / "run"
     overrides = "federated.num_clients=2 federated.rounds=1 federated.local_steps=40 federated.strategy=fedavg federated.partition=iid federated.client_eval=false"
     with local_deployment(tmp_path, num_nodes=2) as deployment:
-        procs = deployment["procs"]
+        assert "https://" in (tmp_path / "superlink.log").read_text()
+        stranger = deployment.start_node("stranger", "partition-id=0 num-partitions=2")
+        assert stranger.wait(timeout=90) == 305  # "Failed to activate SuperNode"
+        listed = deployment.flwr("supernode", "ls", deployment.connection, "--format", "json")
+        assert listed.stdout.count('"node_id"') == 2, listed.stdout
         result = flwr_run(copy_app(tmp_path / "app"), deployment, {"set": overrides, "run-dir": str(run_dir)}, timeout=240)
         assert result.returncode == 0, result.stdout + result.stderr
+        assert result.run_status == "finished:completed"
+        procs = deployment.procs
     assert all(p.poll() is not None for p in procs)  # superlink and supernodes stopped
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final"]["replied"] == 2

@@ -51,6 +51,7 @@ class ExpertStrategy(Strategy):
         self.failing: set[int] = set()  # nodes told to fail this round (failure injection)
         self.global_state: dict[str, Tensor] = {}
         self.bytes: dict[int, dict[str, int]] = {}  # node id -> bytes down/up in the current round
+        self.replied: set[int] = set()  # nodes whose training reply arrived this round
 
     # ---- what a subclass may change --------------------------------------------------------------
     @staticmethod
@@ -82,8 +83,10 @@ class ExpertStrategy(Strategy):
         return {expert_layer(k): v.shape[0] for k, v in self.global_state.items() if is_expert(k)}
 
     def budget(self, node: int, num_experts: int) -> int:
-        cap = self.clients[node].max_experts or num_experts
-        return min(cap, self.fed.send_experts or num_experts, num_experts)
+        cap = min(self.clients[node].max_experts or num_experts, num_experts)
+        if self.clients[node].partition >= self.fed.num_clients:
+            return cap  # an unseen client has no routing history to choose from: it gets what it can hold, once
+        return min(cap, self.fed.send_experts or num_experts)
 
     def rng(self, server_round: int, node: int) -> np.random.Generator:
         return np.random.default_rng([self.setup.config.seed, server_round, self.clients[node].partition])
@@ -147,6 +150,7 @@ class ExpertStrategy(Strategy):
         for r in replies:
             self.bytes.setdefault(r.metadata.src_node_id, {"down": 0, "up": 0})["up"] += array_bytes(r.content["arrays"])
         updates = self.updates(replies)
+        self.replied = {r.metadata.src_node_id for r in replies}
         if updates:
             self.global_state = merge(self.global_state, updates, self.expert_weights)
         for r, u in zip(replies, updates):
@@ -160,11 +164,11 @@ class ExpertStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.global_state = arrays.to_torch_state_dict()
-        nodes = [n for n in self.seen() if n not in self.failing]
+        nodes = [n for n in self.seen() if n in self.replied]  # a client that failed or vanished this round is not asked again
         if bool(config.get("final", False)):
             nodes += self.unseen()
             for n in self.unseen():
-                self.select(n, server_round)  # no routing history: a random subset within the budget
+                self.select(n, server_round)  # every expert, or a random subset of its budget
         return self.messages(nodes, MessageType.EVALUATE, server_round, config)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
