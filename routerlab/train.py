@@ -73,7 +73,9 @@ class Trainer:
         self.dtype = getattr(torch, config.train.dtype)
         self.task = task if task is not None else build_task(config.task)
         self.data_info = self.task.data_info()  # checksum, sizes, unigram baseline: recorded with the run
-        self.model = self.parallel.shard(build_model(config.model, config.router, self.task)).to(self.device, self.dtype)
+        with self.parallel.building():  # expert parallelism: each rank builds its own experts only
+            model = build_model(config.model, config.router, self.task)
+        self.model = self.parallel.shard(model).to(self.device, self.dtype)
         self.layers = self.model.moe_layers()
         check_compatible(self.model, self.task, config)
         t = config.train
