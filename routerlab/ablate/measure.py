@@ -21,7 +21,11 @@ BALANCE_KEYS = ("load_cv", "max_vio", "dropped_frac", "dead_experts", "usage_ent
 
 
 def has_split(task, split: str) -> bool:
-    return split in getattr(task, "data", {}) or split in getattr(task, "splits", ())
+    """Whether the task holds examples of `split` (tensor tasks: `data`; corpus tasks: token arrays)."""
+    if split in getattr(task, "data", {}):
+        return True
+    tokens = getattr(task, "tokens", {})
+    return split in tokens and len(tokens[split]) > getattr(task, "block_size", 0) + 1
 
 
 @torch.no_grad()
