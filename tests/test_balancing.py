@@ -13,6 +13,7 @@ from routerlab.routers import build_router
 from routerlab.routers.base import switch_balance_loss
 
 D = 8
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
 
 def two_sided(router, strength: float = 1.0):
@@ -107,3 +108,115 @@ def test_rank_overload_is_the_busiest_rank_over_the_mean_rank():
     assert rank_overload(load, 4) == pytest.approx(2.0)
     stats = RoutingStats(load=load, kept=load, tokens=torch.tensor(8.0), dropped_tokens=torch.tensor(0.0))
     assert routing_metrics(stats, ranks=4)["rank_overload"] == pytest.approx(2.0)
+
+
+# ---- selection options of the top-k family -------------------------------------------------------------
+E8 = 8
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "sqrt_softplus"])
+def test_score_functions_choose_and_weight_by_the_named_score(score):
+    torch.manual_seed(1)
+    r = build_router({"name": "softmax_topk", "k": 2, "score": score, "renormalize": False, "route_scale": 2.5}, D, E8)
+    x = torch.randn(32, D)
+    out = r(x)
+    logits = x @ r.gate.weight.T
+    s = {"softmax": logits.softmax(-1), "sigmoid": torch.sigmoid(logits),
+         "sqrt_softplus": torch.log1p(torch.exp(logits)).sqrt()}[score]
+    top, idx = s.topk(2, dim=-1)
+    assert torch.equal(out.experts, idx)
+    assert torch.allclose(out.weights, 2.5 * top, atol=1e-6)
+
+
+def test_renormalize_at_k1_only_with_normalize_k1():
+    torch.manual_seed(2)
+    x = torch.randn(16, D)
+    plain = build_router({"name": "softmax_topk", "k": 1}, D, E8)
+    forced = build_router({"name": "softmax_topk", "k": 1, "normalize_k1": True, "route_scale": 2.0}, D, E8)
+    forced.load_state_dict(plain.state_dict())
+    p = (x @ plain.gate.weight.T).softmax(-1)
+    assert torch.allclose(plain(x).weights[:, 0], p.max(-1).values, atol=1e-6)  # renormalize ignored at k=1
+    assert torch.allclose(forced(x).weights, torch.full((16, 1), 2.0))
+
+
+def test_init_std_and_fp64_gate():
+    r = build_router({"name": "switch", "init_std": 0.006, "fp64": True}, 256, 64)
+    assert r.gate.weight.std().item() == pytest.approx(0.006, rel=0.05)  # 16384 draws: 5% is > 6 sigma
+    assert r(torch.randn(4, 256)).logits.dtype == torch.float64
+
+
+def test_group_limited_routing_keeps_each_token_inside_its_best_groups():
+    torch.manual_seed(3)
+    G, top_groups, k = 4, 2, 4
+    spec = {"name": "bias_balanced", "k": k, "expert_groups": G, "top_groups": top_groups}
+    r = build_router(spec, D, E8)
+    free = build_router({**spec, "top_groups": 0}, D, E8)
+    free.load_state_dict(r.state_dict())
+    x = torch.randn(200, D)
+    s = torch.sigmoid(x @ r.gate.weight.T)
+    out = r(x)
+    for t in range(x.shape[0]):  # reference, one token at a time
+        group_score = [sorted(s[t, g * 2:(g + 1) * 2].tolist(), reverse=True)[:2] for g in range(G)]
+        best = sorted(range(G), key=lambda g: -sum(group_score[g]))[:top_groups]
+        allowed = [e for g in best for e in (2 * g, 2 * g + 1)]
+        want = sorted(allowed, key=lambda e: -s[t, e].item())[:k]
+        assert sorted(out.experts[t].tolist()) == sorted(want)
+    groups_used = lambda e: torch.stack([(e // 2 == g).any(1) for g in range(G)], 1).sum(1).float()
+    assert groups_used(out.experts).max() <= top_groups
+    assert groups_used(free(x).experts).mean() > groups_used(out.experts).mean()  # the limit bites
+
+
+def test_null_experts_take_slots_without_compute():
+    torch.manual_seed(4)
+    n = 4
+    r = build_router({"name": "softmax_topk", "k": 2, "null_experts": n, "renormalize": False}, D, E8)
+    assert r.gate.weight.shape == (E8 + n, D)
+    x = torch.randn(64, D)
+    out = r(x)
+    p = (x @ r.gate.weight.T).softmax(-1)  # over E + n
+    top, idx = p.topk(2, dim=-1)
+    real = idx < E8
+    assert torch.equal(out.experts, torch.where(real, idx, -1))
+    assert torch.allclose(out.weights, torch.where(real, top, 0.0), atol=1e-6)
+    assert out.logits.shape == (64, E8)
+    assert 0 < (out.experts >= 0).sum(1).float().mean() < 2  # realized k below the nominal 2
+
+
+def test_routers_outside_the_topk_family_refuse_selection_options():
+    with pytest.raises(Exception, match="does not take score='sigmoid'"):
+        build_router({"name": "sparsemax", "score": "sigmoid"}, D, E8)
+    with pytest.raises(Exception, match="expert_groups=3 must divide"):
+        build_router({"name": "softmax_topk", "expert_groups": 3}, D, E8)
+
+
+# ---- variable k -------------------------------------------------------------------------------------------
+def test_top_p_takes_the_fewest_experts_reaching_the_mass():
+    torch.manual_seed(5)
+    r = build_router({"name": "top_p", "threshold": 0.5, "k_max": 8}, D, E8)
+    x = torch.randn(64, D) * 3
+    out = r(x)
+    p = (x @ r.gate.weight.T).softmax(-1)
+    for t in range(64):
+        vals, ids = p[t].sort(descending=True)
+        n = int((vals.cumsum(0) < 0.5).sum()) + 1  # fewest with cumulative mass >= 0.5
+        assert sorted(out.experts[t][out.experts[t] >= 0].tolist()) == sorted(ids[:n].tolist())
+    assert torch.allclose(out.weights.sum(1), torch.ones(64), atol=1e-6)
+    assert len(set((out.experts >= 0).sum(1).tolist())) > 1  # k varies by token
+
+
+def test_relu_router_l1_control_moves_toward_the_target_k():
+    torch.manual_seed(6)
+    r = build_router({"name": "relu", "k": 2.0, "l1_init": 1e-3, "l1_step": 2.0}, D, E8).train()
+    x = torch.randn(128, D)
+    out = r(x)
+    gates = torch.relu(x @ r.gate.weight.T)
+    assert torch.equal((out.experts >= 0).sum(1), (gates > 0).sum(1))  # every positive gate is used
+    f = (gates > 0).float().mean(0)
+    want = 1e-3 * (gates.mean(0) * E8 * f / f.sum()).sum()
+    assert float(out.aux["l1"]) == pytest.approx(float(want), rel=1e-5)
+    from routerlab.moe.stats import compute_stats
+
+    stats = compute_stats(out.experts, None, torch.ones(E8), torch.ones(128))
+    dense = float(stats.load.sum()) / 128 > 2  # random init: about E/2 experts per token
+    r.after_step(stats)
+    assert float(r.l1_coef) == pytest.approx(2e-3 if dense else 5e-4)
