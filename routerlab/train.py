@@ -152,7 +152,7 @@ class Trainer:
         for i, layer in enumerate(self.layers):  # router-specific scalars (adversary prices, critic loss)
             values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
         self.board.scalars(values, self.step)
-        self.board.routing("routing", [routing_metrics(s) for s in self._window if s is not None], self.step)
+        self.board.routing("routing", [routing_metrics(s, self.config.parallel.expert) for s in self._window if s is not None], self.step)
         self._window = [None] * len(self.layers)
 
     @property
@@ -192,7 +192,7 @@ class Trainer:
         all_labels = torch.cat(labels)
         per_layer = []
         for i, layer in enumerate(self.layers):
-            m = routing_metrics(stats[i])
+            m = routing_metrics(stats[i], self.config.parallel.expert)
             m["specialization"] = specialization(all_labels, torch.cat(top1[i]), self.task.num_labels, layer.router.num_experts)
             if self.probe_top1 is not None:
                 m["fluctuation"] = fluctuation(self.probe_top1[i], top1[i][0])
