@@ -130,8 +130,11 @@ def inject_failure(mode: str, setup: FederatedSetup) -> None:
 
 
 def num_examples(trainer: Trainer, split: str) -> int:
+    """Training examples (classification) or tokens (LM) of this client: the fedavg weight."""
     task = trainer.task
-    return task.num_examples(split) if hasattr(task, "num_examples") else len(task.data[split])
+    if hasattr(task, "num_examples"):
+        return task.num_examples(split)
+    return len(task.tokens[split]) if hasattr(task, "tokens") else len(task.data[split])
 
 
 def sent_back(state: dict[str, torch.Tensor], received: list[str], held: dict[str, list[int]]) -> ArrayRecord:

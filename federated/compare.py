@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from federated.config import FederatedSetup, load_setup
 from federated.server_app import summarize_final, to_csv
 from routerlab.checkpoint import atomic_write, atomic_write_text
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t, 97.5%
 
 # name -> overrides; the default grid of the results table
 VARIANTS = {
@@ -88,30 +86,27 @@ def run_variant(name: str, overrides: list[str], seed: int, base: list[str], out
     setup = load_setup(config, [f"seed={seed}", *base, *overrides])
     run_dir = out / "runs" / f"{name.replace(' ', '_').replace(',', '').replace('=', '').replace('(', '').replace(')', '')}-s{seed}"
     s = centralized(setup, run_dir) if name == "centralized" else run_inprocess(setup, run_dir)
-    row = {"variant": name, "seed": seed, **s["final_clients"], "personal_acc_mean": s["final"]["personal_acc_mean"],
+    row = {"variant": name, "seed": seed, "task": setup.config.task["name"], **s["final_clients"], "personal_acc_mean": s["final"]["personal_acc_mean"],
            "personal_acc_worst10": s["final"]["personal_acc_worst10"], "mb_per_round": s["bytes_per_round"] / 1e6, "wall_s": round(s["wall_s"], 1)}
     row["dense_mb_per_round"] = s["dense_bytes_per_round"] / 1e6 if "dense_bytes_per_round" in s else float("nan")
     return row
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval (NaN half-width with one value)."""
-    v = np.asarray([x for x in values if x == x], dtype=np.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    if len(v) == 1:
-        return float(v[0]), float("nan")
-    return float(v.mean()), T975.get(len(v) - 1, 1.96) * float(v.std(ddof=1)) / math.sqrt(len(v))
-
-
 def fmt(values: list[float], digits: int = 3) -> str:
-    mean, half = interval(values)
-    if mean != mean:
+    """mean ± half-width of the 95% t-interval over seeds (the ablation report's summary)."""
+    from routerlab.ablate.report import summarize
+
+    v = [x for x in values if x == x]
+    if not v:
         return "-"
-    return f"{mean:.{digits}f}" if half != half else f"{mean:.{digits}f} ± {half:.{digits}f}"
+    s = summarize(v)
+    return f"{s.mean:.{digits}f}" if s.half != s.half else f"{s.mean:.{digits}f} ± {s.half:.{digits}f}"
 
 
 def table(rows: list[dict], baseline: str = "fedavg") -> str:
+    lm = rows and rows[0].get("task") in ("chars", "stdlib", "owndata")
+    if lm:
+        return lm_table(rows, baseline)
     head = ("| variant | seeds | MB/round (down+up) | x fewer than fedavg | seen global acc | seen worst decile | personal acc | "
             "personal worst decile | seen after FT | seen FT worst decile | unseen 0 steps | unseen router FT | unseen full FT | "
             f"seen worst decile - {baseline} (paired) |")
@@ -129,6 +124,26 @@ def table(rows: list[dict], baseline: str = "fedavg") -> str:
                      f"{col('personal_acc_mean')} | {col('personal_acc_worst10')} | {col('seen_full_ft_acc_mean')} | {col('seen_full_ft_acc_worst10')} | "
                      f"{col('unseen_global_acc_mean')} | {col('unseen_router_ft_acc_mean')} | {col('unseen_full_ft_acc_mean')} | "
                      f"{fmt(paired) if name != baseline else '(baseline)'} |")
+    return "\n".join(lines) + "\n"
+
+
+def lm_table(rows: list[dict], baseline: str) -> str:
+    """Per-client perplexity (lower is better; the worst decile is the highest 10%)."""
+    head = ("| variant | seeds | MB/round (down+up) | x fewer than fedavg | seen ppl | seen worst decile | seen after FT | "
+            f"unseen 0 steps | unseen router FT | unseen full FT | seen worst decile - {baseline} (paired) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    base_rows = {r["seed"]: r for r in rows if r["variant"] == baseline}
+    dense = np.mean([r["mb_per_round"] for r in base_rows.values()]) if base_rows else float("nan")
+    order = [v for v in VARIANTS if any(r["variant"] == v for r in rows)] + sorted({r["variant"] for r in rows} - set(VARIANTS))
+    for name in order:
+        rs = [r for r in rows if r["variant"] == name]
+        col = lambda key: fmt([r[key] for r in rs], 2)  # noqa: E731
+        mb = np.mean([r["mb_per_round"] for r in rs])
+        ratio = f"{dense / mb:.2f}" if mb > 0 and dense == dense else "-"
+        paired = [r["seen_global_ppl_worst10"] - base_rows[r["seed"]]["seen_global_ppl_worst10"] for r in rs if r["seed"] in base_rows]
+        lines.append(f"| {name} | {len(rs)} | {mb:.3f} | {ratio} | {col('seen_global_ppl_mean')} | {col('seen_global_ppl_worst10')} | "
+                     f"{col('seen_full_ft_ppl_mean')} | {col('unseen_global_ppl_mean')} | {col('unseen_router_ft_ppl_mean')} | "
+                     f"{col('unseen_full_ft_ppl_mean')} | {fmt(paired, 2) if name != baseline else '(baseline)'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ from routerlab.config import Config, apply_overrides, make_config, read_config_f
 from routerlab.errors import ConfigError
 from routerlab.routers.registry import format_validation_error
 
-PARTITIONS = ("iid", "dirichlet", "classes", "contiguous")
+PARTITIONS = ("iid", "dirichlet", "classes", "contiguous", "domains")
 DEFAULT_CONFIG = Path(__file__).with_name("digits.yaml")
 
 

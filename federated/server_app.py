@@ -111,6 +111,10 @@ def summarize_final(rows: list[dict]) -> dict:
             values = [r[f"{key}_accuracy"] for r in members if r[f"{key}_accuracy"] == r[f"{key}_accuracy"]]
             out[f"{group}_{key}_acc_mean"] = float(np.mean(values)) if values else float("nan")
             out[f"{group}_{key}_acc_worst10"] = worst_decile(values)
+            # perplexity per client (LM tasks); the worst decile of perplexity is its highest 10%
+            ppl = [float(np.exp(min(r[f"{key}_loss"], 50.0))) for r in members if r[f"{key}_loss"] == r[f"{key}_loss"]]
+            out[f"{group}_{key}_ppl_mean"] = float(np.mean(ppl)) if ppl else float("nan")
+            out[f"{group}_{key}_ppl_worst10"] = -worst_decile([-v for v in ppl]) if ppl else float("nan")
     return out
 
 
