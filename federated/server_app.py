@@ -184,7 +184,7 @@ def run_federation(grid: Grid, setup: FederatedSetup, run_dir: Path) -> dict:
         initial = {k: v.clone() for k, v in server.model.state_dict().items()}
         strategy = strategy_class(fed.strategy)(setup)
         nodes = wait_for_nodes(grid, fed.num_clients + fed.unseen_clients, fed.node_wait)
-        strategy.discover(grid, nodes, fed.round_timeout)
+        strategy.discover(grid, nodes, fed.node_wait + fed.round_timeout)
         first_round_at = time.time()
         arrays = round_loop(grid, setup, strategy, ArrayRecord(initial), log, server)
     except Exception as err:

@@ -256,7 +256,7 @@ def test_simulation_personal_router_with_failed_client(tmp_path):
     from federated.inprocess import run_inprocess
     from federated.simulation import simulate
 
-    setup = tiny_setup(strategy="personal_router", fail_fraction=0.34, proximal_mu=0.01, sim_cpus=2)
+    setup = tiny_setup(strategy="personal_router", fail_fraction=0.34, proximal_mu=0.01, sim_cpus=2, round_timeout=600)  # a loaded machine starts Ray slowly
     summary = simulate(setup, tmp_path / "run")
     rounds = [line.split(",") for line in (tmp_path / "run" / "rounds.csv").read_text().splitlines()[1:]]
     assert [(r[1], r[2]) for r in rounds] == [("2", "1"), ("2", "1")]  # replied, failed in each round
@@ -309,3 +309,58 @@ def test_secure_deployment_refuses_an_unknown_supernode(tmp_path):
     trained = trainer.evaluate()["accuracy"]
     assert trained > max(0.5, chance + 0.2), (chance, trained)
     assert hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest() == before
+
+
+def _clientapp_pids(session: int) -> set[int]:
+    """PIDs of the flwr-clientapp processes in a SuperNode's session (one per message it handles)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) == session and b"flwr-clientapp" in (entry / "cmdline").read_bytes():
+                pids.add(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return pids
+
+
+def test_failed_run_exits_nonzero_and_a_killed_supernode_costs_one_round_timeout(tmp_path):
+    """Deployment engine (plain HTTP, the explicit local option): (1) a run wanting 3 SuperNodes where 2 are
+    up fails after federated.node_wait and `flwr_run` reports it (exit 1, finished:failed, failed.json);
+    (2) a SuperNode killed while it trains: the round completes from the other one, waiting at most
+    round_timeout (measured in rounds.csv: train_phase_s)."""
+    import signal
+    import subprocess
+    import time
+
+    from federated.deployment import BIN, copy_app, flwr_run, local_deployment
+
+    round_timeout = 60.0  # the surviving SuperNode must answer within it: a fresh flwr-clientapp process imports torch first
+    with local_deployment(tmp_path, num_nodes=2, insecure=True) as deployment:
+        app = copy_app(tmp_path / "app")
+        bad = flwr_run(app, deployment, {"set": "federated.num_clients=3 federated.node_wait=2", "run-dir": str(tmp_path / "bad")}, timeout=240)
+        assert bad.returncode == 1 and bad.run_status == "finished:failed", bad.stdout + bad.stderr
+        assert "only 2 of 3 SuperNodes connected" in json.loads((tmp_path / "bad" / "failed.json").read_text())["error"]
+        assert not (tmp_path / "bad" / "summary.json").exists()
+
+        run_dir = tmp_path / "run"
+        overrides = f"federated.num_clients=2 federated.rounds=1 federated.local_steps=10 federated.client_eval=false federated.round_timeout={round_timeout}"
+        config = f'set="{overrides}" run-dir="{run_dir}"'
+        run = subprocess.Popen([str(BIN / "flwr"), "run", str(app), deployment.connection, "--run-config", config, "--stream"],
+                               env=deployment.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        victim = deployment.nodes[1]
+        seen: set[int] = set()
+        deadline = time.monotonic() + 180
+        while len(seen) < 2 and time.monotonic() < deadline:  # message 1 is the discovery query, message 2 the training
+            seen |= _clientapp_pids(victim.pid)
+            time.sleep(0.2)
+        assert len(seen) >= 2, "the SuperNode never started training"
+        os.killpg(victim.pid, signal.SIGKILL)  # the SuperNode and its ClientApp vanish mid-round
+        output, _ = run.communicate(timeout=240)
+        assert run.returncode == 0, output
+    rounds = (run_dir / "rounds.csv").read_text().splitlines()
+    row = dict(zip(rounds[0].split(","), rounds[1].split(",")))
+    assert (row["replied"], row["failed"]) == ("1", "1")
+    assert float(row["train_phase_s"]) <= round_timeout + 10.0  # the round waited at most its timeout
+    assert json.loads((run_dir / "summary.json").read_text())["final"]["replied"] == 1

@@ -18,6 +18,7 @@ Partition ids >= federated.num_clients are unseen clients: never trained, evalua
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -61,13 +62,22 @@ class ExpertStrategy(Strategy):
 
     # ---- clients ---------------------------------------------------------------------------------
     def discover(self, grid: Grid, nodes: list[int], timeout: float) -> None:
-        messages = [Message(RecordDict({"config": ConfigRecord({"setup": self.setup.to_json()})}), dst_node_id=n,
-                            message_type=MessageType.QUERY, group_id="0") for n in nodes]
-        for r in grid.send_and_receive(messages, timeout=timeout):
-            if r.has_error():
-                raise RuntimeError(f"node {r.metadata.src_node_id} did not answer the discovery query: {r.error.reason}")
-            m = r.content["metrics"]
-            self.clients[r.metadata.src_node_id] = ClientInfo(int(m["partition-id"]), int(m["max-experts"]), int(m["k"]))
+        """Ask every node for its partition id and budget; ask again those that have not answered
+        (a first message can take long while a simulation starts its workers) until `timeout` has passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [n for n in nodes if n not in self.clients]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(missing)} of {len(nodes)} SuperNodes did not answer the discovery query within {timeout:.0f} s")
+            messages = [Message(RecordDict({"config": ConfigRecord({"setup": self.setup.to_json()})}), dst_node_id=n,
+                                message_type=MessageType.QUERY, group_id="0") for n in missing]
+            for r in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
+                if r.has_error():
+                    raise RuntimeError(f"node {r.metadata.src_node_id} did not answer the discovery query: {r.error.reason}")
+                m = r.content["metrics"]
+                self.clients[r.metadata.src_node_id] = ClientInfo(int(m["partition-id"]), int(m["max-experts"]), int(m["k"]))
         pids = sorted(c.partition for c in self.clients.values())
         if len(set(pids)) != len(pids):
             raise RuntimeError(f"two SuperNodes share a partition id: {pids}")
