@@ -58,6 +58,15 @@ def compute_stats(experts: Tensor, logits: Tensor | None, kept: Tensor, kept_per
     return stats
 
 
+@torch.no_grad()
+def stats_from_routing(experts: Tensor, logits: Tensor | None, kept: Tensor, num_experts: int) -> RoutingStats:
+    """RoutingStats of one forward from its routing: experts [T, k] (-1 unused), logits [T, E] or None,
+    kept [T, k] bool (slots computed). No host sync on CUDA."""
+    slots = torch.where(kept, experts, num_experts).reshape(-1)  # kept slots per (global) expert
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=experts.device).index_add_(0, slots, torch.ones_like(slots))[:num_experts]
+    return compute_stats(experts, logits, counts, kept.sum(1))
+
+
 def routing_metrics(stats: RoutingStats) -> dict[str, float]:
     """Scalar metrics of DESIGN.md from (possibly merged) stats."""
     load = stats.load.double()
