@@ -2,10 +2,11 @@
 
     python3 -m routerlab.bench.trainer [--steps 20] [--compile off,auto] [--json FILE]
 
-Models (`routerlab train` configs, chars task): d_model 1024, 8 layers, 16 heads, block 512, batch 32, bf16,
-SwiGLU. MoE: 64 experts of hidden 512, softmax_topk k=6 (~110M active parameters of ~840M); dense twin: a
-SwiGLU FFN of hidden k*h = 3072 in every layer (the same active parameters, the same attention). Routing
-statistics are logged every 10 steps (the default interval) to a TensorBoard run under /tmp.
+Models: the presets configs/gpu/stdlib-110m-e64k6.yaml and its dense twin stdlib-110m-dense.yaml (d_model
+1024, 8 layers, 16 heads, block 512, batch 32, SwiGLU; MoE: 64 experts of hidden 512, softmax_topk k=6, ~110M
+active parameters of ~840M; dense: a SwiGLU FFN of hidden k*h = 3072 in every layer: the same active
+parameters, the same attention), in bf16 unless --fp32. Routing statistics are logged every 10 steps to a
+TensorBoard run under /tmp.
 Steady-state tokens/s: `steps` train steps after `warmup` (compilation happens there), host clock around
 them with the device synchronized at both ends.
 
@@ -28,22 +29,20 @@ import torch.nn.functional as F
 from routerlab.bench import core
 
 
-def lm_config(kind: str, compile_mode: str, run_dir: str, dtype: str = "bfloat16", tf32: bool = True, smoke: bool = False):
-    from routerlab.config import make_config
+PRESETS = {"moe": "configs/gpu/stdlib-110m-e64k6.yaml", "dense": "configs/gpu/stdlib-110m-dense.yaml"}
 
-    E, k, h, d, layers, heads, block, batch = (8, 2, 16, 32, 2, 2, 16, 4) if smoke else (64, 6, 512, 1024, 8, 16, 512, 32)
-    model = {"d_model": d, "n_layers": layers, "n_heads": heads, "num_experts": E, "expert_hidden": h}
-    if kind == "dense":
-        model.update(moe_every=0, dense_hidden=k * h)
-    return make_config({
-        "seed": 0,
-        "task": {"name": "chars", "block_size": block},
-        "model": model,
-        "router": {"name": "softmax_topk", "k": k},
-        "train": {"steps": 10**6, "batch_size": batch, "lr": 1e-3, "device": "cpu" if smoke else "cuda", "dtype": dtype, "log_every": 10,
-                  "eval_every": 10**6, "eval_batches": 1, "compile": compile_mode, "tf32": tf32},
-        "run": {"dir": run_dir, "checkpoint": False},
-    })
+
+def lm_config(kind: str, compile_mode: str, run_dir: str, dtype: str = "bfloat16", tf32: bool = True, smoke: bool = False):
+    """The preset (configs/gpu/, run from the repository root) with this run's device, dtype, compile and TF32;
+    routing statistics logged every 10 steps; no evaluation or checkpoint inside the timed steps."""
+    from routerlab.config import load_config
+
+    overrides = [f"train.dtype={dtype}", f"train.compile={compile_mode}", f"train.tf32={str(tf32).lower()}", "train.log_every=10",
+                 "train.eval_every=1000000", "train.eval_batches=1", "train.steps=1000000", f"run.dir={run_dir}", "run.checkpoint=false"]
+    if smoke:
+        overrides += ["train.device=cpu", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "task.block_size=16", "train.batch_size=4"]
+        overrides += ["model.num_experts=8", "model.expert_hidden=16", "router.k=2"] if kind == "moe" else ["model.dense_hidden=32"]
+    return load_config(PRESETS[kind], overrides)
 
 
 def _sync() -> None:
