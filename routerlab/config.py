@@ -60,6 +60,11 @@ class TrainConfig(Strict):
     compile: Literal["auto", "off", "dense", "moe"] = "auto"
     tf32: bool = True  # float32 on CUDA: TF32 matmuls (about 8x the fp32 rate on an H200); false = full fp32
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v):  # YAML and command-line overrides read off / on as booleans
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
