@@ -24,6 +24,7 @@ HEADERS = {
     "fluctuation": "fluct.", "tokens_per_s": "tokens/s", "params_active": "params active", "params_total": "params total",
     "train_loss": "train loss", "usage_entropy": "usage H", "z_value": "z", "max_logit": "max abs logit", "switch_balance": "switch bal.",
     "loss_se": "eval SE", "test_loss": "test loss", "test_loss_se": "test SE", "test_accuracy": "test acc.",
+    "regret": "regret", "mrr": "MRR", "top1_is_best": "top-1 best",
 }
 SE_OF = {"loss": "loss_se", "test_loss": "test_loss_se"}  # a loss column is followed by its evaluation's own SE
 COUNTS = ("tokens_per_s", "params_active", "params_total")
