@@ -55,8 +55,8 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE dispatch and expert
-    # kernels, "moe" = the MoE layers too; "auto" = "moe" on CUDA, "off" on CPU (same numbers as before)
+    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE layers, "moe" = the MoE
+    # layers too; "auto" = off for now (measured slower in the trainer before a router fix; see compile.py)
     compile: Literal["auto", "off", "dense", "moe"] = "auto"
     tf32: bool = True  # float32 on CUDA: TF32 matmuls (about 8x the fp32 rate on an H200); false = full fp32
 
