@@ -35,7 +35,7 @@ DEFAULT_METRICS = [
     "loss", "accuracy", "perplexity", "load_cv", "max_vio", "dropped_frac", "dead_experts", "router_entropy",
     "specialization", "fluctuation", "tokens_per_s", "params_active", "params_total",
 ]
-KNOWN_METRICS = DEFAULT_METRICS + ["train_loss", "usage_entropy", "z_value", "max_logit", "switch_balance"]
+KNOWN_METRICS = DEFAULT_METRICS + ["train_loss", "usage_entropy", "z_value", "max_logit", "switch_balance", "max_vio_batch", "max_vio_seq", "mean_k", "rank_overload"]
 SPECIAL_AXES = ("task", "router", "seed")
 SECTION_MODELS = ("model", "train", "run")
 
