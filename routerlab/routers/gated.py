@@ -80,8 +80,9 @@ class GatedRouter(Router):
         if self.training and self.params.jitter > 0:
             eps = self.params.jitter
             x = x * torch.empty_like(x).uniform_(1 - eps, 1 + eps)
-        if self.params.fp32:
-            return F.linear(x.float(), gate.weight.float(), None if gate.bias is None else gate.bias.float())
+        if self.params.fp32:  # also under autocast (bf16-mixed), which would otherwise run the linear in bf16
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), gate.weight.float(), None if gate.bias is None else gate.bias.float())
         return gate(x)
 
     def apply_temperature(self, logits: Tensor) -> Tensor:
