@@ -47,7 +47,8 @@ SMOKE = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "task.block_
 
 def run_one(label, preset, overrides, steps, cap, common):
     cfg = load_config(ROOT / "configs" / "gpu" / f"{preset}.yaml", overrides + common + [
-        f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_every={steps}", "run.checkpoint=false"])
+        f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_every={steps}", "run.checkpoint=false",
+        "train.compile=off"])  # eager: compile time would eat the short runs' time caps (speed's bench measures compile)
     trainer = Trainer(cfg, log=False)
     start = time.perf_counter()
     while trainer.step < steps and time.perf_counter() - start < cap:

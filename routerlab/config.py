@@ -59,10 +59,18 @@ class TrainConfig(Strict):
     # bf16-pure: weights, optimizer state and compute all bfloat16 (updates below a bf16 ulp are lost)
     precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = "fp32"
     dtype: Literal["float32", "bfloat16"] | None = None  # old key: float32 -> fp32, bfloat16 -> bf16-pure
-    tf32: bool = True  # fp32 on CUDA: TF32 tensor-core matmuls (about 8x float32; 10-bit mantissa inputs)
     micro_batches: int = Field(1, ge=1)  # gradient accumulation: a step = micro_batches x batch_size sequences
     timing_skip: int = Field(10, ge=0)  # first steps left out of tokens/s, step time and MFU (JIT, allocator warm-up)
     peak_flops: float | None = Field(None, gt=0)  # the card's bf16 peak FLOP/s for MFU; None = known cards by name (docs/gpu.md)
+    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE dispatch and expert
+    # kernels, "moe" = the MoE layers too; "auto" = "moe" on CUDA, "off" on CPU (same numbers as before)
+    compile: Literal["auto", "off", "dense", "moe"] = "auto"
+    tf32: bool = True  # float32 on CUDA: TF32 matmuls (about 8x the fp32 rate on an H200); false = full fp32
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v):  # YAML and command-line overrides read off / on as booleans
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="before")
     @classmethod

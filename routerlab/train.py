@@ -18,11 +18,13 @@ import torch.nn.functional as F
 
 from routerlab.board import Board
 from routerlab.checkpoint import load_checkpoint, save_checkpoint
+from routerlab.compile import compile_model, resolve_compile, set_tf32
 from routerlab.config import Config
 from routerlab.distributed import setup_parallel
 from routerlab.errors import ConfigError
 from routerlab.models import build_model
 from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization
+from routerlab.routers.base import Router
 from routerlab.tasks import Batch, Task, build_task
 
 EVAL_SEED = 1234  # the evaluation batches are the same for every run of a task
@@ -81,8 +83,6 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
         self.dtype, self.autocast_dtype = PRECISIONS[config.train.precision]
-        if self.device.type == "cuda" and config.train.precision == "fp32":  # process-wide switch, set per run
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.train.tf32
         self.task = task if task is not None else build_task(config.task)
         self.data_info = self.task.data_info()  # checksum, sizes, unigram baseline: recorded with the run
         with self.parallel.building():  # expert parallelism: each rank builds its own experts only
@@ -91,7 +91,14 @@ class Trainer:
         self.layers = self.model.moe_layers()
         check_compatible(self.model, self.task, config)
         t = config.train
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            set_tf32(t.tf32)
+        self.compiled = compile_model(self.model, resolve_compile(t.compile, self.device))
+        # routers that read RoutingStats after each step; the others' stats are computed only for logging
+        self._router_uses_stats = [type(layer.router).after_step is not Router.after_step for layer in self.layers]
+        # fused: one kernel pass over the parameters on CUDA (an 840M-parameter MoE steps 8x the dense twin's bytes)
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95), **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.data_rng = torch.Generator().manual_seed(config.seed + 1)
         eval_rng = torch.Generator().manual_seed(EVAL_SEED)
@@ -177,14 +184,16 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         value = self.parallel.reduce_step(self.layers, loss)  # stats summed over ranks before routers see them
-        for layer in self.layers:
-            layer.router.after_step(layer.stats)
+        for layer, uses_stats in zip(self.layers, self._router_uses_stats):
+            if uses_stats:
+                layer.router.after_step(layer.stats)
         self.parallel.sync_buffers(self.model)
         self._synchronize()
         self.step_log.append((time.perf_counter() - start, global_tokens))
         self.step += 1
         self.losses.append(value)
-        self._window = [s if w is None else w.merge(s) for w, s in zip(self._window, (l.stats for l in self.layers))]
+        if self.board:  # routing metrics are logged over the window of log_every steps: stats of every step
+            self._window = [s if w is None else w.merge(s) for w, s in zip(self._window, (l.stats for l in self.layers))]
         if self.board and self.step % t.log_every == 0:
             self._log_train(aux)
         return value
@@ -201,7 +210,7 @@ class Trainer:
         for i, layer in enumerate(self.layers):  # router-specific scalars (adversary prices, critic loss)
             values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
         self.board.scalars(values, self.step)
-        self.board.routing("routing", [routing_metrics(s) for s in self._window if s is not None], self.step)
+        self.board.routing("routing", [routing_metrics(s, self.config.parallel.expert) for s in self._window if s is not None], self.step)
         self._window = [None] * len(self.layers)
 
     def steady_steps(self) -> list[tuple[float, int]]:
@@ -260,14 +269,16 @@ class Trainer:
         """Task and routing metrics on the fixed evaluation batches (per layer and mean over layers)."""
         self.model.eval()
         loss_sum, correct, count = 0.0, 0, 0
+        row_losses = []  # mean loss per example (sequence): tokens of one sequence are not independent
         stats: list[RoutingStats | None] = [None] * len(self.layers)
         top1: list[list[torch.Tensor]] = [[] for _ in self.layers]
         labels = []
         for batch in self.eval_set:
             batch = batch.to(self.device, self.dtype)
-            loss, logits = self.task_loss(batch)
+            token_loss, logits = self.token_losses(batch)
             n = batch.targets.numel()
-            loss_sum += loss.item() * n
+            loss_sum += token_loss.mean().item() * n
+            row_losses.append(token_loss.reshape(batch.targets.shape[0], -1).mean(1).double().cpu())
             correct += int((logits.argmax(-1) == batch.targets.reshape(-1)).sum())
             count += n
             labels.append(batch.labels.reshape(-1).cpu())
@@ -277,13 +288,15 @@ class Trainer:
         self.model.train()
 
         metrics: dict[str, float] = {"loss": loss_sum / count}
+        rows = torch.cat(row_losses)
+        metrics["loss_se"] = float(rows.std() / math.sqrt(len(rows))) if len(rows) > 1 else float("nan")  # the eval's own noise
         if self.task.kind == "lm":
             metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         metrics["accuracy"] = correct / count
         all_labels = torch.cat(labels)
         per_layer = []
         for i, layer in enumerate(self.layers):
-            m = routing_metrics(stats[i])
+            m = routing_metrics(stats[i], self.config.parallel.expert)
             m["specialization"] = specialization(all_labels, torch.cat(top1[i]), self.task.num_labels, layer.router.num_experts)
             if self.probe_top1 is not None:
                 m["fluctuation"] = fluctuation(self.probe_top1[i], top1[i][0])
