@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +38,12 @@ class ModelConfig(Strict):
     dense_hidden: int | None = Field(None, ge=1)  # hidden size of dense FFN layers; default expert_hidden
     activation: Literal["swiglu", "gelu"] = "swiglu"
     capacity_factor: float | None = Field(None, gt=0)  # None = dropless
+    eval_capacity_factor: Annotated[float, Field(gt=0)] | Literal["train"] | None = "train"  # at evaluation: "train" = capacity_factor, None = dropless
+    min_capacity: int = Field(1, ge=1)  # slots per expert never below this (when capacity_factor is set)
+    drop_policy: Literal["position", "probability"] = "position"  # over capacity drop later slots, or lowest weights
+    shared_experts: int = Field(0, ge=0)  # always-on experts beside the routed ones (DeepSeekMoE, Qwen-MoE)
+    shared_hidden: int | None = Field(None, ge=1)  # hidden size of each shared expert; default expert_hidden
+    shared_gate: bool = False  # scale the shared output by a learned per-token sigmoid (Qwen-MoE)
     backend: Literal["auto", "loop", "grouped", "padded"] = "auto"
 
 

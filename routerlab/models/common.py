@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routerlab.moe import ExpertBank, MoELayer
+from routerlab.moe.shared import SharedExperts
 from routerlab.routers import build_router
 
 
@@ -30,7 +31,9 @@ def make_ffn(cfg, layer_index: int, router_spec: dict) -> nn.Module:
         return DenseFFN(cfg.d_model, cfg.dense_hidden or cfg.expert_hidden, cfg.activation)
     router = build_router(router_spec, cfg.d_model, cfg.num_experts)
     experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation)
-    return MoELayer(router, experts, cfg.capacity_factor, cfg.backend)
+    shared = SharedExperts(cfg.d_model, cfg.shared_experts, cfg.shared_hidden or cfg.expert_hidden, cfg.shared_gate) if cfg.shared_experts else None
+    return MoELayer(router, experts, cfg.capacity_factor, cfg.backend, shared=shared, eval_capacity_factor=cfg.eval_capacity_factor,
+                    min_capacity=cfg.min_capacity, drop_policy=cfg.drop_policy)
 
 
 class MoEModel(nn.Module):
