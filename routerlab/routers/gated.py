@@ -171,8 +171,9 @@ class GatedRouter(Router):
             x = x * torch.empty_like(x).uniform_(1 - eps, 1 + eps)
         if self.params.fp64:
             return F.linear(x.double(), gate.weight.double(), None if gate.bias is None else gate.bias.double())
-        if self.params.fp32:
-            return F.linear(x.float(), gate.weight.float(), None if gate.bias is None else gate.bias.float())
+        if self.params.fp32:  # also under autocast (bf16-mixed), which would otherwise run the linear in bf16
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), gate.weight.float(), None if gate.bias is None else gate.bias.float())
         return gate(x)
 
     def apply_temperature(self, logits: Tensor) -> Tensor:
