@@ -1,5 +1,5 @@
 """train.compile: the compiled model computes what the eager one does (CPU, dynamo's aot_eager backend: the
-same graph capture and autograd as on the GPU, without inductor's C++ build), and TF32 follows train.tf32."""
+same graph capture and autograd as on the GPU, without inductor's C++ build)."""
 from __future__ import annotations
 
 import pytest
