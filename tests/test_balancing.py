@@ -162,9 +162,11 @@ def test_group_limited_routing_keeps_each_token_inside_its_best_groups():
         allowed = [e for g in best for e in (2 * g, 2 * g + 1)]
         want = sorted(allowed, key=lambda e: -s[t, e].item())[:k]
         assert sorted(out.experts[t].tolist()) == sorted(want)
-    groups_used = lambda e: torch.stack([(e // 2 == g).any(1) for g in range(G)], 1).sum(1).float()
-    assert groups_used(out.experts).max() <= top_groups
-    assert groups_used(free(x).experts).mean() > groups_used(out.experts).mean()  # the limit bites
+    from routerlab.routers.balancing import groups_per_token
+
+    assert groups_per_token(torch.tensor([[0, 1, 4, -1], [7, 6, 0, 3]]), 2).tolist() == [2, 3]  # {0, 2}; {3, 0, 1}
+    assert groups_per_token(out.experts, 2).max() <= top_groups
+    assert groups_per_token(free(x).experts, 2).float().mean() > groups_per_token(out.experts, 2).float().mean()  # the limit bites
 
 
 def test_null_experts_take_slots_without_compute():
@@ -342,3 +344,34 @@ def test_recipe_ablation_trains_exactly_the_recipe_configs():
         assert recipe.model == make_config({"model": model}).model, label
         assert {"task": recipe.task, "train": recipe.train.model_dump()} == {
             "task": make_config({"task": ablation["base"]["task"]}).task, "train": make_config({"train": ablation["base"]["train"]}).train.model_dump()}
+
+
+def test_layer_pooled_balance_is_transformers_loss_over_concatenated_layers():
+    from routerlab.models.common import MoEModel
+
+    torch.manual_seed(9)
+    E, k = 8, 2
+
+    class TwoLayers(MoEModel):
+        def __init__(self, mode):
+            super().__init__()
+            self.a = fixed_or_gated({"name": "softmax_topk", "k": k, "balance_batch": 1.0, "balance_layers": mode}, E)
+            self.b = fixed_or_gated({"name": "softmax_topk", "k": k, "balance_batch": 1.0, "balance_layers": mode}, E)
+
+    pooled, summed = TwoLayers("pool").train(), TwoLayers("sum").train()
+    summed.load_state_dict(pooled.state_dict())
+    xa, xb = torch.randn(32, D), torch.randn(32, D)
+    for m in (pooled, summed):
+        m.a(xa), m.b(xb)
+    la, lb = xa @ pooled.a.router.gate.weight.T, xb @ pooled.b.router.gate.weight.T
+    aux = pooled.aux_losses()
+    assert set(aux) == {"pooled/balance_batch"}
+    assert k * float(aux["pooled/balance_batch"]) == pytest.approx(float(transformers_load_balancing_loss(torch.cat([la, lb]), E, k)), rel=1e-5)
+    per_layer = summed.aux_losses()
+    assert float(sum(per_layer.values())) == pytest.approx(float(transformers_load_balancing_loss(la, E, k) + transformers_load_balancing_loss(lb, E, k)) / k, rel=1e-5)
+
+
+def fixed_or_gated(spec, E):
+    from routerlab.moe import ExpertBank, MoELayer
+
+    return MoELayer(build_router(spec, D, E), ExpertBank(E, D, 8), backend="loop")

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from routerlab.moe import ExpertBank, MoELayer
 from routerlab.moe.shared import SharedExperts
 from routerlab.routers import build_router
+from routerlab.routers.balancing import pooled_balance
 
 
 class DenseFFN(nn.Module):
@@ -44,7 +45,14 @@ class MoEModel(nn.Module):
 
     def aux_losses(self) -> dict[str, Tensor]:
         out = {}
+        parts = []
         for i, layer in enumerate(self.moe_layers()):
             for name, value in layer.aux_losses.items():
                 out[f"layer{i}/{name}"] = value
+            part = getattr(layer.router, "balance_part", None)
+            if part is not None:  # a layer-pooled balance loss (gate option balance_layers: pool)
+                parts.append(part)
+                layer.router.balance_part = None
+        if parts:
+            out["pooled/balance_batch"] = pooled_balance(parts)
         return out
