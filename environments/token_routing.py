@@ -98,7 +98,7 @@ class TokenRoutingEnv(gym.Env):
             key = (repr(self.expert_spec), self.expert_cache, self.pool_size)
             if key not in _FROZEN_CACHE:
                 trainer = pretrain_frozen(self.expert_spec, self.expert_cache)
-                inputs, targets, labels = (t[: self.pool_size] for t in trainer.task.data["train"])
+                inputs, targets, labels = (t[: self.pool_size] for t in trainer.task.examples("train"))
                 loss, x = expert_losses(trainer, inputs, targets)
                 _FROZEN_CACHE[key] = (loss.numpy(), x, labels.numpy(), trainer)
             loss, x, labels, self.trainer = _FROZEN_CACHE[key]
@@ -106,7 +106,7 @@ class TokenRoutingEnv(gym.Env):
             self.pool_features = self._project(x)
         else:
             self.trainer = make_trainer(self.expert_spec, steps=10**9, lr_schedule="constant")
-            self.pool_inputs, self.pool_targets, labels = self.trainer.task.data["train"]
+            self.pool_inputs, self.pool_targets, labels = self.trainer.task.examples("train")
             self.pool_labels = labels.numpy()
 
     def _project(self, x: torch.Tensor) -> np.ndarray:

@@ -1,23 +1,25 @@
 """Run configuration: plain data (YAML), validated by pydantic.
 
-A config has five parts: task, model, router, train, run. `task` and `router` are
-`{"name": ..., **params}` dicts checked against the registered component's own parameters.
+A config has five parts: task, model, router, train, run. `task` and `router` are written as
+`{"name": ..., **params}` mappings and parsed once, when the config is read, into typed `Spec`s
+(`routerlab.registry`) checked against the registered component's own parameters.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator, model_validator
 
-from routerlab.errors import ConfigError
-from routerlab.routers.registry import format_validation_error, load_plugin, parse_router_params
-from routerlab.tasks.base import parse_task_params
+from routerlab.errors import ConfigError, format_validation_error
+from routerlab.registry import Registry, Spec, load_plugin
+from routerlab.routers.registry import ROUTERS
+from routerlab.tasks.base import TASKS
 
 
 DEFAULT_TASK = "chars"
@@ -26,6 +28,24 @@ DEFAULT_ROUTER = "softmax_topk"
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def spec_field(registry: Registry, default: str) -> Any:
+    """A config section `{"name": ..., **params}` parsed into a typed Spec (name defaults to `default`);
+    dumped back to the same mapping, so YAML, fingerprints and checkpoints see plain data."""
+
+    def parse(value: Any) -> Spec:
+        if isinstance(value, Spec):
+            return registry.parse(value)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"must be a mapping of name and parameters (for example {{name: {default}}}), got {value!r}")
+        return registry.parse({"name": default, **value})
+
+    return Annotated[Spec, PlainValidator(parse), PlainSerializer(Spec.as_dict, return_type=dict[str, Any])]
+
+
+TaskSpec = spec_field(TASKS, DEFAULT_TASK)
+RouterSpec = spec_field(ROUTERS, DEFAULT_ROUTER)
 
 
 class ModelConfig(Strict):
@@ -76,36 +96,22 @@ class RunConfig(Strict):
 
 class Config(Strict):
     seed: int = 0
-    task: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_TASK})
+    task: TaskSpec = Field(default_factory=lambda: TASKS.parse({"name": DEFAULT_TASK}))
     model: ModelConfig = Field(default_factory=ModelConfig)
-    router: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_ROUTER})
+    router: RouterSpec = Field(default_factory=lambda: ROUTERS.parse({"name": DEFAULT_ROUTER}))
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    plugins: list[str] = Field(default_factory=list)  # Python files that register routers or tasks
+    plugins: list[str] = Field(default_factory=list)  # Python files that register components (routers, tasks, ...)
 
     @model_validator(mode="before")
     @classmethod
     def _plugins_first(cls, data: Any) -> Any:
-        # plugin files register routers and tasks, so they load before those sections are checked
+        # plugin files register components, so they load before those sections are checked
         if isinstance(data, dict):
             for path in data.get("plugins") or []:
                 load_plugin(path)
         return data
-
-    @field_validator("task")
-    @classmethod
-    def _task(cls, v: dict[str, Any]) -> dict[str, Any]:
-        v = {"name": DEFAULT_TASK, **v}
-        params = parse_task_params(v)
-        return {"name": v["name"], **params.model_dump()}
-
-    @field_validator("router")
-    @classmethod
-    def _router(cls, v: dict[str, Any]) -> dict[str, Any]:
-        v = {"name": DEFAULT_ROUTER, **v}
-        params = parse_router_params(v)
-        return {"name": v["name"], **dataclasses.asdict(params)}
 
     def fingerprint(self) -> str:
         """Hash of what determines the trained weights' meaning (not run length, logging or paths)."""
@@ -117,7 +123,7 @@ class Config(Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
     def run_name(self) -> str:
-        return self.run.name or f"{self.task['name']}-{self.router['name']}-s{self.seed}-{self.fingerprint()}"
+        return self.run.name or f"{self.task.name}-{self.router.name}-s{self.seed}-{self.fingerprint()}"
 
 
 def parse_value(text: str) -> Any:

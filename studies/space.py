@@ -28,8 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from routerlab.config import ModelConfig, TrainConfig, make_config
-from routerlab.errors import ConfigError
-from routerlab.routers.registry import format_validation_error, param_fields, router_entry
+from routerlab.errors import ConfigError, format_validation_error
+from routerlab.routers.registry import param_fields, router_entry
 
 HERE = Path(__file__).parent
 DEFS_DIR = HERE / "defs"
@@ -184,13 +184,13 @@ class StudySpec(Strict):
             section, _, field = key.partition(".")
             params[key] = dump["seed"] if section == "seed" else dump[section][field]
         if self.families:
-            family = config.router["name"]
+            family = config.router.name
             if family not in self.families:
                 raise ConfigError(f"study {self.name!r}: baseline: the base router {family!r} is not among routers {list(self.families)}")
             if len(self.families) > 1:
                 params["router.name"] = family
             for param in self.families[family]:
-                params[self.param_name(family, param)] = config.router[param]
+                params[self.param_name(family, param)] = getattr(config.router.params, param)
         return params
 
     # ---- validation ------------------------------------------------------------------------------

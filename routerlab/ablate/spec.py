@@ -233,7 +233,7 @@ def expand(spec: AblationSpec, runs_dir: str | Path) -> Plan:
                     break
                 raise ConfigError(f"cell {' / '.join(labels.values()) or 'base'} (seed {seed}): {err}") from None
             try:
-                key = json.dumps(config.task, sort_keys=True)
+                key = json.dumps(config.task.as_dict(), sort_keys=True)
                 if key not in task_cache:
                     task_cache[key] = build_task(config.task)
                 model = build_model(config.model, config.router, task_cache[key])

@@ -1,4 +1,17 @@
-"""Tasks: `clusters`, `chars`, `digits`. Synthetic or bundled data only."""
-from routerlab.tasks.base import Batch, Task, build_task, describe_tasks, parse_task_params, register_task, task_names
+"""Tasks: one file each in this package (found automatically), synthetic or bundled data only."""
+from routerlab.tasks.base import (
+    TASKS,
+    Batch,
+    ClassificationTask,
+    Task,
+    TaskParams,
+    build_task,
+    describe_tasks,
+    parse_task,
+    parse_task_params,
+    register_task,
+    task_names,
+)
 
-__all__ = ["Batch", "Task", "build_task", "describe_tasks", "parse_task_params", "register_task", "task_names"]
+__all__ = ["TASKS", "Batch", "ClassificationTask", "Task", "TaskParams", "build_task", "describe_tasks", "parse_task",
+           "parse_task_params", "register_task", "task_names"]
