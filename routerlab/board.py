@@ -16,6 +16,7 @@ import numpy as np
 ROUTING_METRICS = (
     "load_cv", "max_vio", "dropped_frac", "dead_experts", "router_entropy", "usage_entropy",
     "z_value", "max_logit", "switch_balance", "specialization", "fluctuation",
+    "max_vio_batch", "max_vio_seq", "mean_k", "rank_overload",
 )
 
 
@@ -75,6 +76,11 @@ class Board:
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, data: dict, step: int) -> None:
+        import json
+
+        self.writer.add_text(tag, "```\n" + json.dumps(data, indent=1) + "\n```", step)
 
     def routing(self, prefix: str, per_layer: list[dict[str, float]], step: int) -> None:
         for i, metrics in enumerate(per_layer):

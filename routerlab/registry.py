@@ -63,7 +63,7 @@ def require(condition: bool, message: str) -> None:
 
 
 def param_fields(params_type: type) -> dict[str, Any]:
-    """{field: default} of a parameter dataclass (a default factory is called)."""
+    """{field: default} of a parameter dataclass (a default factory is called; "(required)" when none)."""
     out = {}
     for f in dataclasses.fields(params_type):
         if f.default is not dataclasses.MISSING:
@@ -71,7 +71,7 @@ def param_fields(params_type: type) -> dict[str, Any]:
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()
         else:
-            out[f.name] = None
+            out[f.name] = "(required)"
     return out
 
 

@@ -106,7 +106,10 @@ class Trainer:
             raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
         self.dtype = getattr(torch, config.train.dtype)
         self.task = task if task is not None else build_task(config.task)
-        self.model = self.parallel.shard(build_model(config.model, config.router, self.task)).to(self.device, self.dtype)
+        self.data_info = self.task.data_info()  # checksum, sizes, unigram baseline: recorded with the run
+        with self.parallel.building():  # expert parallelism: each rank builds its own experts only
+            model = build_model(config.model, config.router, self.task)
+        self.model = self.parallel.shard(model).to(self.device, self.dtype)
         self.layers = self.model.moe_layers()
         check_compatible(self.model, self.task, config)
         t = config.train
@@ -126,6 +129,8 @@ class Trainer:
         if resume is not None:
             self.load(resume)
         self.board = Board(self.run_dir, purge_step=self.step) if log and self.parallel.is_main else None
+        if self.board and self.data_info:
+            self.board.text("data", self.data_info, self.step)
         self._window: list[RoutingStats | None] = [None] * len(self.layers)
         self._step_hooks: list[Callable[[int, float], None]] = []
         self._eval_hooks: list[Callable[[int, dict[str, float]], None]] = []
@@ -229,7 +234,7 @@ class Trainer:
         for i, layer in enumerate(self.layers):  # router-specific scalars (adversary prices, critic loss)
             values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
         self.board.scalars(values, self.step)
-        self.board.routing("routing", [routing_metrics(s) for s in self._window if s is not None], self.step)
+        self.board.routing("routing", [routing_metrics(s, self.config.parallel.expert) for s in self._window if s is not None], self.step)
         self._window = [None] * len(self.layers)
 
     @property
@@ -242,14 +247,16 @@ class Trainer:
         """Task and routing metrics on the fixed evaluation batches (per layer and mean over layers)."""
         self.model.eval()
         loss_sum, correct, count = 0.0, 0, 0
+        row_losses = []  # mean loss per example (sequence): tokens of one sequence are not independent
         stats: list[RoutingStats | None] = [None] * len(self.layers)
         top1: list[list[torch.Tensor]] = [[] for _ in self.layers]
         labels = []
         for batch in self.eval_set:
             batch = batch.to(self.device, self.dtype)
-            loss, logits = self.task_loss(batch)
+            token_loss, logits = self.token_losses(batch)
             n = batch.targets.numel()
-            loss_sum += loss.item() * n
+            loss_sum += token_loss.mean().item() * n
+            row_losses.append(token_loss.reshape(batch.targets.shape[0], -1).mean(1).double().cpu())
             correct += int((logits.argmax(-1) == batch.targets.reshape(-1)).sum())
             count += n
             labels.append(batch.labels.reshape(-1).cpu())
@@ -259,13 +266,15 @@ class Trainer:
         self.model.train()
 
         metrics: dict[str, float] = {"loss": loss_sum / count}
+        rows = torch.cat(row_losses)
+        metrics["loss_se"] = float(rows.std() / math.sqrt(len(rows))) if len(rows) > 1 else float("nan")  # the eval's own noise
         if self.task.kind == "lm":
             metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         metrics["accuracy"] = correct / count
         all_labels = torch.cat(labels)
         per_layer = []
         for i, layer in enumerate(self.layers):
-            m = routing_metrics(stats[i])
+            m = routing_metrics(stats[i], self.config.parallel.expert)
             m["specialization"] = specialization(all_labels, torch.cat(top1[i]), self.task.num_labels, layer.router.num_experts)
             if self.probe_top1 is not None:
                 m["fluctuation"] = fluctuation(self.probe_top1[i], top1[i][0])
@@ -350,6 +359,7 @@ class Trainer:
         model_state, optimizer_state = self.parallel.full_state(self.model, self.optimizer)  # full expert tensors
         state = {
             "fingerprint": self.config.fingerprint(),
+            "data_checksum": self.data_info.get("data_checksum"),
             "config": self.config.model_dump(mode="json"),
             "step": self.step,
             "model": model_state,
@@ -374,6 +384,9 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         state = load_checkpoint(path, self.config.fingerprint())
+        ours, theirs = self.data_info.get("data_checksum"), state.get("data_checksum")
+        if ours and theirs and ours != theirs:
+            raise ConfigError(f"checkpoint {str(path)!r} was trained on data {theirs[:12]}, but this task's data is {ours[:12]}; resume on the same corpus")
         try:
             model_state, optimizer_state = self.parallel.local_state(self.model, self.optimizer, state["model"], state["optimizer"])
             self.model.load_state_dict(model_state)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from routerlab.config import make_config
 from routerlab.moe import ExpertBank, MoELayer
-from routerlab.moe.parallel import ExpertParallelMoELayer, all_gather_rows, shard_experts
+from routerlab.moe.parallel import EXCHANGE_DISPATCHERS, AllGatherDispatch, all_gather_rows, shard_experts
 from routerlab.routers import Router, Routing
 from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
 from routerlab.train import Trainer
@@ -80,7 +80,7 @@ def layer_case(name: str, rank: int, world: int, exchange: str = "variable") -> 
             sizes = [0, T] + [0] * (world - 2)
     full = MoELayer(router, ExpertBank(4, d, 16), capacity, "loop")
     ep = shard_experts(torch.nn.Sequential(copy.deepcopy(full)), chunks=CHUNKS.get(name, 2), exchange=exchange)[0]
-    assert ep.exchange == exchange
+    assert type(ep.dispatcher) is EXCHANGE_DISPATCHERS[exchange]
     grad_out = torch.randn(T, d)
 
     ref_x = x.clone().requires_grad_()
@@ -112,7 +112,10 @@ def trainer_case(router: dict, out: Path, rank: int, world: int) -> dict:
     trainer = Trainer(config(router, out / "runs", expert=world), log=False)
     par = trainer.parallel
     # the trainer shards with exchange="auto": static splits up to 4 ranks (equal batch slices), the sizes tested here
-    assert {m.exchange for m in trainer.model.modules() if isinstance(m, ExpertParallelMoELayer)} == {"fixed"}
+    layers = trainer.model.moe_layers()
+    assert {type(m.dispatcher) for m in layers} == {AllGatherDispatch}
+    # each rank built only its own experts (never the whole bank)
+    assert all(m.experts.num_experts * world == m.experts.total_experts and m.experts.first_expert == rank * m.experts.num_experts for m in layers)
     batch = trainer.task.batch("train", 8, torch.Generator().manual_seed(99))
     loss, logits = trainer.task_loss(par.shard_batch(batch))
     aux = trainer.model.aux_losses()
@@ -144,6 +147,24 @@ def resume_case(router: dict, out: Path, checkpoint: str, world: int) -> float:
     return loss
 
 
+def balance_case(rank: int) -> list[list[float]]:
+    """Global-batch balance loss (issue 17): even ranks route all tokens to expert 0, odd ranks to expert 1.
+    Every rank's (micro-batch loss, global loss), gathered."""
+    from routerlab.routers import build_router
+
+    r = build_router({"name": "softmax_topk", "k": 1, "balance_batch": 1.0, "balance_global": 1.0}, 8, 2).train()
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.gate.weight[0, 0], r.gate.weight[1, 0] = 1.0, -1.0
+    v = torch.zeros(8)
+    v[0] = 1.0 if rank % 2 == 0 else -1.0
+    aux = r(torch.stack([v] * 4)).aux
+    mine = torch.tensor([float(aux["balance_batch"]), float(aux["balance_global"])])
+    every = [torch.zeros(2) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
+
+
 def main() -> None:
     out, one_process_ckpt = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
@@ -156,6 +177,7 @@ def main() -> None:
             results["layer"][f"{name}_fixed"] = layer_case(name, rank, world, "fixed")
     for key, router in ROUTERS.items():
         results["trainer"][key] = trainer_case(router, out, rank, world)
+    results["balance"] = balance_case(rank)
     results["resumed_from_one_process"] = resume_case(ROUTERS["softmax_topk"], out, one_process_ckpt, world)
     if rank == 0:
         torch.save(results, out / "results.pt")

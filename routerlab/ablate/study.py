@@ -41,22 +41,33 @@ def run_ablation(
     out: str | Path | None = None,
     runs: str | Path | None = None,
     workers: int | None = None,
+    per_gpu: int = 1,
+    ray: str | None = None,
     command: str | None = None,
     on_plan: Callable[[Plan, int], None] | None = None,
     on_update: Callable[[int, int, int], None] | None = None,
 ) -> AblationReport:
-    """Validate every cell, run the unfinished ones, then write results.csv, summary.md and the plots."""
+    """Validate every cell, run the unfinished ones (here, or as Ray tasks on the cluster at `ray`), then write
+    results.csv, summary.csv, summary.md and the plots."""
     plan, out = plan_ablation(path, out, runs)
     if on_plan is not None:
         on_plan(plan, len(plan.cells))
     before = sum(1 for c in plan.cells if (out / "cells" / f"{c.id}.json").is_file())
-    results, errors = run_plan(plan, out, workers, on_update)
+    if ray is not None:
+        from routerlab.ablate.ray_runner import run_plan_ray
+
+        results, errors = run_plan_ray(plan, out, ray, on_update)
+    else:
+        results, errors = run_plan(plan, out, workers, on_update, per_gpu)
     table = report.rows(plan, results)
-    stats = report.group_stats(plan, table, plan.spec.metrics)
+    fixed = {"cell", "seed", *report.axis_names(plan)}
+    metrics = list(dict.fromkeys(k for row in table for k in row if k not in fixed))
+    stats = report.group_stats(plan, table, metrics)
     command = command or f"routerlab ablate {path} --out {out}"
-    files = [out / "results.csv", out / "summary.md"]
+    files = [out / "results.csv", out / "summary.md", out / "summary.csv"]
     report.write_csv(files[0], plan, table)
-    atomic_write_text(files[1], report.summary_markdown(plan, stats, errors, command))
+    atomic_write_text(files[1], report.summary_markdown(plan, stats, errors, command, results))
+    report.write_summary_csv(files[2], plan, stats)
     if results:
         files += plots.write_plots(plan, results, out)
     return AblationReport(plan, out, results, errors, len(results) - before, stats, files)

@@ -1,4 +1,5 @@
-"""Tasks: one file each in this package (found automatically), synthetic or bundled data only."""
+"""Tasks: `clusters`, `chars`, `digits`, `stdlib`, `text`, `tokens`; one file each in this package, found
+automatically. Synthetic, bundled or the user's own data only."""
 from routerlab.tasks.base import (
     TASKS,
     Batch,

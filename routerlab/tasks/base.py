@@ -76,6 +76,10 @@ class Task:
     def subset(self, split: str, indices: Tensor) -> Task:  # pragma: no cover
         raise NotImplementedError
 
+    def data_info(self) -> dict:
+        """What a run records about its data (corpus tasks: data_checksum, token counts, unigram entropy)."""
+        return {}
+
     def describe(self) -> str:
         return self.__class__.__doc__.strip().splitlines()[0] if self.__doc__ else ""
 

@@ -21,12 +21,13 @@ class ClustersParams(TaskParams):
     num_classes: int = 4
     train_size: int = 16384
     val_size: int = 2048
+    test_size: int = 0  # > 0: a held-out `test` split, drawn after train and val (which stay as they were)
     spread: float = 0.5  # within-cluster std, relative to unit-norm-scaled centers
     zipf: float = 0.0
     seed: int = 0  # data seed, independent of the training seed
 
     def __post_init__(self) -> None:
-        for name, low in (("num_clusters", 1), ("input_dim", 2), ("num_classes", 2), ("train_size", 1), ("val_size", 1)):
+        for name, low in (("num_clusters", 1), ("input_dim", 2), ("num_classes", 2), ("train_size", 1), ("val_size", 1), ("test_size", 0)):
             require(getattr(self, name) >= low, f"{name} must be >= {low}, got {getattr(self, name)}")
         require(self.spread > 0, f"spread must be > 0, got {self.spread}")
         require(self.zipf >= 0, f"zipf must be >= 0, got {self.zipf}")
@@ -51,6 +52,8 @@ class Clusters(ClassificationTask):
         freq = 1.0 / torch.arange(1, K + 1, dtype=torch.float64) ** params.zipf
         self.cluster_probs = (freq / freq.sum()).float()
         self.data = {"train": self._make(params.train_size, g), "val": self._make(params.val_size, g)}
+        if params.test_size:
+            self.data["test"] = self._make(params.test_size, g)
 
     def _make(self, n: int, g: torch.Generator):
         cluster = torch.multinomial(self.cluster_probs, n, replacement=True, generator=g)
