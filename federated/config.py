@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from routerlab.config import Config, apply_overrides, make_config, read_config_file
+from routerlab.config import Config, Strict, apply_overrides, make_config, read_config_file
 from routerlab.errors import ConfigError, format_validation_error
 from routerlab.tasks.base import task_entry
 
@@ -19,9 +19,7 @@ PARTITIONS = ("iid", "dirichlet", "classes", "contiguous")
 DEFAULT_CONFIG = Path(__file__).with_name("digits.yaml")
 
 
-class FederatedParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FederatedParams(Strict):
     strategy: str = "expert_weighted"
     num_clients: int = Field(10, ge=1)
     rounds: int = Field(5, ge=1)

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator, model_validator
 
 from routerlab.errors import ConfigError, format_validation_error
+from routerlab.moe.backends import expert_backend
+from routerlab.moe.experts import ACTIVATIONS
 from routerlab.registry import Registry, Spec, load_plugin
 from routerlab.routers.registry import ROUTERS
 from routerlab.tasks.base import TASKS
@@ -56,9 +58,15 @@ class ModelConfig(Strict):
     num_experts: int = Field(8, ge=1)
     expert_hidden: int = Field(128, ge=1)
     dense_hidden: int | None = Field(None, ge=1)  # hidden size of dense FFN layers; default expert_hidden
-    activation: Literal["swiglu", "gelu"] = "swiglu"
+    activation: Literal[ACTIVATIONS] = "swiglu"
     capacity_factor: float | None = Field(None, gt=0)  # None = dropless
-    backend: Literal["auto", "loop", "grouped", "padded"] = "auto"
+    backend: str = "auto"  # an expert backend's registered name (routerlab.moe.backends)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        expert_backend(v)  # unknown names fail here, with the valid ones
+        return v
 
 
 class TrainConfig(Strict):
@@ -120,7 +128,7 @@ class Config(Strict):
         data.pop("parallel")  # checkpoints move between rank counts
         for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device"):
             data["train"].pop(key)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+        return content_hash(data)
 
     def run_name(self) -> str:
         return self.run.name or f"{self.task.name}-{self.router.name}-s{self.seed}-{self.fingerprint()}"
@@ -141,16 +149,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"--set expects key=value (for example train.steps=100), got {item!r}")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-        if parts[-1] == "name" and len(parts) == 2 and parts[0] in ("router", "task") and node.get("name") != value:
-            node.clear()
-        node[parts[-1]] = parse_value(value)
+        key = key.strip()
+        section = data.get(key.split(".")[0])
+        if key in ("router.name", "task.name") and isinstance(section, dict) and section.get("name") != value:
+            section.clear()  # a new component starts from its own defaults
+        set_key(data, key, parse_value(value), where="--set ")
     return data
+
+
+def set_key(data: dict[str, Any], key: str, value: Any, where: str = "") -> None:
+    """Set a dotted key (`train.lr`, `router.k`) in nested plain data, in place, making sections as needed.
+    The one implementation of dotted overrides (--set, ablation axes, study parameters)."""
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}{key}: {part!r} is not a section")
+    node[last] = value
+
+
+def content_hash(data: Any) -> str:
+    """Short sha256 of JSON-able data (keys sorted): config fingerprints, ablation cell ids, spec hashes."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def make_config(data: dict[str, Any]) -> Config:

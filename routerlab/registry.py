@@ -124,19 +124,24 @@ class Registry:
 
     kind:    what a component is, in messages ("router" -> "unknown router 'x'; valid routers: ...").
     package: a package whose modules are imported on first use (discovery); `skip` names modules to leave.
+    params:  the parameter type of a component registered without one.
+    name_attribute: the attribute of a registered class that receives its name (e.g. "router_name").
     """
 
-    def __init__(self, kind: str, *, package: str | None = None, skip: tuple[str, ...] = (), plural: str | None = None) -> None:
+    def __init__(self, kind: str, *, package: str | None = None, skip: tuple[str, ...] = (), plural: str | None = None,
+                 params: type = Params, name_attribute: str | None = None) -> None:
         self.kind = kind
         self.plural = plural or f"{kind}s"
         self.package = package
         self.skip = set(skip)
+        self.default_params = params
+        self.name_attribute = name_attribute
         self._entries: dict[str, Entry] = {}
         self._discovered = False
         REGISTRIES[kind] = self
 
     # ---- registering -------------------------------------------------------------------------------
-    def register(self, name: str, params: type = Params) -> Callable[[T], T]:
+    def register(self, name: str, params: type | None = None) -> Callable[[T], T]:
         """Decorator: `@REGISTRY.register("name", MyParams)` on a class (or a factory function)."""
 
         def decorate(obj: T) -> T:
@@ -145,10 +150,13 @@ class Registry:
 
         return decorate
 
-    def add(self, name: str, obj: Any, params: type = Params) -> None:
+    def add(self, name: str, obj: Any, params: type | None = None) -> None:
+        params = self.default_params if params is None else params
         if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
             raise TypeError(f"{self.kind} {name!r}: params must be a dataclass type (subclass routerlab.registry.Params), got {params!r}")
         self._entries[name] = Entry(obj, params)
+        if self.name_attribute is not None:
+            setattr(obj, self.name_attribute, name)
 
     # ---- looking up --------------------------------------------------------------------------------
     def discover(self) -> None:

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from routerlab.config import ModelConfig, TrainConfig, make_config
+from routerlab.config import ModelConfig, Strict, TrainConfig, make_config, set_key
 from routerlab.errors import ConfigError, format_validation_error
 from routerlab.routers.registry import param_fields, router_entry
 
@@ -41,10 +41,6 @@ METRICS = (
     "router_entropy", "usage_entropy", "z_value", "max_logit", "switch_balance", "specialization",
     "params_total", "params_active", "tokens_per_s",
 )
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Dist(Strict):
@@ -164,15 +160,9 @@ class StudySpec(Strict):
         family = values.get("router.name", router.get("name", "softmax_topk"))
         if family != router.get("name", "softmax_topk"):
             router = {"name": family}
-        for key, value in values.items():
-            section, _, field = key.partition(".")
-            if section == "router":
-                router[field] = value
-            elif section == "seed":
-                data["seed"] = value
-            else:
-                data.setdefault(section, {})[field] = value
         data["router"] = router
+        for key, value in values.items():
+            set_key(data, key, value)
         return data
 
     def baseline_params(self) -> dict[str, Any]:

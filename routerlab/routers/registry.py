@@ -15,8 +15,6 @@ from routerlab.errors import ConfigError, format_validation_error  # noqa: F401 
 from routerlab.registry import Entry, Params, Registry, Spec, load_plugin, param_fields, require  # noqa: F401
 from routerlab.routers.base import Router
 
-ROUTERS = Registry("router", package="routerlab.routers", skip=("base", "registry"))
-
 
 @dataclasses.dataclass(frozen=True)
 class RouterParams(Params):
@@ -27,15 +25,10 @@ class RouterParams(Params):
     """
 
 
-def register_router(name: str, params: type[RouterParams] = RouterParams) -> Callable[[type[Router]], type[Router]]:
-    """Class decorator: `@register_router("my_router", MyParams)`."""
+ROUTERS = Registry("router", package="routerlab.routers", skip=("base", "registry"), params=RouterParams, name_attribute="router_name")
 
-    def decorate(cls: type[Router]) -> type[Router]:
-        ROUTERS.add(name, cls, params)
-        cls.router_name = name
-        return cls
-
-    return decorate
+register_router: Callable[..., Callable[[type[Router]], type[Router]]] = ROUTERS.register
+"""Class decorator: `@register_router("my_router", MyParams)`; the class is built as `cls(d_model, num_experts, params)`."""
 
 
 def router_names() -> list[str]:

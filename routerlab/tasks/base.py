@@ -20,13 +20,13 @@ from torch import Tensor
 
 from routerlab.registry import Params, Registry, Spec
 
-TASKS = Registry("task", package="routerlab.tasks", skip=("base",))
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskParams(Params):
     """Parameters of a task: subclass as a frozen dataclass, every field with a default; range checks in
     `__post_init__` with `routerlab.registry.require`."""
+
+
+TASKS = Registry("task", package="routerlab.tasks", skip=("base",), params=TaskParams, name_attribute="name")
 
 
 @dataclass
@@ -112,15 +112,8 @@ class ClassificationTask(Task):
         self.data[split] = tuple(t[indices] for t in self.data[split])
 
 
-def register_task(name: str, params: type[TaskParams] = TaskParams):
-    """Class decorator: `@register_task("my_task", MyParams)`; the class is built as `cls(params)`."""
-
-    def decorate(cls):
-        TASKS.add(name, cls, params)
-        cls.name = name
-        return cls
-
-    return decorate
+register_task = TASKS.register
+"""Class decorator: `@register_task("my_task", MyParams)`; the class is built as `cls(params)`."""
 
 
 def task_names() -> list[str]:
