@@ -133,6 +133,9 @@ class Config(Strict):
     def fingerprint(self) -> str:
         """Hash of what determines the trained weights' meaning (not run length, logging or paths)."""
         data = self.model_dump(mode="json")
+        for section in ("task", "router"):  # a section left out of the config has always been hashed by its
+            if section not in self.model_fields_set:  # name alone: kept, so existing checkpoints still resume
+                data[section] = {"name": data[section]["name"]}
         data.pop("run")
         data.pop("parallel")  # checkpoints move between rank counts
         for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device"):
