@@ -182,14 +182,29 @@ def run_worker(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
     return study
 
 
-def run_study(args: list[str], workers: int) -> int:
+def worker_devices(device: str, workers: int, cuda_count: int) -> list[str | None]:
+    """The device of each worker: on CUDA spread over the GPUs as ablation cells are (cuda:0, cuda:1, cuda:0, ...);
+    None (the config's own device) otherwise."""
+    if not device.startswith("cuda") or cuda_count < 1:
+        return [None] * workers
+    from routerlab.ablate.runner import device_slots
+
+    slots = device_slots(cuda_count, -(-workers // cuda_count))
+    return slots[:workers]
+
+
+def run_study(args: list[str], workers: int, devices: list[str | None] | None = None) -> int:
     """Start `workers` worker processes (the same command with --workers 1) and wait for them.
 
-    Open the study first (open_study), so the workers do not race to create its tables.
+    Open the study first (open_study), so the workers do not race to create its tables. devices[i] (if not
+    None) is worker i's train.device.
     """
     procs = []
     for i in range(workers):
         cmd = [sys.executable, "-m", "routerlab", "study", *args, "--workers", "1", "--worker-index", str(i), "--no-progress"]
+        device = (devices or [None] * workers)[i]
+        if device is not None:
+            cmd.append(f"--set=train.device={device}")
         procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}))
     codes = [p.wait() for p in procs]
     return max(codes)

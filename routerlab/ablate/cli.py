@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the cells, run nothing"),
         per_gpu: int = typer.Option(1, "--per-gpu", min=1, help="cells trained at once on each GPU (CUDA cells; default workers = GPUs x this)"),
         ray: Optional[str] = typer.Option(None, "--ray", help="run each cell as a Ray task on the cluster at ADDRESS (host:port, or auto); results gather here"),
+        report_only: bool = typer.Option(False, "--report-only", help="train nothing: write the tables and plots from the cells finished so far"),
     ) -> None:
         """Run a grid of routers x tasks x settings x seeds in parallel; resumable; writes CSV, summary and plots."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
                 if not bar.console.is_terminal:  # logs and CI get one line per change instead of a live bar
                     bar.console.print(f"cells: {state}", highlight=False)
 
-            result = run_ablation(file, out=out, runs=runs, workers=workers, per_gpu=per_gpu, ray=ray, command=command, on_plan=on_plan, on_update=on_update)
+            result = run_ablation(file, out=out, runs=runs, workers=workers, per_gpu=per_gpu, ray=ray, report_only=report_only, command=command, on_plan=on_plan, on_update=on_update)
         from rich.console import Console
 
         from routerlab.ablate.report import rich_table

@@ -43,6 +43,7 @@ def run_ablation(
     workers: int | None = None,
     per_gpu: int = 1,
     ray: str | None = None,
+    report_only: bool = False,
     command: str | None = None,
     on_plan: Callable[[Plan, int], None] | None = None,
     on_update: Callable[[int, int, int], None] | None = None,
@@ -53,7 +54,11 @@ def run_ablation(
     if on_plan is not None:
         on_plan(plan, len(plan.cells))
     before = sum(1 for c in plan.cells if (out / "cells" / f"{c.id}.json").is_file())
-    if ray is not None:
+    if report_only:  # the finished cells, e.g. of a grid cut short or still running elsewhere
+        from routerlab.ablate.runner import load_done
+
+        results, errors = load_done(out, plan), {}
+    elif ray is not None:
         from routerlab.ablate.ray_runner import run_plan_ray
 
         results, errors = run_plan_ray(plan, out, ray, on_update)
