@@ -44,7 +44,16 @@ class ModelConfig(Strict):
     shared_experts: int = Field(0, ge=0)  # always-on experts beside the routed ones (DeepSeekMoE, Qwen-MoE)
     shared_hidden: int | None = Field(None, ge=1)  # hidden size of each shared expert; default expert_hidden
     shared_gate: bool = False  # scale the shared output by a learned per-token sigmoid (Qwen-MoE)
-    backend: Literal["auto", "loop", "grouped", "padded"] = "auto"
+    backend: str = "auto"  # an expert backend's name (routerlab/moe/backends.py: auto, loop, grouped, padded, or a plugin's)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        from routerlab.moe.backends import EXPERT_BACKENDS
+
+        if v not in EXPERT_BACKENDS:
+            raise ValueError(f"unknown expert backend {v!r}; valid: {', '.join(EXPERT_BACKENDS)}")
+        return v
 
 
 class TrainConfig(Strict):
