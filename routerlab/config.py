@@ -17,7 +17,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator, model_validator
 
 from routerlab.errors import ConfigError, format_validation_error
-from routerlab.moe.backends import expert_backend
 from routerlab.moe.experts import ACTIVATIONS
 from routerlab.registry import Registry, Spec, load_plugin
 from routerlab.routers.registry import ROUTERS
@@ -66,12 +65,15 @@ class ModelConfig(Strict):
     shared_experts: int = Field(0, ge=0)  # always-on experts beside the routed ones (DeepSeekMoE, Qwen-MoE)
     shared_hidden: int | None = Field(None, ge=1)  # hidden size of each shared expert; default expert_hidden
     shared_gate: bool = False  # scale the shared output by a learned per-token sigmoid (Qwen-MoE)
-    backend: str = "auto"  # an expert backend's registered name (routerlab.moe.backends)
+    backend: str = "auto"  # an expert backend's name (routerlab/moe/backends.py: auto, loop, grouped, padded, or a plugin's)
 
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        expert_backend(v)  # unknown names fail here, with the valid ones
+        from routerlab.moe.backends import EXPERT_BACKENDS
+
+        if v not in EXPERT_BACKENDS:
+            raise ValueError(f"unknown expert backend {v!r}; valid: {', '.join(EXPERT_BACKENDS)}")
         return v
 
 
@@ -96,8 +98,8 @@ class TrainConfig(Strict):
     micro_batches: int = Field(1, ge=1)  # gradient accumulation: a step = micro_batches x batch_size sequences
     timing_skip: int = Field(10, ge=0)  # first steps left out of tokens/s, step time and MFU (JIT, allocator warm-up)
     peak_flops: float | None = Field(None, gt=0)  # the card's bf16 peak FLOP/s for MFU; None = known cards by name (docs/gpu.md)
-    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE dispatch and expert
-    # kernels, "moe" = the MoE layers too; "auto" = "moe" on CUDA, "off" on CPU (same numbers as before)
+    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE layers, "moe" = the MoE
+    # layers too; "auto" = off for now (measured slower in the trainer before a router fix; see compile.py)
     compile: Literal["auto", "off", "dense", "moe"] = "auto"
     tf32: bool = True  # float32 on CUDA: TF32 matmuls (about 8x the fp32 rate on an H200); false = full fp32
 
