@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ DEFAULT_ROUTER = "softmax_topk"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr=inf or .nan trains to NaN: refuse at parse time
 
 
 class ModelConfig(Strict):
@@ -53,6 +54,7 @@ class TrainConfig(Strict):
     eval_batches: int = Field(4, ge=1)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that update
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -112,7 +114,7 @@ class Config(Strict):
         data = self.model_dump(mode="json")
         data.pop("run")
         data.pop("parallel")  # checkpoints move between rank counts
-        for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device"):
+        for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device", "on_nonfinite"):
             data["train"].pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -147,11 +149,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def non_finite_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is a float inf or nan, at any depth."""
+    if isinstance(data, dict):
+        return [k for key, v in data.items() for k in non_finite_keys(v, f"{prefix}{key}.")]
+    if isinstance(data, (list, tuple)):
+        return [k for i, v in enumerate(data) for k in non_finite_keys(v, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(data, float) and not math.isfinite(data) else []
+
+
 def make_config(data: dict[str, Any]) -> Config:
     try:
-        return Config(**data)
+        config = Config(**data)
     except ValidationError as err:
         raise ConfigError(f"invalid config: {format_validation_error(err)}") from None
+    bad = non_finite_keys(config.model_dump())  # router and task params are parsed by their own registries
+    if bad:
+        raise ConfigError(f"invalid config: {bad[0]}: must be a finite number, got {dict_get(config.model_dump(), bad[0])}")
+    return config
+
+
+def dict_get(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return data
 
 
 def read_config_file(path: str | Path, sections: str = "task, model, router, train, run", what: str = "config file") -> dict[str, Any]:

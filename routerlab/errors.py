@@ -3,3 +3,8 @@
 
 class ConfigError(ValueError):
     """Bad input from the user: a config value, a name, a file. The message says what is valid."""
+
+
+class RunStopped(RuntimeError):
+    """A run stopped on purpose with a reason the user can act on (a non-finite loss or gradient).
+    The CLI prints one line and exits 1; nothing is saved past the last good checkpoint."""

@@ -20,8 +20,9 @@ from routerlab.board import Board
 from routerlab.checkpoint import load_checkpoint, save_checkpoint
 from routerlab.config import Config
 from routerlab.distributed import setup_parallel
-from routerlab.errors import ConfigError
+from routerlab.errors import ConfigError, RunStopped
 from routerlab.models import build_model
+from routerlab.outputs import check_writable, lock_output_dir
 from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization
 from routerlab.tasks import Batch, Task, build_task
 
@@ -71,6 +72,10 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
         self.dtype = getattr(torch, config.train.dtype)
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
+        writes = log and self.parallel.is_main
+        if writes:  # before any work: an unwritable run.dir fails now, not after the task and model are built
+            check_writable(self.run_dir, "run.dir")
         self.task = task if task is not None else build_task(config.task)
         self.model = self.parallel.shard(build_model(config.model, config.router, self.task)).to(self.device, self.dtype)
         self.layers = self.model.moe_layers()
@@ -88,9 +93,10 @@ class Trainer:
         self.last_loads: list[list[float]] = []  # token-slots per expert of each MoE layer in the last evaluation
         self.train_time = 0.0
         self.train_tokens = 0
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
+        self.skipped_steps = 0  # updates dropped for a non-finite loss or gradient (train.on_nonfinite=skip)
         if resume is not None:
             self.load(resume)
+        self._lock = lock_output_dir(self.run_dir, "run.dir") if writes else None  # one process per run folder
         self.board = Board(self.run_dir, purge_step=self.step) if log and self.parallel.is_main else None
         self._window: list[RoutingStats | None] = [None] * len(self.layers)
 
@@ -122,17 +128,32 @@ class Trainer:
         self.parallel.sync_grads(self.model)
         for layer in self.layers:
             layer.router.before_step()
-        if self.config.train.grad_clip is not None:
-            self.parallel.clip_grad_norm_(self.model, self.config.train.grad_clip)
-        self.optimizer.step()
+        # max_norm=inf leaves the gradients as they are but still returns their (global) norm
+        norm = self.parallel.clip_grad_norm_(self.model, self.config.train.grad_clip or math.inf)
+        finite = bool(torch.isfinite(total.detach())) and (norm is None or bool(torch.isfinite(norm)))
+        if not finite and self.config.train.on_nonfinite == "stop":  # before the update: weights stay good
+            raise RunStopped(
+                f"step {self.step + 1}: the loss ({float(total.detach()):.4g}) or gradient norm ({float(norm) if norm is not None else float('nan'):.4g}) "
+                "is not finite; stopped without saving, the last good checkpoint is kept; lower train.lr, set train.grad_clip, "
+                "or set train.on_nonfinite=skip to skip such updates")
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
         self.scheduler.step()
         value = self.parallel.reduce_step(self.layers, loss)  # stats summed over ranks before routers see them
         for layer in self.layers:
-            layer.router.after_step(layer.stats)
+            if finite:  # a router does not learn from the statistics of a skipped, non-finite step
+                layer.router.after_step(layer.stats)
         self.parallel.sync_buffers(self.model)
         self.train_time += time.perf_counter() - start
         self.train_tokens += global_tokens
         self.step += 1
+        if not finite:
+            if self.board:
+                self.board.scalars({"train/skipped_steps": self.skipped_steps}, self.step)
+            return value
         self.losses.append(value)
         self._window = [s if w is None else w.merge(s) for w, s in zip(self._window, (l.stats for l in self.layers))]
         if self.board and self.step % self.config.train.log_every == 0:
@@ -257,6 +278,9 @@ class Trainer:
         if self.board:
             self.board.close()
             self.board = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         self.parallel.close()
 
     # ---- checkpoints ----------------------------------------------------------------------------

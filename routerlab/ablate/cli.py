@@ -4,7 +4,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="results folder; default results/<ablation name>"),
         runs: Optional[Path] = typer.Option(None, "--runs", help="TensorBoard folder; default <base run.dir>/<name of --out>"),
         dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the cells, run nothing"),
+        set_: List[str] = typer.Option([], "--set", "-s", help="override a key of the base config: --set train.steps=50"),
     ) -> None:
         """Run a grid of routers x tasks x settings x seeds in parallel; resumable; writes CSV, summary and plots."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -27,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from routerlab.ablate.study import plan_ablation, run_ablation
 
         if dry_run:
-            plan, out_dir = plan_ablation(file, out, runs)
+            plan, out_dir = plan_ablation(file, out, runs, set_)
             for cell in plan.cells:
                 console.print(f"{cell.id}  {' / '.join(cell.labels.values())}  seed {cell.seed}", highlight=False)
             for labels, reason in plan.skipped:
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
                 if not bar.console.is_terminal:  # logs and CI get one line per change instead of a live bar
                     bar.console.print(f"cells: {state}", highlight=False)
 
-            result = run_ablation(file, out=out, runs=runs, workers=workers, command=command, on_plan=on_plan, on_update=on_update)
+            result = run_ablation(file, out=out, runs=runs, workers=workers, command=command, on_plan=on_plan, on_update=on_update, overrides=set_)
         from rich.console import Console
 
         from routerlab.ablate.report import rich_table

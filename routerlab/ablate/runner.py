@@ -12,12 +12,14 @@ import os
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable
 
 from routerlab.ablate.spec import Cell, Plan
 from routerlab.checkpoint import atomic_write_text
 
+WORKER_DIED = "a worker process died (killed, or out of memory) while this cell ran; rerun the same command to continue"
 CURVE_POINTS = 100  # training-loss points kept per cell for the curve plot
 
 
@@ -67,8 +69,11 @@ def run_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str], 
 _WORKER_DEVICE: str | None = None
 
 
-def _init_worker(threads: int, devices) -> None:
+def _init_worker(threads: int, devices, parent: int | None = None) -> None:
     global _WORKER_DEVICE
+    from routerlab.procs import die_with_parent
+
+    die_with_parent(parent)  # a kill -9 of `routerlab ablate` must not leave workers training on
     import torch
 
     torch.set_num_threads(threads)
@@ -141,7 +146,7 @@ def run_plan(
     threads = max(1, (os.cpu_count() or 1) // workers)
     pending = list(todo)
     running: dict[Future, Cell] = {}
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, devices)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, devices, os.getpid())) as pool:
         try:
             while pending or running:
                 while pending and len(running) < workers:  # submit only what runs now, so 'running' is true
@@ -153,8 +158,15 @@ def run_plan(
                     cell = running.pop(future)
                     try:
                         done[cell.id] = future.result()
+                    except BrokenProcessPool:
+                        errors[cell.id] = WORKER_DIED
                     except Exception as err:
                         errors[cell.id] = f"{type(err).__name__}: {err}"
+                if any(e == WORKER_DIED for e in errors.values()):  # the pool is unusable: stop, report, exit non-zero
+                    for cell in list(running.values()) + pending:
+                        errors.setdefault(cell.id, "not run: " + WORKER_DIED)
+                    running.clear()
+                    pending.clear()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             for process in list(getattr(pool, "_processes", {}).values()):

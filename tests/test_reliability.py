@@ -1,0 +1,208 @@
+"""Nothing lost, nothing silently wrong: damaged checkpoints, non-finite numbers, locks, permissions,
+stale temporary files, internal errors as one line. Every case is listed in docs/reliability.md."""
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from routerlab.checkpoint import load_checkpoint
+from routerlab.cli import app
+from routerlab.config import load_config
+from routerlab.errors import ConfigError, RunStopped
+from routerlab.train import Trainer
+
+runner = CliRunner()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["train.steps=2", "model.d_model=16", "model.n_heads=2", "model.expert_hidden=16", "train.batch_size=4",
+        "train.eval_batches=1", "task.name=clusters", "run.name=r"]
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def train_args(tmp_path, *extra):
+    args = ["train", "--no-progress"]
+    for item in TINY + [f"run.dir={tmp_path / 'runs'}", *extra]:
+        args += ["--set", item]
+    return args
+
+
+def one_line(output: str) -> bool:
+    return "Traceback" not in output and len(output.strip().splitlines()) == 1 and output.startswith("error: ")
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+def test_a_checkpoint_with_flipped_bytes_is_refused_and_the_good_one_kept(tmp_path):
+    code, out = cli(*train_args(tmp_path))
+    assert code == 0, out
+    good = tmp_path / "runs" / "r" / "checkpoint.pt"
+    before = good.read_bytes()
+    damaged = bytearray(before)
+    middle = len(damaged) // 2
+    damaged[middle:middle + 4096] = bytes(b ^ 0xFF for b in damaged[middle:middle + 4096])
+    bad = tmp_path / "damaged.pt"
+    bad.write_bytes(bytes(damaged))
+    code, out = cli(*train_args(tmp_path), "--resume", bad)
+    assert code == 2 and one_line(out), out
+    assert "is damaged: its content hash is" in out or "is corrupt" in out
+    assert good.read_bytes() == before
+
+
+def test_one_flipped_payload_byte_fails_the_hash(tmp_path):
+    """The outer file stays readable; only the independent sha256 of the payload notices."""
+    import hashlib
+
+    trainer = Trainer(load_config(None, TINY), run_dir=tmp_path / "run", log=False)
+    path = trainer.save(tmp_path / "c.pt")
+    record = torch.load(path, weights_only=True)
+    assert record["sha256"] == hashlib.sha256(record["payload"].numpy().tobytes()).hexdigest()
+    record["payload"][len(record["payload"]) // 2] ^= 1
+    torch.save(record, path)
+    with pytest.raises(ConfigError, match="is damaged"):
+        load_checkpoint(path)
+
+
+# ---- non-finite numbers ----------------------------------------------------------------------------
+@pytest.mark.parametrize("setting, key", [
+    ("train.lr=inf", "train.lr"), ("train.lr=.inf", "train.lr"), ("train.lr=1e999", "train.lr"),
+    ("train.lr=.nan", "train.lr"), ("model.capacity_factor=.inf", "model.capacity_factor"),
+    ("train.grad_clip=-.inf", "train.grad_clip"), ("router.z_loss=1e999", "router.z_loss"),
+])
+def test_non_finite_config_numbers_are_refused_at_parse_time(tmp_path, setting, key):
+    code, out = cli(*train_args(tmp_path, setting))
+    assert code == 2 and one_line(out), out
+    assert key in out and "finite" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def nan_batch(trainer):
+    batch = trainer.task.batch("train", 4, torch.Generator().manual_seed(0))
+    batch.inputs[0, 0] = float("nan")
+    return batch
+
+
+def test_a_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
+    trainer = Trainer(load_config(None, TINY), run_dir=tmp_path / "run", log=False)
+    trainer.train_step()
+    path = trainer.save()
+    saved = path.read_bytes()
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(RunStopped, match="step 2: the loss .* is not finite"):
+        trainer.train_step(nan_batch(trainer))
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())  # no NaN update
+    assert path.read_bytes() == saved
+
+
+def test_skip_drops_the_non_finite_update_and_trains_on(tmp_path):
+    trainer = Trainer(load_config(None, TINY + ["train.on_nonfinite=skip", "train.steps=5"]), run_dir=tmp_path / "run", log=False)
+    trainer.train_step()
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step(nan_batch(trainer))
+    assert trainer.skipped_steps == 1 and trainer.step == 2
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    trainer.train_step()
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+    assert not all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+
+
+NAN_PLUGIN = """
+import torch
+from routerlab.routers.registry import register_router
+from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
+
+@register_router("nan_after_start", SoftmaxTopKParams)
+class NanAfterStart(SoftmaxTopK):
+    def forward(self, x, *, token_ids=None):
+        out = super().forward(x, token_ids=token_ids)
+        return type(out)(out.experts, out.weights * float("nan"), out.logits, out.aux)
+"""
+
+
+def test_the_cli_stops_a_nan_run_with_one_line_and_exit_1(tmp_path):
+    plugin = tmp_path / "nan_router.py"
+    plugin.write_text(NAN_PLUGIN)
+    code, out = cli(*train_args(tmp_path, f"plugins=[{plugin}]", "router.name=nan_after_start"))
+    assert code == 1 and one_line(out), out
+    assert "is not finite; stopped without saving" in out
+    assert not list((tmp_path / "runs").glob("**/checkpoint.pt"))
+
+
+# ---- output folders --------------------------------------------------------------------------------
+def test_outputs_follow_the_umask_and_stale_temporary_files_are_removed(tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    stale = run_dir / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    old = os.umask(0o022)
+    try:
+        code, out = cli(*train_args(tmp_path))
+    finally:
+        os.umask(old)
+    assert code == 0, out
+    assert stat.S_IMODE((run_dir / "checkpoint.pt").stat().st_mode) == 0o644
+    assert not stale.exists()
+
+
+def hold_lock(folder):
+    code = f"from routerlab.outputs import lock_output_dir; lock_output_dir({str(folder)!r}, 'x'); print('locked', flush=True); import time; time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
+    folder = tmp_path / "runs" / "r"
+    holder = hold_lock(folder)
+    try:
+        code, out = cli(*train_args(tmp_path))
+        assert code == 2 and one_line(out), out
+        assert f"is already in use by PID {holder.pid}" in out
+        assert not (folder / "checkpoint.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out = cli(*train_args(tmp_path))  # kill -9 of the holder released the lock
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_unwritable_run_dir_fails_before_any_work(tmp_path, where):
+    if where == "file":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("x")
+        target = blocker / "runs"
+    else:
+        target = "/proc/routerlab-runs"
+    code, out = cli(*train_args(tmp_path, f"run.dir={target}"))
+    assert code == 2 and one_line(out), out
+    assert "run.dir" in out and ("cannot be created" in out or "not writable" in out)
+
+
+RAISING_PLUGIN = """
+from routerlab.routers.registry import register_router
+from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
+
+@register_router("broken_inside", SoftmaxTopKParams)
+class BrokenInside(SoftmaxTopK):
+    def forward(self, x, *, token_ids=None):
+        raise RuntimeError("a bug inside the router")
+"""
+
+
+def test_an_internal_error_is_one_line_exit_1_with_the_traceback_in_a_log(tmp_path):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text(RAISING_PLUGIN)
+    code, out = cli(*train_args(tmp_path, f"plugins=[{plugin}]", "router.name=broken_inside"))
+    assert code == 1 and one_line(out), out
+    assert "internal error: RuntimeError: a bug inside the router; traceback in " in out
+    log = out.split("traceback in ")[1].split()[0]
+    assert "a bug inside the router" in open(log).read() and "Traceback" in open(log).read()
