@@ -76,6 +76,11 @@ class Board:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
+    def text(self, tag: str, data: dict, step: int) -> None:
+        import json
+
+        self.writer.add_text(tag, "```\n" + json.dumps(data, indent=1) + "\n```", step)
+
     def routing(self, prefix: str, per_layer: list[dict[str, float]], step: int) -> None:
         for i, metrics in enumerate(per_layer):
             for name, value in metrics.items():

@@ -103,6 +103,10 @@ def train(
         trainer.close()
     if trainer.parallel.is_main:  # under torchrun, one table, not one per rank
         console.print(metrics_table(metrics, f"{cfg.run_name()} after {trainer.step} steps"))
+        if "unigram_entropy_val" in trainer.data_info:
+            info = trainer.data_info
+            console.print(f"data {info['data_checksum'][:12]}: {info['tokens']} tokens ({info['tokenizer']}); "
+                          f"unigram entropy of val {info['unigram_entropy_val']:.4f} nats (eval loss must beat it)")
         console.print(f"TensorBoard: [bold]tensorboard --logdir {cfg.run.dir}[/]   checkpoint: {trainer.checkpoint_path}")
 
 

@@ -16,6 +16,7 @@ Imports torch only (the GPU benchmark imports it on a machine without pydantic).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from routerlab.errors import ConfigError
-from routerlab.moe.experts import ExpertBank
+from routerlab.moe.experts import ExpertBank, expert_shard
 from routerlab.moe.parallel import all_gather_rows, shard_experts
 from routerlab.moe.stats import RoutingStats
 
@@ -52,6 +53,10 @@ class SingleProcess:
 
     def device(self, name: str) -> torch.device:
         return torch.device(name)
+
+    def building(self):
+        """Context in which the model is built (expert parallelism: each bank holds only this rank's experts)."""
+        return contextlib.nullcontext()
 
     def shard(self, model: nn.Module) -> nn.Module:
         return model
@@ -122,6 +127,11 @@ class ExpertParallel(SingleProcess):
 
     def device(self, name: str) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.cuda else torch.device(name)
+
+    def building(self):
+        """ExpertBanks built inside hold only this rank's block of experts, with the values the whole bank
+        would have from the same seed: no rank ever builds the whole bank."""
+        return expert_shard(self.expert_rank, self.expert_size) if self.expert_size > 1 else contextlib.nullcontext()
 
     def shard(self, model: nn.Module) -> nn.Module:
         return shard_experts(model, self.expert_group, exchange="auto") if self.expert_size > 1 else model  # equal batch slices: fixed splits are safe

@@ -77,7 +77,10 @@ class Trainer:
         if writes:  # before any work: an unwritable run.dir fails now, not after the task and model are built
             check_writable(self.run_dir, "run.dir")
         self.task = task if task is not None else build_task(config.task)
-        self.model = self.parallel.shard(build_model(config.model, config.router, self.task)).to(self.device, self.dtype)
+        self.data_info = self.task.data_info()  # checksum, sizes, unigram baseline: recorded with the run
+        with self.parallel.building():  # expert parallelism: each rank builds its own experts only
+            model = build_model(config.model, config.router, self.task)
+        self.model = self.parallel.shard(model).to(self.device, self.dtype)
         self.layers = self.model.moe_layers()
         check_compatible(self.model, self.task, config)
         t = config.train
@@ -98,6 +101,8 @@ class Trainer:
             self.load(resume)
         self._lock = lock_output_dir(self.run_dir, "run.dir") if writes else None  # one process per run folder
         self.board = Board(self.run_dir, purge_step=self.step) if log and self.parallel.is_main else None
+        if self.board and self.data_info:
+            self.board.text("data", self.data_info, self.step)
         self._window: list[RoutingStats | None] = [None] * len(self.layers)
 
     # ---- one step -------------------------------------------------------------------------------
@@ -292,6 +297,7 @@ class Trainer:
         model_state, optimizer_state = self.parallel.full_state(self.model, self.optimizer)  # full expert tensors
         state = {
             "fingerprint": self.config.fingerprint(),
+            "data_checksum": self.data_info.get("data_checksum"),
             "config": self.config.model_dump(mode="json"),
             "step": self.step,
             "model": model_state,
@@ -316,6 +322,9 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         state = load_checkpoint(path, self.config.fingerprint())
+        ours, theirs = self.data_info.get("data_checksum"), state.get("data_checksum")
+        if ours and theirs and ours != theirs:
+            raise ConfigError(f"checkpoint {str(path)!r} was trained on data {theirs[:12]}, but this task's data is {ours[:12]}; resume on the same corpus")
         try:
             model_state, optimizer_state = self.parallel.local_state(self.model, self.optimizer, state["model"], state["optimizer"])
             self.model.load_state_dict(model_state)

@@ -182,3 +182,34 @@ def test_unweighted_combine_sums_kept_slots_and_is_permute_transposed():
     want[real] = g[plan.token_of_row[real]]
     assert torch.equal(y.grad, want)
     assert 0 < int(plan.n_kept) < T * k  # the case has both kept and dropped/unused slots
+
+
+@pytest.mark.parametrize("d,h", [(16, 24), (3, 5)])  # 3 x 10 numbers per expert: not a multiple of 16, the fallback draw
+def test_sharded_bank_draws_the_whole_banks_values_without_building_it(d, h):
+    from routerlab.moe.experts import expert_shard
+
+    E, P = 8, 4
+    torch.manual_seed(5)
+    whole = ExpertBank(E, d, h)
+    after_whole = torch.randn(3)  # where the generator is left matters: later layers draw from it
+    for rank in range(P):
+        torch.manual_seed(5)
+        with expert_shard(rank, P):
+            part = ExpertBank(E, d, h)
+        assert torch.equal(torch.randn(3), after_whole)
+        assert (part.num_experts, part.total_experts, part.first_expert) == (E // P, E, rank * E // P)
+        lo, hi = rank * E // P, (rank + 1) * E // P
+        assert torch.equal(part.w_in, whole.w_in[lo:hi]) and torch.equal(part.w_out, whole.w_out[lo:hi])
+        cut = whole.block(rank, P)
+        assert torch.equal(cut.w_in, part.w_in) and torch.equal(cut.w_out, part.w_out)
+
+
+def test_a_sharded_bank_refuses_the_local_dispatcher():
+    from routerlab.moe.experts import expert_shard
+    from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
+
+    with expert_shard(0, 2):
+        layer = MoELayer(SoftmaxTopK(8, 4, SoftmaxTopKParams(k=2)), ExpertBank(4, 8, 8))
+    assert layer.num_experts == 4 and layer.experts.num_experts == 2
+    with pytest.raises(ValueError, match="shard the model"):
+        layer(torch.randn(5, 8))

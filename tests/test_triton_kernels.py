@@ -106,7 +106,47 @@ def check_kernels() -> None:
     want_grad_y = grad_out[plan.order % T] * slot_w[plan.order][:, None]
     close(grad_y[:n], want_grad_y[:n], "combine backward, rows")
     close(grad_w, (slot_rows * grad_out).sum(-1).t(), "combine backward, weights")
+    check_layer_dtypes_and_backends()
     print("kernels ok")
+
+
+def check_layer_dtypes_and_backends() -> None:
+    """The whole GPU path of the layer (Triton kernels, here interpreted) for every backend and dtype the CPU
+    path accepts, against plain per-expert PyTorch in float64. Caught: `padded` handing the 3-D [E, C, 2h]
+    tensor to the SwiGLU kernel (ValueError), and float64 computed in float32 by the SwiGLU and combine kernels."""
+    import torch.nn.functional as F
+
+    from routerlab.moe import ExpertBank, MoELayer
+    from routerlab.moe.kernels import uses_triton
+    from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
+
+    assert uses_triton(torch.zeros(1)) and not uses_triton(torch.zeros(1, dtype=torch.float64))
+    T, d, h, E, k = 19, 16, 24, 4, 2
+    for dtype, backend, tol in [(torch.float32, "padded", 1e-5), (torch.float32, "loop", 1e-5), (torch.float64, "padded", 1e-12), (torch.float64, "loop", 1e-12)]:
+        torch.manual_seed(3)
+        layer = MoELayer(SoftmaxTopK(d, E, SoftmaxTopKParams(k=k)), ExpertBank(E, d, h), None, backend).to(dtype)
+        x = torch.randn(T, d, dtype=dtype, requires_grad=True)
+        g = torch.randn(T, d, dtype=dtype)
+        out = layer(x)
+        grads = torch.autograd.grad((out * g).sum(), [x, layer.experts.w_in, layer.experts.w_out])
+        # reference: float64, one token at a time, its experts by hand
+        xr = x.detach().double().requires_grad_(True)
+        w_in, w_out = (w.detach().double().requires_grad_(True) for w in (layer.experts.w_in, layer.experts.w_out))
+        routing = layer.router(xr.to(dtype))  # the router's own gradient path (float64 when dtype is)
+        ref = []
+        for t in range(T):
+            acc = 0
+            for j in range(k):
+                e = int(routing.experts[t, j])
+                a, b = (xr[t] @ w_in[e]).chunk(2)
+                acc = acc + routing.weights[t, j].double() * ((F.silu(a) * b) @ w_out[e])
+            ref.append(acc)
+        ref = torch.stack(ref)
+        ref_grads = torch.autograd.grad((ref * g.double()).sum(), [xr, w_in, w_out])
+        for what, got, want in [("out", out, ref), *zip(("grad x", "grad w_in", "grad w_out"), grads, ref_grads)]:
+            assert got.dtype == dtype, f"{backend} {dtype} {what}: computed in {got.dtype}"
+            err = float((got.double() - want).norm() / want.norm())
+            assert err < tol, f"{backend} {dtype} {what}: relative error {err:.2e} >= {tol:.0e}"
 
 
 if __name__ == "__main__":

@@ -5,8 +5,14 @@ The layer knows nothing about any particular router. It keeps, for the last forw
   top1        [T] highest-weight expert of each token (-1 if none), for specialization and fluctuation
   aux_losses  the router's already-scaled auxiliary losses
 
-forward = route -> compute -> record; ExpertParallelMoELayer (parallel.py) replaces compute only.
-The stages of compute are separate functions so that expert parallelism can put an exchange between them:
+forward = route -> compute -> record. compute is the layer's dispatcher (one protocol, swapped when the
+model is sharded, as torchtitan swaps its token dispatchers):
+    dispatcher(layer, x [T, d], routing) -> (out [T, d], kept [T, k] bool: slots that were computed)
+  local        LocalDispatch, here: every expert in this process (the default)
+  all_to_all   parallel.AllToAllDispatch: variable splits, any token counts
+  all_gather   parallel.AllGatherDispatch: all_gather + reduce_scatter, static splits, no host sync
+The stages of the local computation are separate functions so that the distributed dispatchers put their
+exchanges between them:
   plan = plan_dispatch(experts, E, capacity)   which slot goes where (no data moved, no host sync)
   xs   = permute(x, plan)                      [T*k, d] rows grouped by expert, padding rows last
   y    = expert_bank(xs, plan.counts)          any backend
@@ -24,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from routerlab.moe.experts import ExpertBank, _triton_available
+from routerlab.moe.experts import ExpertBank
+from routerlab.moe.kernels import uses_triton
 from routerlab.moe.stats import RoutingStats, compute_stats
 from routerlab.routers.base import Router, Routing
 
@@ -89,8 +96,8 @@ def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None) -> Di
 
 
 def _fused(t: Tensor) -> bool:
-    """Use the Triton gather kernels (triton_combine) for CUDA tensors when Triton is there."""
-    return t.is_cuda and _triton_available()
+    """Use the Triton gather kernels (triton_combine) where they compute exactly (kernels.uses_triton)."""
+    return uses_triton(t)
 
 
 class _Permute(torch.autograd.Function):
@@ -153,7 +160,7 @@ class _Combine(torch.autograd.Function):
             grad_y = grad.index_select(0, order % T) * w.index_select(0, order)[:, None]
         if ctx.needs_input_grad[1]:
             rows = y.index_select(0, inv).view(k, T, -1)
-            dots = (rows * grad.view(1, T, -1)).sum(-1, dtype=torch.float32).reshape(-1)
+            dots = (rows * grad.view(1, T, -1)).sum(-1, dtype=torch.promote_types(y.dtype, torch.float32)).reshape(-1)  # fp32 at least, float64 kept
             grad_w = torch.where(kept, dots, 0).view(k, T).t().to(ctx.weights_dtype)
         return grad_y, grad_w, None, None, None, None, None
 
@@ -204,8 +211,21 @@ def flatten_tokens(x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, Tensor 
     return x.reshape(-1, x.shape[-1]), None if token_ids is None else token_ids.reshape(-1)
 
 
+class LocalDispatch:
+    """Every expert in this process: plan -> permute -> experts -> combine (moe_compute)."""
+
+    name = "local"
+
+    def __call__(self, layer: MoELayer, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+        if layer.experts.sharded:
+            raise ValueError("this layer's ExpertBank holds a block of the experts; shard the model (routerlab.moe.parallel.shard_experts) to dispatch across ranks")
+        capacity = capacity_for(x.shape[0], routing.experts.shape[1], layer.num_experts, layer.capacity_factor)
+        out, plan = moe_compute(x, routing.experts, routing.weights, layer.experts, capacity, layer.backend)
+        return out, plan.kept.view(plan.k, plan.num_tokens).t()
+
+
 class MoELayer(nn.Module):
-    def __init__(self, router: Router, experts: ExpertBank, capacity_factor: float | None = None, backend: str = "auto") -> None:
+    def __init__(self, router: Router, experts: ExpertBank, capacity_factor: float | None = None, backend: str = "auto", dispatcher=None) -> None:
         super().__init__()
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
@@ -213,7 +233,8 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.capacity_factor = capacity_factor
         self.backend = backend
-        self.num_experts = experts.num_experts  # all experts (the expert-parallel layer holds a block of them)
+        self.num_experts = experts.total_experts  # all experts (a sharded bank holds a block of them)
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatch()
         self._stats = None
         self._top1 = None
         self._pending = None  # what stats and top1 are computed from, on first read (off the hot path)
@@ -226,7 +247,7 @@ class MoELayer(nn.Module):
         self.record(routing, kept)
         return out.reshape(x.shape)
 
-    # The steps of forward, shared with ExpertParallelMoELayer (which overrides compute only).
+    # The steps of forward.
 
     def route(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
         """x [T, d] -> the router's decision for every token."""
@@ -234,9 +255,7 @@ class MoELayer(nn.Module):
 
     def compute(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         """(out [T, d], kept [T, k] bool: slots that were computed). Dispatch, experts and combine."""
-        capacity = capacity_for(x.shape[0], routing.experts.shape[1], self.num_experts, self.capacity_factor)
-        out, plan = moe_compute(x, routing.experts, routing.weights, self.experts, capacity, self.backend)
-        return out, plan.kept.view(plan.k, plan.num_tokens).t()
+        return self.dispatcher(self, x, routing)
 
     def record(self, routing: Routing, kept: Tensor) -> None:
         """Keep what stats and top1 are computed from (on first read, off the hot path) and the aux losses."""

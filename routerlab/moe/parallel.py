@@ -1,7 +1,8 @@
 """Expert parallelism over torch.distributed: E experts split over the P ranks of an expert-parallel group.
 
-ExpertParallelMoELayer is an MoELayer whose `compute` step puts an exchange inside the core's own
-plan_dispatch / permute / combine (routerlab/moe/layer.py); route and record are MoELayer's. Per layer, the
+Two dispatchers (the MoELayer's `compute`, routerlab/moe/layer.py), swapped in by `shard_experts`, put an
+exchange inside the core's own plan_dispatch / permute / combine: AllToAllDispatch (variable splits, below)
+and AllGatherDispatch (fixed splits); route and record stay MoELayer's. Per layer, the
 rank's tokens are cut into `chunks` contiguous chunks, each with its own exchanges, so that one chunk's
 all-to-all can run while another chunk's experts compute (forward and backward, see Exchange). Default 1:
 on 2 x H200 two chunks were slower (44.4 vs 40.3 ms/step; NCCL kernels and the grouped GEMM share the SMs,
@@ -51,7 +52,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from routerlab.moe.experts import ExpertBank
 from routerlab.moe.layer import DispatchPlan, MoELayer, combine, permute, plan_dispatch
 from routerlab.routers.base import Routing
 
@@ -266,54 +266,46 @@ def global_capacity_mask(experts: Tensor, num_experts: int, capacity_factor: flo
     return keep_flat.view(k, T).t()
 
 
-class ExpertParallelMoELayer(MoELayer):
-    """An MoELayer whose ExpertBank holds only this rank's E/P experts (a contiguous block of expert ids).
+class _ExpertParallelDispatch:
+    """What both expert-parallel dispatchers share: the group, the token chunks, the capacity agreed by the group.
 
-    Same contract as MoELayer: forward(x, token_ids) -> output; keeps stats (this rank's tokens; the
-    trainer reduces them over ranks), top1 and aux_losses. Parameter names are unchanged, so a full
-    state_dict sliced along dim 0 of the `experts.*` tensors loads into it.
+    The layer's ExpertBank holds this rank's block of E/P experts (a contiguous block of expert ids); the
+    layer's contract is unchanged: forward(x, token_ids) -> output; stats (this rank's tokens; the trainer
+    reduces them over ranks), top1 and aux_losses. Parameter names are unchanged, so a full state_dict sliced
+    along dim 0 of the `experts.*` tensors loads into it.
     """
 
-    def __init__(self, layer: MoELayer, group=None, chunks: int = 1, exchange: str = "variable") -> None:
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        if exchange not in EXCHANGES:
-            raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
-        full = layer.experts
-        if full.num_experts % size:
-            raise ValueError(f"num_experts={full.num_experts} must be divisible by the expert-parallel size {size}")
+    name = ""
+
+    def __init__(self, group=None, chunks: int = 1) -> None:
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
-        local = full.num_experts // size
-        bank = ExpertBank(local, full.d_model, full.hidden, full.activation)
-        source = next(full.parameters())
-        bank.to(source.device, source.dtype)
-        with torch.no_grad():  # the same initial values as the unsharded bank (built from the same seed)
-            for name, param in bank.named_parameters():
-                param.copy_(full.get_parameter(name)[rank * local : (rank + 1) * local])
-        super().__init__(layer.router, bank, layer.capacity_factor, layer.backend)
-        self.group, self.ep_size, self.ep_rank = group, size, rank
-        self.num_experts, self.local_experts = full.num_experts, local
-        self.chunks = chunks  # token chunks per layer: one chunk's exchange can run while another's experts compute
-        # "fixed": every rank sends all its tokens to every rank (static splits, no host sync; needs the same
-        # token count on every rank of the group); "auto" picks it where it was measured faster (P <= 4)
-        self.exchange = ("fixed" if size <= AUTO_FIXED_MAX_RANKS else "variable") if exchange == "auto" else exchange
+        self.group, self.chunks = group, chunks  # chunks: one chunk's exchange can run while another's experts compute
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
 
-    def compute(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+    def kept(self, layer: MoELayer, experts: Tensor) -> Tensor:
+        if layer.capacity_factor is None:
+            return experts >= 0
+        return global_capacity_mask(experts, layer.num_experts, layer.capacity_factor, self.group, self.rank)
+
+    def lengths(self, T: int) -> list[int]:
+        """The tokens in C contiguous chunks (split, so backward is one cat, not C zero-filled copies of x)."""
+        C = self.chunks
+        return [T // C + (c < T % C) for c in range(C)]
+
+
+class AllToAllDispatch(_ExpertParallelDispatch):
+    """Variable splits (steps 1-5 of the module docstring): any token counts, one host sync per layer."""
+
+    name = "all_to_all"
+
+    def __call__(self, layer: MoELayer, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         experts, weights = routing.experts, routing.weights
         T, k = experts.shape
-        P, El = self.ep_size, self.local_experts
-        if self.capacity_factor is None:
-            kept = experts >= 0
-        else:
-            kept = global_capacity_mask(experts, self.num_experts, self.capacity_factor, self.group, self.ep_rank)
+        P, El = self.size, layer.experts.num_experts
+        kept = self.kept(layer, experts)
         dest = torch.where(kept, experts // El, P)  # [T, k]; P = nowhere
-
-        # the tokens in C chunks (contiguous; split, so backward is one cat, not C zero-filled copies of x)
-        C = self.chunks
-        lengths = [T // C + (c < T % C) for c in range(C)]
-        if self.exchange == "fixed":
-            return self._compute_fixed(x, torch.where(kept, experts, -1), weights, lengths), kept
-        chunks = list(zip(*(t.split(lengths) for t in (x, dest, experts, weights))))
+        chunks = list(zip(*(t.split(self.lengths(T)) for t in (x, dest, experts, weights))))
 
         # sender plans, one per chunk: "experts" = destination ranks; slot p of token t is (rank p, token t)
         plans, counts = [], []
@@ -336,10 +328,10 @@ class ExpertParallelMoELayer(MoELayer):
         sent = []
         for c, (x_c, dest_c, experts_c, weights_c) in enumerate(chunks):
             base = 2 * P * c
-            send_splits, recv_splits = sizes[self.ep_rank, base : base + P].tolist(), sizes[:, base + self.ep_rank].tolist()
-            n_pairs = int(sizes[:, base + P + self.ep_rank].sum())
+            send_splits, recv_splits = sizes[self.rank, base : base + P].tolist(), sizes[:, base + self.rank].tolist()
+            n_pairs = int(sizes[:, base + P + self.rank].sum())
             plan = first_rows(plans[c], sum(send_splits))
-            meta = self._metadata(plan, dest_c, experts_c, weights_c, k_max)
+            meta = self._metadata(plan, dest_c, experts_c, weights_c, k_max, El)
             sent.append((plan, send_splits, recv_splits, n_pairs, Exchange((permute(x_c, plan), meta), AllToAll(recv_splits, send_splits, self.group))))
 
         # receive chunk c and compute its experts while the later chunks' exchanges are in flight;
@@ -347,47 +339,18 @@ class ExpertParallelMoELayer(MoELayer):
         returned = []
         for plan, send_splits, recv_splits, n_pairs, exchange in sent:
             recv_x, recv_meta = exchange.finish()
-            rows = self._receiver(recv_x, recv_meta, k_max, n_pairs)
+            rows = self._receiver(layer, recv_x, recv_meta, k_max, n_pairs)
             returned.append(Exchange((rows,), AllToAll(send_splits, recv_splits, self.group), out_rows=plan.order.numel()))
 
         # each token's returned rows summed (the core's combine over the sender plan)
         outs = [combine(back.finish()[0], None, sent[c][0]) for c, back in enumerate(returned)]
-        return (outs[0] if C == 1 else torch.cat(outs)), kept
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), kept
 
-    def _compute_fixed(self, x: Tensor, experts: Tensor, weights: Tensor, lengths: list[int]) -> Tensor:
-        """Static splits, no host sync: every rank's tokens go to every rank (an all_gather of each chunk's Tc
-        tokens and their metadata: k combine weights in fp32, k global expert ids, -1 for dropped or unused
-        slots); the receiver keeps the slots of its own experts and returns one partial output row per
-        received row (zero where none of its experts was chosen); a reduce_scatter sums each token's P
-        partials on its own rank. Backward: the same two collectives, swapped. With E=64, k=6 on 2 ranks
-        ~98.8% of tokens go to both ranks anyway."""
-        El, me = self.local_experts, self.ep_rank
-        meta = torch.cat([weights.float(), experts.float()], 1)  # [T, 2k]; ids exact in fp32 below 2^24
-        sent = [Exchange((x_c, meta_c), AllGather(self.group)) for x_c, meta_c in zip(x.split(lengths), meta.split(lengths))]
-        returned = []
-        for exchange in sent:
-            recv_x, recv_meta = exchange.finish()
-            returned.append(Exchange((self._receiver_fixed(recv_x, recv_meta, me, El),), ReduceScatter(self.group)))
-        outs = [back.finish()[0] for back in returned]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def _receiver_fixed(self, recv_x: Tensor, recv_meta: Tensor, me: int, El: int) -> Tensor:
-        """The single-process computation on every received row, over the slots of this rank's experts; the
-        plan is not cut (its size is static: rows * k slots, padding last, which the kernels skip)."""
-        if not recv_x.shape[0]:
-            return recv_x
-        k = recv_meta.shape[1] // 2
-        ids = recv_meta[:, k:].detach().long()
-        local = torch.where((ids >= 0) & (ids // El == me), ids - me * El, -1)
-        plan = plan_dispatch(local, El, None)
-        y = self.experts(permute(recv_x, plan), plan.counts, self.backend)
-        return combine(y, recv_meta[:, :k], plan)
-
-    def _metadata(self, plan: DispatchPlan, dest: Tensor, experts: Tensor, weights: Tensor, k_max: int) -> Tensor:
+    @staticmethod
+    def _metadata(plan: DispatchPlan, dest: Tensor, experts: Tensor, weights: Tensor, k_max: int, El: int) -> Tensor:
         """[rows, 2 * k_max] fp32: per slot of each sent row, its combine weight and local expert id if the
         row's destination computes it (else 0 and -1); padded to the width every rank agreed on."""
         T, k = experts.shape
-        El = self.local_experts
         row_token, row_dest = plan.token_of_row, plan.order // max(T, 1)
         mine = dest.index_select(0, row_token) == row_dest[:, None]  # [rows, k]
         ids = torch.where(mine, experts.index_select(0, row_token) - row_dest[:, None] * El, -1)
@@ -395,15 +358,60 @@ class ExpertParallelMoELayer(MoELayer):
         pad = k_max - k  # routers with a variable number of slots: pad to the agreed width
         return torch.cat([w, w.new_zeros(w.shape[0], pad), ids.float(), ids.new_full((ids.shape[0], pad), -1).float()], 1)
 
-    def _receiver(self, recv_x: Tensor, recv_meta: Tensor, k_max: int, n_pairs: int) -> Tensor:
+    @staticmethod
+    def _receiver(layer: MoELayer, recv_x: Tensor, recv_meta: Tensor, k_max: int, n_pairs: int) -> Tensor:
         """The single-process MoE computation on the received rows, over their n_pairs real (row, local
         expert) pairs only (`first_rows`): no padding slot is copied or computed. One row per received row."""
         if not recv_x.shape[0]:  # nothing to compute here; some backends dislike empty inputs
             return recv_x
         recv_ids = recv_meta[:, k_max:].detach().long()
-        local = first_rows(plan_dispatch(recv_ids, self.local_experts, None), n_pairs)
-        y = self.experts(permute(recv_x, local), local.counts, self.backend)
+        local = first_rows(plan_dispatch(recv_ids, layer.experts.num_experts, None), n_pairs)
+        y = layer.experts(permute(recv_x, local), local.counts, layer.backend)
         return combine(y, recv_meta[:, :k_max], local)
+
+
+class AllGatherDispatch(_ExpertParallelDispatch):
+    """Fixed splits (the module docstring): static sizes, no host sync; every rank of the group must pass
+    the same number of tokens."""
+
+    name = "all_gather"
+
+    def __call__(self, layer: MoELayer, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+        """Every rank's tokens go to every rank (an all_gather of each chunk's Tc tokens and their metadata:
+        k combine weights in fp32, k global expert ids, -1 for dropped or unused slots); the receiver keeps the
+        slots of its own experts and returns one partial output row per received row (zero where none of its
+        experts was chosen); a reduce_scatter sums each token's P partials on its own rank. Backward: the same
+        two collectives, swapped. With E=64, k=6 on 2 ranks ~98.8% of tokens go to both ranks anyway."""
+        experts, weights = routing.experts, routing.weights
+        kept = self.kept(layer, experts)
+        lengths = self.lengths(experts.shape[0])
+        meta = torch.cat([weights.float(), torch.where(kept, experts, -1).float()], 1)  # [T, 2k]; ids exact in fp32 below 2^24
+        sent = [Exchange((x_c, meta_c), AllGather(self.group)) for x_c, meta_c in zip(x.split(lengths), meta.split(lengths))]
+        returned = []
+        for exchange in sent:
+            recv_x, recv_meta = exchange.finish()
+            returned.append(Exchange((self._receiver(layer, recv_x, recv_meta),), ReduceScatter(self.group)))
+        outs = [back.finish()[0] for back in returned]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), kept
+
+    @staticmethod
+    def _receiver(layer: MoELayer, recv_x: Tensor, recv_meta: Tensor) -> Tensor:
+        """The single-process computation on every received row, over the slots of this rank's experts; the
+        plan is not cut (its size is static: rows * k slots, padding last, which the kernels skip)."""
+        if not recv_x.shape[0]:
+            return recv_x
+        k = recv_meta.shape[1] // 2
+        bank = layer.experts
+        ids = recv_meta[:, k:].detach().long()
+        first, El = bank.first_expert, bank.num_experts
+        local = torch.where((ids >= first) & (ids < first + El), ids - first, -1)
+        plan = plan_dispatch(local, El, None)
+        y = bank(permute(recv_x, plan), plan.counts, layer.backend)
+        return combine(y, recv_meta[:, :k], plan)
+
+
+DISPATCHERS = {d.name: d for d in (AllToAllDispatch, AllGatherDispatch)}  # the local one is layer.LocalDispatch
+EXCHANGE_DISPATCHERS = {"variable": AllToAllDispatch, "fixed": AllGatherDispatch}
 
 
 def first_rows(plan: DispatchPlan, n_kept: int) -> DispatchPlan:
@@ -416,13 +424,27 @@ def first_rows(plan: DispatchPlan, n_kept: int) -> DispatchPlan:
 
 
 def shard_experts(model: torch.nn.Module, group=None, chunks: int = 1, exchange: str = "variable") -> torch.nn.Module:
-    """Replace every MoELayer of `model` by an ExpertParallelMoELayer holding this rank's experts (in place);
-    chunks: token chunks per layer whose exchanges overlap the other chunks' expert compute; exchange:
-    "variable" (any token counts, one host sync per layer), "fixed" (static splits, no host sync; every rank
-    of the group must pass the same number of tokens) or "auto" (fixed when the group has <= 4 ranks)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MoELayer) and not isinstance(module, ExpertParallelMoELayer):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, ExpertParallelMoELayer(module, group, chunks, exchange))
+    """Give every MoELayer of `model` this rank's block of experts and an expert-parallel dispatcher (in place).
+
+    A bank built inside `expert_shard(rank, size)` already is that block (the whole bank was never built);
+    a whole bank is cut to it. chunks: token chunks per layer whose exchanges overlap the other chunks'
+    expert compute; exchange: "variable" (AllToAllDispatch: any token counts, one host sync per layer),
+    "fixed" (AllGatherDispatch: static splits, no host sync; every rank of the group must pass the same
+    number of tokens) or "auto" (fixed when the group has <= 4 ranks)."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if exchange == "auto":
+        exchange = "fixed" if size <= AUTO_FIXED_MAX_RANKS else "variable"
+    for module in model.modules():
+        if not isinstance(module, MoELayer) or module.dispatcher.name != "local":
+            continue
+        bank = module.experts
+        if bank.total_experts % size:
+            raise ValueError(f"num_experts={bank.total_experts} must be divisible by the expert-parallel size {size}")
+        if not bank.sharded:
+            module.experts = bank.block(rank, size)
+        elif bank.num_experts * size != bank.total_experts or bank.first_expert != rank * bank.num_experts:
+            raise ValueError(f"this bank holds experts {bank.first_expert}..{bank.first_expert + bank.num_experts - 1} of {bank.total_experts}, not block {rank} of {size}")
+        module.dispatcher = EXCHANGE_DISPATCHERS[exchange](group, chunks)
     return model

@@ -55,6 +55,10 @@ class Task:
     def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:  # pragma: no cover
         raise NotImplementedError
 
+    def data_info(self) -> dict:
+        """What a run records about its data (corpus tasks: data_checksum, token counts, unigram entropy)."""
+        return {}
+
     def describe(self) -> str:
         return self.__class__.__doc__.strip().splitlines()[0] if self.__doc__ else ""
 
@@ -90,7 +94,7 @@ def register_task(name: str, params: type[TaskParams] = TaskParams):
 
 
 def _discover() -> None:
-    from routerlab.tasks import chars, clusters, digits  # noqa: F401  (registration side effect)
+    from routerlab.tasks import chars, clusters, digits, owndata, stdlib  # noqa: F401  (registration side effect)
 
 
 def task_names() -> list[str]:
@@ -132,5 +136,5 @@ def describe_tasks() -> list[tuple[str, str, dict[str, Any]]]:
     for name in task_names():
         cls, params_model = _TASKS[name]
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        rows.append((name, doc, {f: info.default for f, info in params_model.model_fields.items()}))
+        rows.append((name, doc, {f: "(required)" if info.is_required() else info.default for f, info in params_model.model_fields.items()}))
     return rows

@@ -219,7 +219,7 @@ def stage_breakdown(layer: MoELayer, x, grad, iters: int) -> dict[str, float]:
 
 def layout_probe(T, d, h, E, k, device, dtype, iters) -> dict[str, float]:
     """grouped_mm fwd+bwd ms, weights stored [E, K, N] vs [E, N, K] (used transposed), balanced groups."""
-    from routerlab.moe.experts import _grouped_mm
+    from routerlab.moe.kernels import grouped_mm as _grouped_mm
 
     N = T * k
     offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * (N // E)

@@ -1,6 +1,6 @@
 """Expert-parallel benchmark for GPUs; needs torch alone (no pydantic). docs/distributed.md.
 
-    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 -m routerlab.bench_parallel
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 -m routerlab.bench.parallel
 
 1. equivalence: one MoE layer sharded over the ranks vs the same layer unsharded on the whole batch (bf16);
 2. weak scaling: a small MoE transformer (fine-grained experts: E=64, k=6, d=2048, h=1408) at a fixed
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from routerlab.bench import check_correctness
+from routerlab.bench.core import check_correctness
 from routerlab.distributed import ExpertParallel
 from routerlab.models.transformer import MoETransformerLM
 from routerlab.moe import ExpertBank, MoELayer

@@ -1,0 +1,129 @@
+"""The expert computations' fused pieces: SwiGLU on the fused gate|up tensor and the grouped SwiGLU FFN.
+
+Triton kernels (triton_swiglu, triton_combine) serve CUDA tensors of the dtypes they compute exactly
+(bf16, fp16, fp32: fp32 math inside); anything else (CPU, float64) takes the pure-PyTorch path, so float64
+stays float64. `uses_triton` is that one decision, for every kernel of the core. Under Triton's interpreter
+(TRITON_INTERPRET=1, set before the process starts) CPU tensors take the kernels too: the tests run the GPU
+path that way on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernels accumulate in fp32: no float64
+
+grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+_TRITON: bool | None = None
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = True
+        except ImportError:
+            _TRITON = False
+    return _TRITON
+
+
+def uses_triton(t: Tensor) -> bool:
+    """Whether the core runs its Triton kernels on t: CUDA (or the interpreter), Triton there, a kernel dtype."""
+    return (t.is_cuda or _INTERPRET) and t.dtype in KERNEL_DTYPES and triton_available()
+
+
+def grouped_mm_supported(x: Tensor) -> bool:
+    """grouped_mm needs bf16/fp16 (its fp32 backward fails on CPU) and, on CUDA, a Hopper-class GPU."""
+    if grouped_mm is None or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cpu"
+
+
+# -- SwiGLU on the fused [..., 2h] gate|up tensor ----------------------------------------------------
+
+def swiglu_reference(h13: Tensor) -> Tensor:
+    gate, up = h13.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu_forward(h13: Tensor, n_rows: Tensor | None = None) -> Tensor:
+    """silu(gate) * up without autograd, over the last dim of h13 (any leading dims). n_rows: [1] device
+    tensor; rows at or past it are padding, skipped by the Triton kernel (outputs unspecified there)."""
+    if uses_triton(h13):
+        from routerlab.moe import triton_swiglu
+
+        rows = h13.reshape(-1, h13.shape[-1])
+        return triton_swiglu.forward(rows.contiguous(), n_rows).view(*h13.shape[:-1], h13.shape[-1] // 2)
+    return swiglu_reference(h13)
+
+
+def swiglu_backward(h13: Tensor, grad: Tensor, n_rows: Tensor | None = None) -> Tensor:
+    if uses_triton(h13):
+        from routerlab.moe import triton_swiglu
+
+        width = h13.shape[-1]
+        out = triton_swiglu.backward(h13.reshape(-1, width).contiguous(), grad.reshape(-1, width // 2), n_rows)
+        return out.view(h13.shape)
+    with torch.enable_grad():
+        h = h13.detach().requires_grad_(True)
+        return torch.autograd.grad(swiglu_reference(h), h, grad)[0]
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up that saves only its input and writes the input gradient in one [..., 2h] buffer.
+
+    Eager autograd would save gate, silu(gate) and up, and build the gradient with a copy (cat); the
+    fused Triton kernels read and write each element once per direction.
+    """
+
+    @staticmethod
+    def forward(ctx, h13: Tensor) -> Tensor:
+        ctx.save_for_backward(h13)
+        return swiglu_forward(h13)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (h13,) = ctx.saved_tensors
+        return swiglu_backward(h13, grad)
+
+
+def swiglu(h13: Tensor) -> Tensor:
+    """silu(gate) * up over the last dim, differentiable; the [E, C, 2h] tensor of `padded` included."""
+    if uses_triton(h13):
+        return _SwiGLU.apply(h13)
+    return swiglu_reference(h13)
+
+
+class GroupedSwiGLUFFN(torch.autograd.Function):
+    """y = grouped_mm(swiglu(grouped_mm(x, w_in)), w_out), saving x and the [N, 2h] pre-activation only.
+
+    The activation g = swiglu(h13) is recomputed in backward (one elementwise pass) instead of kept:
+    eager autograd would keep it too, N*h more elements (issue 10's memory bound, docs/benchmarks.md).
+    Rows past offs[-1] are padding: grouped_mm leaves them alone and so do the SwiGLU kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, offs: Tensor) -> Tensor:
+        h13 = grouped_mm(x, w_in, offs=offs)
+        ctx.save_for_backward(x, w_in, w_out, offs, h13)
+        return grouped_mm(swiglu_forward(h13, offs[-1:]), w_out, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w_in, w_out, offs, h13 = ctx.saved_tensors
+        grad = grad.contiguous()
+        g = swiglu_forward(h13, offs[-1:])
+        grad_w_out = grouped_mm(g.mT, grad, offs=offs)
+        grad_h13 = swiglu_backward(h13, grouped_mm(grad, w_out.mT, offs=offs), offs[-1:])
+        grad_x = grouped_mm(grad_h13, w_in.mT, offs=offs)
+        grad_w_in = grouped_mm(x.mT, grad_h13, offs=offs)
+        return grad_x, grad_w_in, grad_w_out, None
