@@ -16,6 +16,7 @@ import numpy as np
 ROUTING_METRICS = (
     "load_cv", "max_vio", "dropped_frac", "dead_experts", "router_entropy", "usage_entropy",
     "z_value", "max_logit", "switch_balance", "specialization", "fluctuation",
+    "max_vio_batch", "max_vio_seq", "mean_k", "rank_overload",
 )
 
 

@@ -167,6 +167,9 @@ def missing_extra_command(name: str, module: str) -> Callable[[typer.Typer], Non
 
 
 register_commands(app)
+from routerlab.analysis.cli import register as register_analysis  # noqa: E402  (part of routerlab: no entry point needed)
+
+register_analysis(app)
 
 
 def main() -> None:

@@ -173,7 +173,7 @@ class Trainer:
         for i, layer in enumerate(self.layers):  # router-specific scalars (adversary prices, critic loss)
             values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
         self.board.scalars(values, self.step)
-        self.board.routing("routing", [routing_metrics(s) for s in self._window if s is not None], self.step)
+        self.board.routing("routing", [routing_metrics(s, self.config.parallel.expert) for s in self._window if s is not None], self.step)
         self._window = [None] * len(self.layers)
 
     @property
@@ -186,14 +186,16 @@ class Trainer:
         """Task and routing metrics on the fixed evaluation batches (per layer and mean over layers)."""
         self.model.eval()
         loss_sum, correct, count = 0.0, 0, 0
+        row_losses = []  # mean loss per example (sequence): tokens of one sequence are not independent
         stats: list[RoutingStats | None] = [None] * len(self.layers)
         top1: list[list[torch.Tensor]] = [[] for _ in self.layers]
         labels = []
         for batch in self.eval_set:
             batch = batch.to(self.device, self.dtype)
-            loss, logits = self.task_loss(batch)
+            token_loss, logits = self.token_losses(batch)
             n = batch.targets.numel()
-            loss_sum += loss.item() * n
+            loss_sum += token_loss.mean().item() * n
+            row_losses.append(token_loss.reshape(batch.targets.shape[0], -1).mean(1).double().cpu())
             correct += int((logits.argmax(-1) == batch.targets.reshape(-1)).sum())
             count += n
             labels.append(batch.labels.reshape(-1).cpu())
@@ -203,13 +205,15 @@ class Trainer:
         self.model.train()
 
         metrics: dict[str, float] = {"loss": loss_sum / count}
+        rows = torch.cat(row_losses)
+        metrics["loss_se"] = float(rows.std() / math.sqrt(len(rows))) if len(rows) > 1 else float("nan")  # the eval's own noise
         if self.task.kind == "lm":
             metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         metrics["accuracy"] = correct / count
         all_labels = torch.cat(labels)
         per_layer = []
         for i, layer in enumerate(self.layers):
-            m = routing_metrics(stats[i])
+            m = routing_metrics(stats[i], self.config.parallel.expert)
             m["specialization"] = specialization(all_labels, torch.cat(top1[i]), self.task.num_labels, layer.router.num_experts)
             if self.probe_top1 is not None:
                 m["fluctuation"] = fluctuation(self.probe_top1[i], top1[i][0])

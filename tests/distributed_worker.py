@@ -147,6 +147,24 @@ def resume_case(router: dict, out: Path, checkpoint: str, world: int) -> float:
     return loss
 
 
+def balance_case(rank: int) -> list[list[float]]:
+    """Global-batch balance loss (issue 17): even ranks route all tokens to expert 0, odd ranks to expert 1.
+    Every rank's (micro-batch loss, global loss), gathered."""
+    from routerlab.routers import build_router
+
+    r = build_router({"name": "softmax_topk", "k": 1, "balance_batch": 1.0, "balance_global": 1.0}, 8, 2).train()
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.gate.weight[0, 0], r.gate.weight[1, 0] = 1.0, -1.0
+    v = torch.zeros(8)
+    v[0] = 1.0 if rank % 2 == 0 else -1.0
+    aux = r(torch.stack([v] * 4)).aux
+    mine = torch.tensor([float(aux["balance_batch"]), float(aux["balance_global"])])
+    every = [torch.zeros(2) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
+
+
 def main() -> None:
     out, one_process_ckpt = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
@@ -159,6 +177,7 @@ def main() -> None:
             results["layer"][f"{name}_fixed"] = layer_case(name, rank, world, "fixed")
     for key, router in ROUTERS.items():
         results["trainer"][key] = trainer_case(router, out, rank, world)
+    results["balance"] = balance_case(rank)
     results["resumed_from_one_process"] = resume_case(ROUTERS["softmax_topk"], out, one_process_ckpt, world)
     if rank == 0:
         torch.save(results, out / "results.pt")

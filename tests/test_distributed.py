@@ -6,6 +6,7 @@ runs made in this process. Takes about a minute on 2 cores.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -84,6 +85,15 @@ def test_ranks_equal_one_process(runs, router, tmp_path):
             assert (got["buffers"][name] - b).abs().max() < TOL, name
     if router == "bias_balanced":
         assert any(b.abs().max() > 0 for n, b in one.model.named_buffers() if n.endswith("bias"))
+
+
+def test_global_balance_sums_counts_over_ranks(runs):
+    """Each rank alone is all on one expert (micro-batch loss 2p, p = sigmoid(2)); over the ranks the load is
+    even, so the global-batch loss is 1 on every rank (issue 17, Qiu et al. 2025)."""
+    p = 1 / (1 + math.exp(-2.0))
+    for local, global_ in runs["balance"]:
+        assert local == pytest.approx(2 * p, abs=1e-6)
+        assert global_ == pytest.approx(1.0, abs=1e-6)
 
 
 def test_checkpoint_of_several_ranks_resumes_in_one_process(runs, tmp_path):

@@ -1,4 +1,4 @@
-"""`routerlab ablate FILE [--workers N] [--out results/NAME] [--runs DIR]`."""
+"""`routerlab ablate FILE [--workers N | --per-gpu N | --ray ADDRESS] [--out results/NAME] [--runs DIR]`."""
 from __future__ import annotations
 
 import shlex
@@ -21,6 +21,8 @@ def register(app: typer.Typer) -> None:
         runs: Optional[Path] = typer.Option(None, "--runs", help="TensorBoard folder; default <base run.dir>/<name of --out>"),
         dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the cells, run nothing"),
         set_: List[str] = typer.Option([], "--set", "-s", help="override a key of the base config: --set train.steps=50"),
+        per_gpu: int = typer.Option(1, "--per-gpu", min=1, help="cells trained at once on each GPU (CUDA cells; default workers = GPUs x this)"),
+        ray: Optional[str] = typer.Option(None, "--ray", help="run each cell as a Ray task on the cluster at ADDRESS (host:port, or auto); results gather here"),
     ) -> None:
         """Run a grid of routers x tasks x settings x seeds in parallel; resumable; writes CSV, summary and plots."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -52,7 +54,7 @@ def register(app: typer.Typer) -> None:
                 if not bar.console.is_terminal:  # logs and CI get one line per change instead of a live bar
                     bar.console.print(f"cells: {state}", highlight=False)
 
-            result = run_ablation(file, out=out, runs=runs, workers=workers, command=command, on_plan=on_plan, on_update=on_update, overrides=set_)
+            result = run_ablation(file, out=out, runs=runs, workers=workers, per_gpu=per_gpu, ray=ray, command=command, on_plan=on_plan, on_update=on_update, overrides=set_)
         from rich.console import Console
 
         from routerlab.ablate.report import rich_table

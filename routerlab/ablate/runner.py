@@ -2,7 +2,12 @@
 
 Every finished cell writes `<out>/cells/<cell id>.json` atomically, and only then counts as done; a rerun
 skips the cells whose file exists. A killed ablation so loses at most its in-flight cells, whose
-half-written TensorBoard folders are cleared when they run again.
+half-written TensorBoard folders are cleared when they run again. A cell that fails (out of memory, a
+non-finite loss, any exception) is recorded with its reason and the grid goes on; a rerun retries it.
+
+On CUDA every GPU of the machine takes `per_gpu` cells at once: the parent hands each cell the least
+loaded GPU that has a free slot when it starts (`DevicePool`). `routerlab.ablate.ray_runner` runs the
+same cells as Ray tasks on a cluster.
 """
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from routerlab.ablate.spec import Cell, Plan
 from routerlab.checkpoint import atomic_write_text
@@ -23,17 +29,21 @@ WORKER_DIED = "a worker process died (killed, or out of memory) while this cell 
 CURVE_POINTS = 100  # training-loss points kept per cell for the curve plot
 
 
+class CellFailed(RuntimeError):
+    """A cell that trained but produced no usable result (a non-finite loss)."""
+
+
 def cell_path(out: Path, cell_id: str) -> Path:
     return out / "cells" / f"{cell_id}.json"
 
 
-def run_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str], out: str, device: str | None = None) -> dict[str, Any]:
-    """Train one cell and write its result file. Runs in a worker process (or in-process with one worker)."""
+def train_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str], device: str | None = None,
+               data_checksum: str = "") -> dict[str, Any]:
+    """Train one cell and return its result (writes only its TensorBoard folder)."""
+    from routerlab.ablate.measure import has_split, heldout, routing_as_trained
     from routerlab.config import make_config
     from routerlab.train import Trainer
 
-    if device is None:
-        device = _WORKER_DEVICE
     if device is not None:
         config_data = {**config_data, "train": {**config_data["train"], "device": device}}
     config = make_config(config_data)
@@ -45,12 +55,18 @@ def run_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str], 
     trainer = Trainer(config, run_dir=run_dir, progress=False)
     try:
         metrics = trainer.fit(on_eval=lambda step, m: evals.append((step, m["loss"])))
+        bad = next((i + 1 for i, v in enumerate(trainer.losses) if not math.isfinite(v)), None)
+        if bad is not None or not math.isfinite(metrics["loss"]):
+            raise CellFailed(f"non-finite loss (training loss first NaN/inf at step {bad})" if bad else "non-finite evaluation loss")
+        metrics.update(routing_as_trained(trainer))
+        if has_split(trainer.task, "test"):
+            metrics.update(heldout(trainer, "test"))
     finally:
         trainer.close()
     every = max(1, math.ceil(len(trainer.losses) / CURVE_POINTS))
     losses = trainer.losses
     curve = [(min(i + every, len(losses)), sum(losses[i : i + every]) / len(losses[i : i + every])) for i in range(0, len(losses), every)]
-    result = {
+    return {
         "id": cell_id,
         "labels": labels,
         "seed": config.seed,
@@ -58,35 +74,115 @@ def run_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str], 
         "loads": trainer.last_loads,
         "train_curve": curve,
         "eval_curve": evals,
+        "train_tokens": trainer.train_tokens,
         "wall_s": time.perf_counter() - start,
         "cpu_s": time.process_time() - cpu_start,  # this process's CPU time: the honest cost on a shared machine
         "run_dir": str(run_dir),
+        "device": config.train.device,
+        "device_name": _device_name(trainer.device),
+        "host": socket.gethostname(),
+        "data_checksum": data_checksum,
     }
-    atomic_write_text(cell_path(Path(out), cell_id), json.dumps(result, allow_nan=True))
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    atomic_write_text(cell_path(out, result["id"]), json.dumps(result, allow_nan=True))
+
+
+def run_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str], out: str, device: str | None = None,
+             data_checksum: str = "") -> dict[str, Any]:
+    """Train one cell and write its result file. Runs in a worker process (or in-process with one worker)."""
+    result = train_cell(cell_id, config_data, labels, device, data_checksum)
+    write_result(Path(out), result)
     return result
 
 
-_WORKER_DEVICE: str | None = None
-
-
-def _init_worker(threads: int, devices, parent: int | None = None) -> None:
-    global _WORKER_DEVICE
+def _init_worker(threads: int, parent: int | None = None) -> None:
     from routerlab.procs import die_with_parent
 
     die_with_parent(parent)  # a kill -9 of `routerlab ablate` must not leave workers training on
     import torch
 
     torch.set_num_threads(threads)
-    if devices is not None:
-        _WORKER_DEVICE = devices.get()  # one device per worker
 
 
-def default_workers(plan: Plan) -> int:
+def device_slots(cuda_count: int, per_gpu: int = 1) -> list[str]:
+    """Every GPU once per cell it may hold at a time, spread first: (2, 2) -> cuda:0, cuda:1, cuda:0, cuda:1."""
+    return [f"cuda:{i}" for _ in range(per_gpu) for i in range(cuda_count)]
+
+
+class DevicePool:
+    """Free cell slots per device; a starting cell takes the least loaded device with a free slot."""
+
+    def __init__(self, devices: Iterable[str], per_device: int = 1) -> None:
+        self.capacity = {d: per_device for d in dict.fromkeys(devices)}
+        self.busy = {d: 0 for d in self.capacity}
+
+    @property
+    def slots(self) -> int:
+        return sum(self.capacity.values())
+
+    def acquire(self) -> str | None:
+        free = [d for d in self.capacity if self.busy[d] < self.capacity[d]]
+        if not free:
+            return None
+        device = min(free, key=lambda d: self.busy[d])  # ties: the first listed
+        self.busy[device] += 1
+        return device
+
+    def release(self, device: str) -> None:
+        self.busy[device] -= 1
+
+
+def schedule(
+    cells: list[Cell],
+    submit: Callable[[Cell, str | None], Future],
+    slots: int,
+    pool: DevicePool | None = None,
+    on_done: Callable[[Cell, Any], None] = lambda cell, result: None,
+    on_error: Callable[[Cell, BaseException], None] = lambda cell, err: None,
+    on_update: Callable[[int, int], None] = lambda running, left: None,
+) -> None:
+    """Start cells while a slot (and, with a pool, a device slot) is free; hand every end to on_done/on_error."""
+    pending = list(cells)
+    running: dict[Future, tuple[Cell, str | None]] = {}
+    while pending or running:
+        while pending and len(running) < slots:  # submit only what runs now, so 'running' is true
+            device = pool.acquire() if pool is not None else None
+            if pool is not None and device is None:
+                break
+            cell = pending.pop(0)
+            running[submit(cell, device)] = (cell, device)
+        on_update(len(running), len(pending))
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            cell, device = running.pop(future)
+            if pool is not None and device is not None:
+                pool.release(device)
+            try:
+                result = future.result()
+            except Exception as err:  # one failing cell must not stop the others
+                on_error(cell, err)
+            else:
+                on_done(cell, result)
+
+
+def default_workers(plan: Plan, per_gpu: int = 1) -> int:
     uses_cuda = any(c.config.train.device.startswith("cuda") for c in plan.cells)
     if uses_cuda:
         import torch
 
-        return max(1, torch.cuda.device_count())
+        return max(1, torch.cuda.device_count()) * per_gpu
     return max(1, os.cpu_count() or 1)
 
 
@@ -102,71 +198,74 @@ def load_done(out: Path, plan: Plan) -> dict[str, dict[str, Any]]:
     return done
 
 
+def describe_error(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def payload(cell: Cell, out: Path) -> tuple:
+    return (cell.id, cell.config.model_dump(mode="json"), cell.labels, str(out))
+
+
 def run_plan(
     plan: Plan,
     out: str | Path,
     workers: int | None = None,
     on_update: Callable[[int, int, int], None] | None = None,
+    per_gpu: int = 1,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Run every cell not already done. Returns ({cell id: result}, {cell id: error}) for all planned cells.
 
-    on_update(done, running, left) is called whenever a cell starts or ends.
+    on_update(done, running, left) is called whenever a cell starts or ends. On CUDA, each GPU holds up to
+    `per_gpu` cells at once (default workers: GPUs x per_gpu).
     """
     out = Path(out)
     done = load_done(out, plan)
     todo = [c for c in plan.cells if c.id not in done]
     errors: dict[str, str] = {}
-    workers = min(workers or default_workers(plan), max(1, len(todo)))
+    workers = min(workers or default_workers(plan, per_gpu), max(1, len(todo)))
     update = on_update or (lambda *a: None)
     update(len(done), 0, len(todo))
     if not todo:
         return done, errors
-    payload = lambda c: (c.id, c.config.model_dump(mode="json"), c.labels, str(out))  # noqa: E731
     uses_cuda = any(c.config.train.device.startswith("cuda") for c in todo)
     if workers == 1 and not uses_cuda:
         for i, cell in enumerate(todo):
             update(len(done), 1, len(todo) - i - 1)
             try:
-                done[cell.id] = run_cell(*payload(cell))
+                done[cell.id] = run_cell(*payload(cell, out), None, cell.data_checksum)
             except Exception as err:  # one failing cell must not stop the others
-                errors[cell.id] = f"{type(err).__name__}: {err}"
+                errors[cell.id] = describe_error(err)
         update(len(done), 0, 0)
         return done, errors
 
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # fork after torch has started threads is fragile
-    devices = None
+    device_pool = None
     if uses_cuda:
         import torch
 
-        devices = ctx.Queue()
-        for i in range(workers):
-            devices.put(f"cuda:{i % max(1, torch.cuda.device_count())}")
+        device_pool = DevicePool([f"cuda:{i}" for i in range(max(1, torch.cuda.device_count()))], per_gpu)
+        workers = min(workers, device_pool.slots)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    pending = list(todo)
-    running: dict[Future, Cell] = {}
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, devices, os.getpid())) as pool:
+
+    def on_done(cell: Cell, result: dict[str, Any]) -> None:
+        done[cell.id] = result
+
+    def on_error(cell: Cell, err: BaseException) -> None:
+        errors[cell.id] = WORKER_DIED if isinstance(err, BrokenProcessPool) else describe_error(err)
+
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
         try:
-            while pending or running:
-                while pending and len(running) < workers:  # submit only what runs now, so 'running' is true
-                    cell = pending.pop(0)
-                    running[pool.submit(run_cell, *payload(cell))] = cell
-                update(len(done), len(running), len(pending))
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    cell = running.pop(future)
-                    try:
-                        done[cell.id] = future.result()
-                    except BrokenProcessPool:
-                        errors[cell.id] = WORKER_DIED
-                    except Exception as err:
-                        errors[cell.id] = f"{type(err).__name__}: {err}"
-                if any(e == WORKER_DIED for e in errors.values()):  # the pool is unusable: stop, report, exit non-zero
-                    for cell in list(running.values()) + pending:
-                        errors.setdefault(cell.id, "not run: " + WORKER_DIED)
-                    running.clear()
-                    pending.clear()
+            schedule(
+                todo, lambda cell, device: pool.submit(run_cell, *payload(cell, out), device, cell.data_checksum), workers,
+                device_pool, on_done, on_error, lambda running, left: update(len(done), running, left),
+            )
+        except BrokenProcessPool:  # a worker died (kill, out of memory): report every unfinished cell, exit non-zero
+            for cell in todo:
+                if cell.id not in done and cell.id not in errors:
+                    errors[cell.id] = "not run: " + WORKER_DIED
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             for process in list(getattr(pool, "_processes", {}).values()):

@@ -2,6 +2,7 @@
 
     name: demo                       # optional; default: the file's stem
     base: configs/chars.yaml         # a config file (relative to the ablation file or the cwd) or a mapping
+    baseline: "switch"               # optional: the row (labels joined by " / ") others are compared with
     axes:                            # the grid is the product of all axes
       task: [chars, {name: clusters, set: {train.batch_size: 128}}]
       router: [all, {name: noisy_topk, w_load: 0.0, label: no-load-loss}]
@@ -15,6 +16,9 @@ the component's parameters plus optional `label` (its name in tables) and `set` 
 go with it, e.g. a batch size that suits the task). Cells whose router cannot run on the task (the trainer's
 compatibility check), and routers from `all` whose config does not validate, are skipped with the reason;
 every other invalid cell fails the whole file before anything runs.
+
+Seeds reach every random choice of a cell: a router with a `seed` parameter (hash tables) takes the run's
+seed unless the file sets `router.seed` itself. A cell's id hashes its config and its data's content.
 """
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ DEFAULT_METRICS = [
     "loss", "accuracy", "perplexity", "load_cv", "max_vio", "dropped_frac", "dead_experts", "router_entropy",
     "specialization", "fluctuation", "tokens_per_s", "params_active", "params_total",
 ]
-KNOWN_METRICS = DEFAULT_METRICS + ["train_loss", "usage_entropy", "z_value", "max_logit", "switch_balance"]
+KNOWN_METRICS = DEFAULT_METRICS + ["train_loss", "usage_entropy", "z_value", "max_logit", "switch_balance",
+                                   "loss_se", "test_loss", "test_loss_se", "test_accuracy"]
+KNOWN_METRICS += [f"{m}_as_trained" for m in ("load_cv", "max_vio", "dropped_frac", "dead_experts", "usage_entropy", "switch_balance")]
 SPECIAL_AXES = ("task", "router", "seed")
 SECTION_MODELS = ("model", "train", "run")
 
@@ -48,6 +54,7 @@ class Cell:
     labels: dict[str, str]  # axis -> label (seed excluded)
     seed: int
     config: Config
+    data_checksum: str = ""  # sha256 of the task's data: the cell is what it ran on, not where the data lay
 
     @property
     def group(self) -> tuple[str, ...]:
@@ -70,21 +77,22 @@ class AblationSpec:
     exclude: list[str]
     metrics: list[str]
     description: str = ""
+    baseline: str | None = None  # label of the row every other row is compared with, paired by seed
 
     def config_hash(self) -> str:
         """Hash of everything that decides the results (the resolved base, axes, exclude list)."""
-        data = {"base": self.base, "axes": self.axes, "exclude": self.exclude}
+        data = {"base": self.base, "axes": self.axes, "exclude": self.exclude}  # baseline changes the report only
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def load_spec(path: str | Path) -> AblationSpec:
     p = Path(path)
-    data = read_config_file(p, "name, description, base, axes, exclude, metrics", what="ablation file")
+    data = read_config_file(p, "name, description, base, axes, exclude, metrics, baseline", what="ablation file")
     return parse_spec(data, name=p.stem, path=str(p), here=p.parent)
 
 
 def parse_spec(data: dict[str, Any], *, name: str = "ablation", path: str = "", here: Path = Path(".")) -> AblationSpec:
-    valid_keys = {"name", "description", "base", "axes", "exclude", "metrics"}
+    valid_keys = {"name", "description", "base", "axes", "exclude", "metrics", "baseline"}
     unknown = set(data) - valid_keys
     if unknown:
         raise ConfigError(f"ablation file has unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid_keys))}")
@@ -105,7 +113,10 @@ def parse_spec(data: dict[str, Any], *, name: str = "ablation", path: str = "", 
     if bad:
         raise ConfigError(f"unknown metric(s) {', '.join(bad)}; valid metrics: {', '.join(KNOWN_METRICS)}")
     exclude = list(data.get("exclude") or [])
-    return AblationSpec(str(data.get("name") or name), path, base, axes, exclude, list(metrics), str(data.get("description") or ""))
+    baseline = data.get("baseline")
+    if baseline is not None and not isinstance(baseline, str):
+        raise ConfigError(f"ablation 'baseline' must be the label of one row (axis labels joined by ' / '), got {baseline!r}")
+    return AblationSpec(str(data.get("name") or name), path, base, axes, exclude, list(metrics), str(data.get("description") or ""), baseline)
 
 
 def _read_base(text: str, here: Path) -> dict[str, Any]:
@@ -185,14 +196,70 @@ def _set_key(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     return data
 
 
-def cell_id(config: Config, labels: dict[str, str]) -> str:
-    """Deterministic from what decides the cell's results, so a changed file never reuses a stale cell."""
+def data_checksum(task: Any) -> str:
+    """sha256 of a task's data content: its own `data_checksum` when it has one, else every split's tensors
+    (and a vocabulary, where token ids index one)."""
+    own = getattr(task, "data_checksum", None)
+    if own is not None:
+        return own() if callable(own) else str(own)
+    import numpy as np
+    import torch
+
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(np.ascontiguousarray(value.detach().cpu().numpy()).tobytes())
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                feed(item)
+        elif isinstance(value, dict):
+            for key in sorted(value):
+                digest.update(str(key).encode())
+                feed(value[key])
+        else:
+            digest.update(repr(value).encode())
+
+    feed(getattr(task, "data", {}))
+    feed(getattr(task, "chars", None))
+    return digest.hexdigest()
+
+
+def cell_id(config: Config, labels: dict[str, str], checksum: str = "") -> str:
+    """Deterministic from what decides the cell's results, so a changed file never reuses a stale cell.
+
+    The data enters by its checksum; task parameters that are paths (a corpus file) do not, so the same
+    file from another folder, or other text at the same path, is told apart by what it holds."""
     data = config.model_dump(mode="json")
     data.pop("run")
     data["train"].pop("device")
+    if checksum:
+        data["task"] = {k: v for k, v in data["task"].items() if not (isinstance(v, str) and _is_path(v))}
+        data["data_checksum"] = checksum
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
     parts = [v if k in SPECIAL_AXES else f"{k.split('.')[-1]}={v}" for k, v in labels.items()]
     return _slug("-".join(parts))[:64] + f"-s{config.seed}-{digest}"
+
+
+def _is_path(value: str) -> bool:
+    return "/" in value or "\\" in value or Path(value).exists()
+
+
+def _router_seed_follows_run(data: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A router's own `seed` (a hash table) follows the run seed unless the file pins it."""
+    from routerlab.routers.registry import param_fields, router_entry
+
+    router = data.get("router")
+    if not isinstance(router, dict) or "name" not in router or "seed" in router:
+        return data
+    try:
+        _, params = router_entry(router["name"])
+    except ConfigError:
+        return data  # make_config reports the unknown name
+    if "seed" in param_fields(params):
+        data = {**data, "router": {**router, "seed": seed}}
+    return data
 
 
 def expand(spec: AblationSpec, runs_dir: str | Path) -> Plan:
@@ -226,7 +293,7 @@ def expand(spec: AblationSpec, runs_dir: str | Path) -> Plan:
             data["run"] = {**data.get("run", {}), "dir": str(runs_dir)}
             data["run"].setdefault("checkpoint", False)
             try:
-                config = make_config(data)
+                config = make_config(_router_seed_follows_run(data, seed))
             except ConfigError as err:
                 if from_all:
                     plan.skipped.append((labels, str(err)))
@@ -235,18 +302,28 @@ def expand(spec: AblationSpec, runs_dir: str | Path) -> Plan:
             try:
                 key = json.dumps(config.task, sort_keys=True)
                 if key not in task_cache:
-                    task_cache[key] = build_task(config.task)
-                model = build_model(config.model, config.router, task_cache[key])
-                check_compatible(model, task_cache[key], config)
+                    task = build_task(config.task)
+                    task_cache[key] = (task, data_checksum(task))
+                task, checksum = task_cache[key]
+                model = build_model(config.model, config.router, task)
+                check_compatible(model, task, config)
             except ConfigError as err:
                 plan.skipped.append((labels, str(err)))
                 break
-            cid = cell_id(config, labels)
+            cid = cell_id(config, labels, checksum)
             if cid in seen:
                 raise ConfigError(f"two cells of the grid are the same run ({cid}); remove the duplicate axis value")
             seen.add(cid)
             config.run.name = cid
-            plan.cells.append(Cell(cid, dict(labels), int(seed), config))
+            plan.cells.append(Cell(cid, dict(labels), int(seed), config, checksum))
     if not plan.cells:
         raise ConfigError("the ablation has no runnable cell" + (f"; skipped: {plan.skipped[0][1]}" if plan.skipped else ""))
+    rows = list(dict.fromkeys(group_label(c.labels) for c in plan.cells))
+    if spec.baseline is not None and spec.baseline not in rows:
+        raise ConfigError(f"baseline {spec.baseline!r} is not a row of the grid; valid rows: {', '.join(map(repr, rows))}")
     return plan
+
+
+def group_label(labels: dict[str, str]) -> str:
+    """A row's name in tables: its axis labels (seed excluded) joined by ' / '."""
+    return " / ".join(labels.values()) or "base"

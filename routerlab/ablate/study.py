@@ -47,33 +47,40 @@ def run_ablation(
     out: str | Path | None = None,
     runs: str | Path | None = None,
     workers: int | None = None,
+    per_gpu: int = 1,
+    ray: str | None = None,
     command: str | None = None,
     on_plan: Callable[[Plan, int], None] | None = None,
     on_update: Callable[[int, int, int], None] | None = None,
     overrides: list[str] = (),
 ) -> AblationReport:
-    """Validate every cell, run the unfinished ones, then write results.csv, summary.md and the plots.
+    """Validate every cell, run the unfinished ones (here, or as Ray tasks on the cluster at `ray`), then write
+    results.csv, summary.csv, summary.md and the plots.
 
-    The results and TensorBoard folders are checked and locked before any cell runs: a second ablation on
-    the same folders stops with "already in use by PID N" instead of running every cell again."""
+    The results folder is checked and locked before any cell runs: a second ablation on the same --out
+    stops with "already in use by PID N" instead of running every cell again."""
     plan, out = plan_ablation(path, out, runs, overrides)
     for runs_dir in sorted({c.config.run.dir for c in plan.cells}):
         check_writable(runs_dir, "ablate --runs")  # each cell's run folder is locked by its own Trainer
     with lock_output_dir(out, "ablate --out"):
-        return _run_locked(path, plan, out, workers, command, on_plan, on_update)
+        if on_plan is not None:
+            on_plan(plan, len(plan.cells))
+        before = sum(1 for c in plan.cells if (out / "cells" / f"{c.id}.json").is_file())
+        if ray is not None:
+            from routerlab.ablate.ray_runner import run_plan_ray
 
-
-def _run_locked(path, plan: Plan, out: Path, workers, command, on_plan, on_update) -> AblationReport:
-    if on_plan is not None:
-        on_plan(plan, len(plan.cells))
-    before = sum(1 for c in plan.cells if (out / "cells" / f"{c.id}.json").is_file())
-    results, errors = run_plan(plan, out, workers, on_update)
-    table = report.rows(plan, results)
-    stats = report.group_stats(plan, table, plan.spec.metrics)
-    command = command or f"routerlab ablate {path} --out {out}"
-    files = [out / "results.csv", out / "summary.md"]
-    report.write_csv(files[0], plan, table)
-    atomic_write_text(files[1], report.summary_markdown(plan, stats, errors, command))
-    if results:
-        files += plots.write_plots(plan, results, out)
-    return AblationReport(plan, out, results, errors, len(results) - before, stats, files)
+            results, errors = run_plan_ray(plan, out, ray, on_update)
+        else:
+            results, errors = run_plan(plan, out, workers, on_update, per_gpu)
+        table = report.rows(plan, results)
+        fixed = {"cell", "seed", *report.axis_names(plan)}
+        metrics = list(dict.fromkeys(k for row in table for k in row if k not in fixed))
+        stats = report.group_stats(plan, table, metrics)
+        command = command or f"routerlab ablate {path} --out {out}"
+        files = [out / "results.csv", out / "summary.md", out / "summary.csv"]
+        report.write_csv(files[0], plan, table)
+        atomic_write_text(files[1], report.summary_markdown(plan, stats, errors, command, results))
+        report.write_summary_csv(files[2], plan, stats)
+        if results:
+            files += plots.write_plots(plan, results, out)
+        return AblationReport(plan, out, results, errors, len(results) - before, stats, files)

@@ -238,10 +238,13 @@ class MoELayer(nn.Module):
         self._stats = None
         self._top1 = None
         self._pending = None  # what stats and top1 are computed from, on first read (off the hot path)
+        self.sequence_length: int | None = None  # tokens per sequence of the last forward (None: not a sequence model)
         self.aux_losses: dict[str, Tensor] = {}
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         tokens, token_ids = flatten_tokens(x, token_ids)
+        self.sequence_length = x.shape[-2] if x.dim() >= 3 else None  # for per-sequence balance and MaxVio
+        self.router.sequence_length = self.sequence_length
         routing = self.route(tokens, token_ids)
         out, kept = self.compute(tokens, routing)
         self.record(routing, kept)
@@ -272,7 +275,7 @@ class MoELayer(nn.Module):
             E = self.num_experts
             slots = torch.where(kept, experts, E).reshape(-1)  # kept slots per (global) expert, no host sync
             counts = torch.zeros(E + 1, dtype=torch.long, device=experts.device).index_add_(0, slots, torch.ones_like(slots))[:E]
-            self._stats = compute_stats(experts, logits, counts, kept.sum(1))
+            self._stats = compute_stats(experts, logits, counts, kept.sum(1), self.sequence_length)
         return self._stats
 
     @stats.setter

@@ -22,6 +22,10 @@ class RoutingStats:
     entropy_sum: Tensor | None = None  # sum over tokens of H(p(x))
     z_sum: Tensor | None = None  # sum over tokens of logsumexp(logits)^2
     max_logit: Tensor | None = None  # max |logit| (merged by max)
+    vio_batch_sum: Tensor | None = None  # sum over micro-batches (and ranks) of each one's own MaxVio
+    batches: Tensor | None = None  # number of those micro-batches
+    vio_seq_sum: Tensor | None = None  # sum over sequences of each sequence's own MaxVio
+    sequences: Tensor | None = None  # number of sequences
 
     def merge(self, other: RoutingStats) -> RoutingStats:
         out = {}
@@ -34,18 +38,33 @@ class RoutingStats:
         return RoutingStats(**out)
 
 
+def _max_vio(load: Tensor) -> Tensor:
+    """max / mean - 1 along the last dim; 0 where nothing was routed."""
+    mean = load.mean(-1)
+    return torch.where(mean > 0, load.max(-1).values / mean.clamp_min(1e-12) - 1, torch.zeros_like(mean))
+
+
 @torch.no_grad()
-def compute_stats(experts: Tensor, logits: Tensor | None, kept: Tensor, kept_per_token: Tensor) -> RoutingStats:
-    """experts [T, k] (-1 unused), logits [T, E] or None, kept [E], kept_per_token [T]."""
+def compute_stats(experts: Tensor, logits: Tensor | None, kept: Tensor, kept_per_token: Tensor, sequence_length: int | None = None) -> RoutingStats:
+    """experts [T, k] (-1 unused), logits [T, E] or None, kept [E], kept_per_token [T]; tokens come in
+    sequences of sequence_length (None: the batch is one sequence) for the per-sequence MaxVio."""
     num_experts = kept.shape[0]
+    T = experts.shape[0]
     # scatter and fill instead of bincount / mask indexing / torch.tensor: no host sync on CUDA
     slots = torch.where(experts >= 0, experts, num_experts).reshape(-1)
     load = torch.zeros(num_experts + 1, device=experts.device).index_add_(0, slots, torch.ones(slots.shape, device=experts.device))[:num_experts]
+    L = sequence_length if sequence_length and T % sequence_length == 0 else max(T, 1)
+    per_seq = torch.zeros(T // L, num_experts + 1, device=experts.device)
+    per_seq.scatter_add_(1, torch.where(experts >= 0, experts, num_experts).reshape(T // L, L * experts.shape[1]), torch.ones(T // L, L * experts.shape[1], device=experts.device))
     stats = RoutingStats(
         load=load,
         kept=kept.float(),
-        tokens=torch.full((), float(experts.shape[0]), device=experts.device),
+        tokens=torch.full((), float(T), device=experts.device),
         dropped_tokens=(kept_per_token == 0).sum().float(),
+        vio_batch_sum=_max_vio(load),
+        batches=torch.ones((), device=experts.device),
+        vio_seq_sum=_max_vio(per_seq[:, :num_experts]).sum(),
+        sequences=torch.full((), float(T // L), device=experts.device),
     )
     if logits is not None:
         logits = logits.float()
@@ -58,8 +77,18 @@ def compute_stats(experts: Tensor, logits: Tensor | None, kept: Tensor, kept_per
     return stats
 
 
-def routing_metrics(stats: RoutingStats) -> dict[str, float]:
-    """Scalar metrics of DESIGN.md from (possibly merged) stats."""
+def rank_overload(load: Tensor, ranks: int) -> float:
+    """Expert parallelism over `ranks` ranks holding contiguous blocks of E/ranks experts: the busiest rank's
+    token-slots over the mean rank's (1.0 = even; the step waits for the busiest rank)."""
+    per_rank = load.double().view(ranks, -1).sum(1)
+    return float(per_rank.max() / per_rank.mean()) if per_rank.sum() > 0 else 1.0
+
+
+def routing_metrics(stats: RoutingStats, ranks: int = 1) -> dict[str, float]:
+    """Scalar metrics of DESIGN.md from (possibly merged) stats; rank_overload when ranks > 1 (expert parallel).
+
+    max_vio is over every token the stats hold (merged micro-batches, ranks: the global batch);
+    max_vio_batch the mean of each micro-batch's own, max_vio_seq the mean of each sequence's own."""
     load = stats.load.double()
     num_experts = load.numel()
     tokens = max(float(stats.tokens), 1.0)
@@ -73,7 +102,13 @@ def routing_metrics(stats: RoutingStats) -> dict[str, float]:
         "dead_experts": float((load == 0).sum()),
         "usage_entropy": float(-(nz * nz.log()).sum()),
         "usage_entropy_max": math.log(num_experts),
+        "mean_k": float(load.sum()) / tokens,  # routed slots per token (null / unused slots not counted)
     }
+    if stats.batches is not None and float(stats.batches) > 0:
+        out["max_vio_batch"] = float(stats.vio_batch_sum) / float(stats.batches)
+        out["max_vio_seq"] = float(stats.vio_seq_sum) / max(float(stats.sequences), 1.0)
+    if ranks > 1 and num_experts % ranks == 0:
+        out["rank_overload"] = rank_overload(load, ranks)
     if stats.prob_sum is not None:
         P = stats.prob_sum.double() / tokens
         out["router_entropy"] = float(stats.entropy_sum) / tokens

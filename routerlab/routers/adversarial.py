@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from routerlab.routers.base import Routing, topk_routing
+from routerlab.routers.base import Routing
 from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
 
@@ -50,15 +50,15 @@ class Adversarial(GatedRouter):
         super().__init__(d_model, num_experts, params)
         self.register_buffer("prices", torch.zeros(num_experts))
 
+    supports_selection_options = True
+
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
-        logits = self.gate_logits(x)
-        probs = logits.float().softmax(-1)
-        experts, weights = topk_routing(probs, self.params.k, self.params.renormalize)
-        aux = self.stability_losses(logits)
+        out = self.route_topk(x, self.params.k, self.params.renormalize)
+        probs = self.balance_probs(out.logits)[:, : self.num_experts]  # softmax: the gate probabilities
         if probs.shape[0] > 0:
             violation = self.num_experts * probs.mean(0) - 1
-            aux["adversary"] = (self.prices * violation).sum()
-        return Routing(experts, weights.to(x.dtype), logits, aux)
+            out.routing.aux["adversary"] = (self.prices * violation).sum()
+        return out.routing
 
     @torch.no_grad()
     def after_step(self, stats) -> None:

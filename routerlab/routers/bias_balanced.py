@@ -21,7 +21,8 @@ from routerlab.routers.registry import register_router, require
 class BiasBalancedParams(GateParams):
     k: int = 2
     update_rate: float = 1e-3  # u, the bias step per optimizer step
-    normalize: bool = True  # weights s / sum of chosen s (else the raw sigmoid scores)
+    normalize: bool = True  # weights s / sum of chosen s (else the raw sigmoid scores), at k=1 too
+    score: str = "sigmoid"  # the gate option's default differs here (DeepSeek-V3)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -33,20 +34,20 @@ class BiasBalancedParams(GateParams):
 class BiasBalanced(GatedRouter):
     """Sigmoid scores, top-k of score + bias; bias nudged toward balance after every step."""
 
+    supports_selection_options = True
+
     def __init__(self, d_model: int, num_experts: int, params: BiasBalancedParams) -> None:
         super().__init__(d_model, num_experts, params)
-        self.register_buffer("bias", torch.zeros(num_experts))
+        self.register_buffer("bias", torch.zeros(num_experts + params.null_experts))
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
-        logits = self.gate_logits(x)
-        scores = torch.sigmoid(logits)
-        experts = (scores.detach() + self.bias.to(scores.dtype)).topk(self.params.k, dim=-1).indices
-        weights = scores.gather(1, experts)
-        if self.params.normalize:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
-        return Routing(experts, weights.to(x.dtype), logits, self.stability_losses(logits, experts))
+        p = self.params
+        return self.route_topk(x, p.k, p.normalize, selection_bias=self.bias, normalize_k1=p.normalize).routing
 
     @torch.no_grad()
     def after_step(self, stats) -> None:
         load = stats.load.to(self.bias.device, self.bias.dtype)
+        if self.params.null_experts:  # null experts' load is what the real ones did not get
+            null_load = stats.tokens * self.params.k - load.sum()
+            load = torch.cat([load, (null_load / self.params.null_experts).reshape(1).expand(self.params.null_experts)])
         self.bias.add_(self.params.update_rate * torch.sign(load.mean() - load))

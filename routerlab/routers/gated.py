@@ -16,6 +16,20 @@ Every option below is a field of `GateParams`, so every learned router accepts i
   importance_balance, importance_power
                      importance-weighted balance loss  c * E * sum_i f_i P~_i,  P~_i = sum_x w_x p_i(x) / sum_x w_x,
                      w_x = (mean_j f_j / f_{e(x)})^power  (detached), e(x) the token's top-1 expert
+  balance_batch, balance_sequence, balance_global, balance_count
+                     coefficients of the balance loss E * sum_e f_e P_e at three scopes (balancing.py), any
+                     number at once; balance_count "all" counts every slot, "first" the first choice
+  init_std, fp64     gate weights drawn from N(0, init_std^2) (0 = nn.Linear's default); gate in float64
+
+Selection options, honoured by the top-k family (routers that route through `route_topk`: softmax_topk,
+switch, bias_balanced, adversarial, top_p); other routers refuse non-default values:
+  score              softmax | sigmoid | sqrt_softplus: s = score(logits); the balance losses use s / sum(s)
+  normalize_k1       with the router's renormalize on, also normalize at k=1 (weight 1)
+  route_scale        combine weights multiplied by it after normalization (DeepSeek's routed scaling factor)
+  expert_groups, top_groups
+                     experts in `expert_groups` equal groups; each token picks its top_groups groups by the sum of
+                     each group's best two scores, then its top-k inside them (DeepSeek-V3); 0 = off
+  null_experts       n zero-compute experts (MoE++): the gate scores E + n; a slot given to one is unused
 """
 from __future__ import annotations
 
@@ -25,8 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routerlab.routers.base import Router, switch_balance_loss, z_loss
+from routerlab.errors import ConfigError
+from routerlab.routers.balancing import GlobalCounts, batch_balance, global_balance, sequence_balance
+from routerlab.routers.base import Router, Routing, switch_balance_loss, z_loss
 from routerlab.routers.registry import RouterParams, require
+
+SCORES = ("softmax", "sigmoid", "sqrt_softplus")
+SELECTION_DEFAULTS = {"score": "softmax", "normalize_k1": False, "route_scale": 1.0, "expert_groups": 1, "top_groups": 0, "null_experts": 0}
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,18 @@ class GateParams(RouterParams):
     router_clip: float = 0.0  # max grad norm of the router's parameters (0 = off), applied in before_step
     importance_balance: float = 0.0  # coefficient of the importance-weighted balance loss (0 = off)
     importance_power: float = 1.0  # gamma in w_x = (mean f / f_{e(x)})^gamma
+    balance_batch: float = 0.0  # coefficient of E sum f P over the micro-batch
+    balance_sequence: float = 0.0  # ... per sequence, averaged over sequences (DeepSeek-V2/V3)
+    balance_global: float = 0.0  # ... f over the whole step: accumulation micro-batches and ranks (Qiu et al. 2025)
+    balance_count: str = "all"  # f counts "all" k slots of a token or its "first" choice only
+    init_std: float = 0.0  # gate weights ~ N(0, init_std^2); 0 = nn.Linear's default init
+    fp64: bool = False  # compute the gate in float64 (over fp32)
+    score: str = "softmax"  # softmax | sigmoid | sqrt_softplus (top-k family)
+    normalize_k1: bool = False  # renormalize also at k=1 (top-k family)
+    route_scale: float = 1.0  # routed scaling factor on the combine weights (top-k family)
+    expert_groups: int = 1  # expert groups for group-limited routing (top-k family)
+    top_groups: int = 0  # groups each token may use; 0 = no limit (top-k family)
+    null_experts: int = 0  # zero-compute experts (MoE++) beside the E real ones (top-k family)
 
     def __post_init__(self) -> None:
         require(self.z_loss >= 0, f"z_loss must be >= 0, got {self.z_loss}")
@@ -51,6 +82,15 @@ class GateParams(RouterParams):
         require(self.router_clip >= 0, f"router_clip must be >= 0 (0 = off), got {self.router_clip}")
         require(self.importance_balance >= 0, f"importance_balance must be >= 0, got {self.importance_balance}")
         require(self.importance_power >= 0, f"importance_power must be >= 0, got {self.importance_power}")
+        for name in ("balance_batch", "balance_sequence", "balance_global"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        require(self.balance_count in ("all", "first"), f"balance_count must be 'all' or 'first', got {self.balance_count!r}")
+        require(self.init_std >= 0, f"init_std must be >= 0 (0 = default init), got {self.init_std}")
+        require(self.score in SCORES, f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        require(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
+        require(self.expert_groups >= 1, f"expert_groups must be >= 1, got {self.expert_groups}")
+        require(0 <= self.top_groups <= self.expert_groups, f"top_groups must be in [0, expert_groups={self.expert_groups}] (0 = off), got {self.top_groups}")
+        require(self.null_experts >= 0, f"null_experts must be >= 0, got {self.null_experts}")
 
 
 def importance_weights(top1: Tensor, num_experts: int, power: float) -> Tensor:
@@ -65,13 +105,58 @@ def importance_weights(top1: Tensor, num_experts: int, power: float) -> Tensor:
     return ratio.pow(power).detach()
 
 
+def score_fn(name: str, logits: Tensor) -> Tensor:
+    """Router scores from logits: softmax, sigmoid, or sqrt(softplus) (elementwise for the last two)."""
+    if name == "softmax":
+        return logits.softmax(-1)
+    if name == "sigmoid":
+        return torch.sigmoid(logits)
+    return F.softplus(logits).sqrt()
+
+
+def group_limit_mask(scores: Tensor, groups: int, top_groups: int) -> Tensor:
+    """[T, E] bool: experts inside each token's top_groups groups, groups ranked by the sum of their best two
+    scores (their best one when a group has a single expert). DeepSeek-V3's node-limited routing."""
+    T, E = scores.shape
+    grouped = scores.view(T, groups, E // groups)
+    group_score = grouped.topk(min(2, E // groups), dim=-1).values.sum(-1)  # [T, G]
+    chosen = group_score.topk(top_groups, dim=-1).indices
+    keep = torch.zeros(T, groups, dtype=torch.bool, device=scores.device).scatter_(1, chosen, True)
+    return keep[:, :, None].expand(T, groups, E // groups).reshape(T, E)
+
+
+@dataclass
+class TopK:
+    """What route_topk hands back: the Routing, and for router-specific losses the logits and scores over all
+    E + null_experts gate outputs and the chosen ids before null slots became -1."""
+
+    routing: Routing
+    logits: Tensor
+    scores: Tensor
+    chosen: Tensor
+
+
 class GatedRouter(Router):
     """A router whose scores come from a linear gate over the hidden state, with the stability options."""
 
+    supports_selection_options = False  # True for the top-k family, which routes through route_topk
+
     def __init__(self, d_model: int, num_experts: int, params: GateParams) -> None:
         super().__init__(d_model, num_experts, params)
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        self.register_buffer("gate_ema", torch.full((num_experts,), 1.0 / num_experts))
+        if not self.supports_selection_options:
+            bad = [f"{k}={getattr(params, k)!r}" for k, v in SELECTION_DEFAULTS.items() if getattr(params, k) != v]
+            if bad:
+                raise ConfigError(f"router {getattr(self, 'router_name', type(self).__name__)!r} does not take {', '.join(bad)}; "
+                                  "the selection options (score, normalize_k1, route_scale, expert_groups, top_groups, null_experts) "
+                                  "work with softmax_topk, switch, bias_balanced, adversarial and top_p")
+        if num_experts % params.expert_groups:
+            raise ConfigError(f"expert_groups={params.expert_groups} must divide num_experts={num_experts}")
+        self.gate = nn.Linear(d_model, num_experts + params.null_experts, bias=False)
+        if params.init_std > 0:
+            nn.init.normal_(self.gate.weight, 0.0, params.init_std)
+        self.register_buffer("gate_ema", torch.full((num_experts + params.null_experts,), 1.0 / (num_experts + params.null_experts)))
+        self.global_counts = GlobalCounts()
+        self.sequence_length: int | None = None  # set by the MoE layer before each forward (None: one sequence)
 
     # -- scores ---------------------------------------------------------------------------------------
     def raw_logits(self, x: Tensor, gate: nn.Linear | None = None) -> Tensor:
@@ -80,6 +165,8 @@ class GatedRouter(Router):
         if self.training and self.params.jitter > 0:
             eps = self.params.jitter
             x = x * torch.empty_like(x).uniform_(1 - eps, 1 + eps)
+        if self.params.fp64:
+            return F.linear(x.double(), gate.weight.double(), None if gate.bias is None else gate.bias.double())
         if self.params.fp32:
             return F.linear(x.float(), gate.weight.float(), None if gate.bias is None else gate.bias.float())
         return gate(x)
@@ -108,14 +195,64 @@ class GatedRouter(Router):
     def gate_logits(self, x: Tensor) -> Tensor:
         return self.postprocess(self.raw_logits(x))
 
+    def balance_probs(self, logits: Tensor) -> Tensor:
+        """Normalized scores P(x) the balance losses average: softmax, or s / sum(s) for elementwise scores."""
+        if self.params.score == "softmax":
+            return logits.float().softmax(-1)
+        s = score_fn(self.params.score, logits.float())
+        return s / s.sum(-1, keepdim=True).clamp_min(1e-9)
+
+    # -- the top-k family's forward -------------------------------------------------------------------
+    def route_topk(self, x: Tensor, k: int, renormalize: bool, selection_bias: Tensor | None = None,
+                   normalize_k1: bool | None = None) -> TopK:
+        """Scores -> (group limit) -> top-k of score + bias -> normalize -> scale -> null slots to -1; aux losses.
+
+        normalize_k1 overrides the gate option (bias_balanced normalizes at k=1 by its own `normalize`).
+        """
+        p = self.params
+        E = self.num_experts
+        logits = self.gate_logits(x)
+        scores = score_fn(p.score, logits)
+        select = scores.detach()
+        if selection_bias is not None:
+            select = select + selection_bias.to(select.dtype)
+        if p.top_groups and p.top_groups < p.expert_groups:
+            mask = group_limit_mask(select[:, :E], p.expert_groups, p.top_groups)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], p.null_experts)], 1)
+            select = select.masked_fill(~mask, float("-inf"))
+        experts = select.topk(k, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if renormalize and (k > 1 or (p.normalize_k1 if normalize_k1 is None else normalize_k1)):
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+        if p.route_scale != 1.0:
+            weights = weights * p.route_scale
+        aux = self.stability_losses(logits, experts)
+        chosen, full_logits = experts, logits
+        if p.null_experts:
+            null = experts >= E
+            experts = experts.masked_fill(null, -1)
+            weights = weights.masked_fill(null, 0.0)
+            logits = logits[:, :E]
+        return TopK(Routing(experts, weights.to(x.dtype), logits, aux), full_logits, scores, chosen)
+
     # -- losses ---------------------------------------------------------------------------------------
     def stability_losses(self, logits: Tensor, experts: Tensor | None = None) -> dict[str, Tensor]:
-        """z-loss, entropy and importance-weighted balance terms (only those switched on).
+        """z-loss, entropy, importance-weighted and scoped balance terms (only those switched on).
 
-        experts: [T, k] choices (-1 unused) for the importance weighting; default the top-1 of the logits.
+        experts: [T, k] choices (-1 unused) for the importance weighting and the balance losses; default the
+        top-1 of the logits.
         """
         p = self.params
         aux = {}
+        if self.training and logits.shape[0] > 0 and (p.balance_batch or p.balance_sequence or p.balance_global):
+            probs = self.balance_probs(logits)
+            chosen = probs.argmax(-1, keepdim=True) if experts is None else experts
+            if p.balance_batch:
+                aux["balance_batch"] = p.balance_batch * batch_balance(probs, chosen, p.balance_count)
+            if p.balance_sequence:
+                aux["balance_sequence"] = p.balance_sequence * sequence_balance(probs, chosen, p.balance_count, self.sequence_length)
+            if p.balance_global:
+                aux["balance_global"] = p.balance_global * global_balance(probs, chosen, p.balance_count, self.global_counts)
         if p.z_loss > 0:
             aux["z_loss"] = p.z_loss * z_loss(logits)
         if p.entropy != 0:
@@ -126,13 +263,14 @@ class GatedRouter(Router):
             top1 = probs.argmax(-1)
             if experts is not None:
                 top1 = torch.where(experts[:, 0] >= 0, experts[:, 0], top1)
-            w = importance_weights(top1, self.num_experts, p.importance_power)
+            w = importance_weights(top1, probs.shape[-1], p.importance_power)
             chosen = top1[:, None] if experts is None else experts
-            aux["importance_balance"] = p.importance_balance * switch_balance_loss(probs, chosen, self.num_experts, w)
+            aux["importance_balance"] = p.importance_balance * switch_balance_loss(probs, chosen, probs.shape[-1], w)
         return aux
 
     # -- hooks ----------------------------------------------------------------------------------------
     def before_step(self) -> None:
+        self.global_counts.reset()  # once per optimizer step, after every micro-batch's backward
         if self.params.router_clip > 0:
             grads = [q for q in self.parameters() if q.grad is not None]
             if grads:

@@ -57,7 +57,8 @@ class NoisyTopK(GatedRouter):
     def __init__(self, d_model: int, num_experts: int, params: NoisyTopKParams) -> None:
         super().__init__(d_model, num_experts, params)
         self.noise = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.zeros_(self.gate.weight)
+        if params.init_std == 0:  # the paper's zero init unless the gate option asks for a std
+            nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.noise.weight)
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from routerlab.routers.base import Routing, topk_routing
+from routerlab.routers.base import Routing
 from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
 
@@ -24,7 +24,7 @@ class SoftmaxTopKParams(GateParams):
 class SoftmaxTopK(GatedRouter):
     """Softmax over experts, top-k; weights are the chosen probabilities."""
 
+    supports_selection_options = True
+
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
-        logits = self.gate_logits(x)
-        experts, weights = topk_routing(logits.softmax(-1), self.params.k, self.params.renormalize)
-        return Routing(experts, weights.to(x.dtype), logits, self.stability_losses(logits))
+        return self.route_topk(x, self.params.k, self.params.renormalize).routing

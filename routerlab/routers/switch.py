@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from routerlab.routers.base import Routing, switch_balance_loss, topk_routing
+from routerlab.routers.base import Routing, switch_balance_loss
 from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
 
@@ -23,11 +23,11 @@ class SwitchParams(GateParams):
 class Switch(GatedRouter):
     """Top-1 expert, weight = its softmax probability, Switch balance loss."""
 
+    supports_selection_options = True
+
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
-        logits = self.gate_logits(x)
-        probs = logits.softmax(-1)
-        experts, weights = topk_routing(probs, 1, renormalize=False)
-        aux = self.stability_losses(logits)
+        out = self.route_topk(x, 1, renormalize=True)  # renormalizing one weight happens only with normalize_k1
         if self.params.alpha > 0:
-            aux["balance"] = self.params.alpha * switch_balance_loss(probs, experts, self.num_experts)
-        return Routing(experts, weights.to(x.dtype), logits, aux)
+            probs = out.scores if self.params.score == "softmax" else self.balance_probs(out.logits)
+            out.routing.aux["balance"] = self.params.alpha * switch_balance_loss(probs, out.chosen, probs.shape[-1])
+        return out.routing

@@ -22,6 +22,7 @@ class CharsParams(TaskParams):
     block_size: int = Field(64, ge=2)
     corpus: str | None = None  # path of a UTF-8 text file; None = pydoc_data.topics
     val_frac: float = Field(0.1, gt=0, lt=1)
+    test_frac: float = Field(0.0, ge=0, lt=1)  # > 0: a held-out `test` split cut from the end of the training text
 
 
 def default_corpus() -> str:
@@ -81,7 +82,13 @@ class Chars(Task):
         index = {c: i for i, c in enumerate(self.chars)}
         ids = torch.tensor([index[c] for c in text], dtype=torch.long)
         self.category_of_id = torch.tensor([category(c) for c in self.chars], dtype=torch.long)
-        self.data = {"train": ids[: len(ids) - n_val], "val": ids[len(ids) - n_val :]}
+        n_test = int(len(text) * params.test_frac)
+        if n_test and (n_test <= params.block_size + 1 or len(text) - n_val - n_test <= params.block_size + 1):
+            raise ConfigError(f"test_frac={params.test_frac} leaves too little text for block_size={params.block_size}; use a larger or smaller test_frac")
+        train_end = len(ids) - n_val - n_test  # layout: train | test | val (val stays where it always was)
+        self.data = {"train": ids[:train_end], "val": ids[len(ids) - n_val :]}
+        if n_test:
+            self.data["test"] = ids[train_end : len(ids) - n_val]
 
     def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
         ids = self.data[split]

@@ -18,6 +18,7 @@ class ClustersParams(TaskParams):
     num_classes: int = Field(4, ge=2)
     train_size: int = Field(16384, ge=1)
     val_size: int = Field(2048, ge=1)
+    test_size: int = Field(0, ge=0)  # > 0: a held-out `test` split, drawn after train and val (which stay as they were)
     spread: float = Field(0.5, gt=0)  # within-cluster std, relative to unit-norm-scaled centers
     zipf: float = Field(0.0, ge=0)
     seed: int = 0  # data seed, independent of the training seed
@@ -42,6 +43,8 @@ class Clusters(ClassificationTask):
         freq = 1.0 / torch.arange(1, K + 1, dtype=torch.float64) ** params.zipf
         self.cluster_probs = (freq / freq.sum()).float()
         self.data = {"train": self._make(params.train_size, g), "val": self._make(params.val_size, g)}
+        if params.test_size:
+            self.data["test"] = self._make(params.test_size, g)
 
     def _make(self, n: int, g: torch.Generator):
         cluster = torch.multinomial(self.cluster_probs, n, replacement=True, generator=g)
