@@ -41,3 +41,14 @@ def die_with_parent(parent: int | None = None, interval: float = 1.0) -> None:
     if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent, interval), name="parent-watchdog", daemon=True).start()
+
+
+def init_worker(parent: int, then: str, *args) -> None:
+    """A process-pool initializer that arms die_with_parent before anything heavy is imported: `then` is the
+    real initializer as "module:function", imported only afterwards (unpickling a function reference would
+    import its module, torch included, while the worker is still unprotected)."""
+    die_with_parent(parent)
+    import importlib
+
+    module, name = then.split(":")
+    getattr(importlib.import_module(module), name)(*args)

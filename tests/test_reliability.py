@@ -206,3 +206,95 @@ def test_an_internal_error_is_one_line_exit_1_with_the_traceback_in_a_log(tmp_pa
     assert "internal error: RuntimeError: a bug inside the router; traceback in " in out
     log = out.split("traceback in ")[1].split()[0]
     assert "a bug inside the router" in open(log).read() and "Traceback" in open(log).read()
+
+
+# ---- ablations -------------------------------------------------------------------------------------
+ABLATION = """
+name: tiny
+base:
+  task: {name: clusters, train_size: 512, val_size: 128, num_clusters: 4}
+  model: {d_model: 16, n_layers: 1, num_experts: 4, expert_hidden: 16}
+  train: {steps: %(steps)d, batch_size: 32, eval_every: %(steps)d, eval_batches: 1, log_every: 10}
+  run: {dir: %(runs)s}
+axes:
+  router: [softmax_topk, switch]
+  seed: [0, 1]
+"""
+
+
+def ablation_file(tmp_path, steps=4):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(ABLATION % {"steps": steps, "runs": tmp_path / "runs"})
+    return path
+
+
+def test_ablate_set_overrides_the_base_of_every_cell(tmp_path):
+    from routerlab.ablate.study import plan_ablation
+
+    plan, _ = plan_ablation(ablation_file(tmp_path), tmp_path / "out", None, ["train.steps=7", "model.num_experts=8"])
+    assert {(c.config.train.steps, c.config.model.num_experts) for c in plan.cells} == {(7, 8)}
+    code, out = cli("ablate", ablation_file(tmp_path), "--dry-run", "--set", "train.stepz=3")
+    assert code == 2 and one_line(out) and "train.stepz" in out, out
+
+
+def test_ablate_refuses_an_unwritable_or_busy_out_before_any_cell(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, out = cli("ablate", ablation_file(tmp_path), "--out", blocker / "out", "--workers", "1")
+    assert code == 2 and one_line(out) and "ablate --out" in out, out
+    assert not (tmp_path / "runs").exists()  # no cell ran
+    holder = hold_lock(tmp_path / "out")
+    try:
+        code, out = cli("ablate", ablation_file(tmp_path), "--out", tmp_path / "out", "--workers", "1")
+        assert code == 2 and one_line(out) and f"already in use by PID {holder.pid}" in out, out
+        assert not (tmp_path / "runs").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for stat_file in os.listdir("/proc"):
+        if stat_file.isdigit():
+            try:
+                fields = open(f"/proc/{stat_file}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(stat_file))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_ablate_leaves_no_worker_behind(tmp_path):
+    cmd = [sys.executable, "-m", "routerlab", "ablate", str(ablation_file(tmp_path, steps=400)), "--out", str(tmp_path / "out"), "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(children(proc.pid)) < 3:  # two pool workers and the resource tracker
+            time.sleep(0.2)
+        time.sleep(1.0)  # mid-start: a worker may still be importing, before its parent-death signal is armed
+        workers = children(proc.pid)
+        assert len(workers) >= 2, "the workers never started"
+        proc.kill()  # the parent only: its workers must follow by themselves
+        proc.wait()
+        deadline = time.time() + 15
+        while time.time() < deadline and any(alive(p) for p in workers):
+            time.sleep(0.2)
+        assert not [p for p in workers if alive(p)], "orphaned ablate workers"
+        assert not list((tmp_path / "out").glob("cells/*.json"))  # only the work in flight was lost
+    finally:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass

@@ -40,10 +40,11 @@ def register(app: typer.Typer) -> None:
 
         command = "routerlab ablate " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == "ablate" else None
         columns = [TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"), TimeElapsedColumn()]
-        with Progress(*columns, console=console, transient=False) as bar:
-            job = bar.add_task("cells", total=None, state="")
-
-            def on_plan(plan, total):
+        bar = Progress(*columns, console=console, transient=False)
+        job = bar.add_task("cells", total=None, state="")
+        try:
+            def on_plan(plan, total):  # the bar starts once the plan is valid and its folders locked
+                bar.start()
                 for labels, reason in plan.skipped:
                     bar.console.print(f"[yellow]skip[/] {' / '.join(labels.values())}: {reason}", highlight=False, soft_wrap=True)
                 bar.update(job, total=total)
@@ -55,6 +56,9 @@ def register(app: typer.Typer) -> None:
                     bar.console.print(f"cells: {state}", highlight=False)
 
             result = run_ablation(file, out=out, runs=runs, workers=workers, per_gpu=per_gpu, ray=ray, command=command, on_plan=on_plan, on_update=on_update, overrides=set_)
+        finally:
+            if bar.live.is_started:
+                bar.stop()
         from rich.console import Console
 
         from routerlab.ablate.report import rich_table

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 from routerlab.ablate.spec import Cell, Plan
 from routerlab.checkpoint import atomic_write_text
+from routerlab.procs import init_worker  # workers die with this process: a kill -9 leaves none behind
 
 WORKER_DIED = "a worker process died (killed, or out of memory) while this cell ran; rerun the same command to continue"
 CURVE_POINTS = 100  # training-loss points kept per cell for the curve plot
@@ -107,10 +108,7 @@ def run_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str], 
     return result
 
 
-def _init_worker(threads: int, parent: int | None = None) -> None:
-    from routerlab.procs import die_with_parent
-
-    die_with_parent(parent)  # a kill -9 of `routerlab ablate` must not leave workers training on
+def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -256,7 +254,8 @@ def run_plan(
     def on_error(cell: Cell, err: BaseException) -> None:
         errors[cell.id] = WORKER_DIED if isinstance(err, BrokenProcessPool) else describe_error(err)
 
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
+                             initargs=(os.getpid(), "routerlab.ablate.runner:_init_worker", threads)) as pool:
         try:
             schedule(
                 todo, lambda cell, device: pool.submit(run_cell, *payload(cell, out), device, cell.data_checksum), workers,
