@@ -90,17 +90,24 @@ def train(
     set_: List[str] = typer.Option([], "--set", "-s", help="override a key: --set router.name=switch --set train.steps=500"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue from this checkpoint"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    trace_steps: str = typer.Option("", "--trace-steps", help="record routing traces at these steps (0,100,300) and log regret at evaluations; docs/analysis.md"),
 ) -> None:
     """Train one model with one router; logs to TensorBoard under run.dir."""
+    from routerlab.analysis.recorder import parse_steps, record_during
     from routerlab.config import load_config
     from routerlab.train import Trainer
 
+    steps = parse_steps(trace_steps)
     cfg = load_config(config, set_)
     trainer = Trainer(cfg, progress=progress and sys.stderr.isatty(), resume=resume)
+    recorder = None
     try:
+        recorder = record_during(trainer, steps)
         metrics = trainer.fit()
     finally:
         trainer.close()
+        if recorder is not None:
+            recorder.close()
     if trainer.parallel.is_main:  # under torchrun, one table, not one per rank
         console.print(metrics_table(metrics, f"{cfg.run_name()} after {trainer.step} steps"))
         if "unigram_entropy_val" in trainer.data_info:

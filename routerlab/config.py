@@ -57,6 +57,15 @@ class TrainConfig(Strict):
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that update
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE dispatch and expert
+    # kernels, "moe" = the MoE layers too; "auto" = "moe" on CUDA, "off" on CPU (same numbers as before)
+    compile: Literal["auto", "off", "dense", "moe"] = "auto"
+    tf32: bool = True  # float32 on CUDA: TF32 matmuls (about 8x the fp32 rate on an H200); false = full fp32
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v):  # YAML and command-line overrides read off / on as booleans
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("device")
     @classmethod

@@ -93,6 +93,9 @@ class FolderLock:
             del _held[self.key]
         self.key = ""
 
+    def __del__(self) -> None:
+        self.release()
+
     def __enter__(self) -> "FolderLock":
         return self
 

@@ -18,12 +18,14 @@ import torch.nn.functional as F
 
 from routerlab.board import Board
 from routerlab.checkpoint import load_checkpoint, save_checkpoint
+from routerlab.compile import compile_model, resolve_compile, set_tf32
 from routerlab.config import Config
 from routerlab.distributed import setup_parallel
 from routerlab.errors import ConfigError, RunStopped
 from routerlab.models import build_model
 from routerlab.outputs import check_writable, lock_output_dir
 from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization
+from routerlab.routers.base import Router
 from routerlab.tasks import Batch, Task, build_task
 
 EVAL_SEED = 1234  # the evaluation batches are the same for every run of a task
@@ -84,7 +86,14 @@ class Trainer:
         self.layers = self.model.moe_layers()
         check_compatible(self.model, self.task, config)
         t = config.train
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            set_tf32(t.tf32)
+        self.compiled = compile_model(self.model, resolve_compile(t.compile, self.device))
+        # routers that read RoutingStats after each step; the others' stats are computed only for logging
+        self._router_uses_stats = [type(layer.router).after_step is not Router.after_step for layer in self.layers]
+        # fused: one kernel pass over the parameters on CUDA (an 840M-parameter MoE steps 8x the dense twin's bytes)
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95), **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.data_rng = torch.Generator().manual_seed(config.seed + 1)
         eval_rng = torch.Generator().manual_seed(EVAL_SEED)
@@ -148,8 +157,8 @@ class Trainer:
             self.skipped_steps += 1
         self.scheduler.step()
         value = self.parallel.reduce_step(self.layers, loss)  # stats summed over ranks before routers see them
-        for layer in self.layers:
-            if finite:  # a router does not learn from the statistics of a skipped, non-finite step
+        for layer, uses_stats in zip(self.layers, self._router_uses_stats):
+            if uses_stats and finite:  # a router does not learn from the statistics of a skipped, non-finite step
                 layer.router.after_step(layer.stats)
         self.parallel.sync_buffers(self.model)
         self.train_time += time.perf_counter() - start
@@ -160,7 +169,8 @@ class Trainer:
                 self.board.scalars({"train/skipped_steps": self.skipped_steps}, self.step)
             return value
         self.losses.append(value)
-        self._window = [s if w is None else w.merge(s) for w, s in zip(self._window, (l.stats for l in self.layers))]
+        if self.board:  # routing metrics are logged over the window of log_every steps: stats of every step
+            self._window = [s if w is None else w.merge(s) for w, s in zip(self._window, (l.stats for l in self.layers))]
         if self.board and self.step % self.config.train.log_every == 0:
             self._log_train(aux)
         return value

@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Argument(..., help="a study in studies/defs (for example clusters_softmax_topk) or a path to a study .yaml"),
         storage: Optional[str] = typer.Option(None, "--storage", envvar=STORAGE_ENV, show_envvar=True, help="sqlite:///f.db | journal:f.log | postgresql://user:pw@host/db (give a URL with a password through the environment variable, not the command line); default: sqlite file under run.dir/studies/NAME"),
         n_trials: Optional[int] = typer.Option(None, "--n-trials", min=0, help="finished trials the study should hold (default: the definition's n_trials); reruns continue to it"),
-        workers: int = typer.Option(1, "--workers", min=1, help="worker processes on this machine"),
+        workers: int = typer.Option(1, "--workers", min=1, help="worker processes on this machine (on CUDA spread over its GPUs)"),
+        per_gpu: Optional[int] = typer.Option(None, "--per-gpu", min=1, help="CUDA studies: workers = GPUs x this, each on its GPU"),
         timeout: Optional[float] = typer.Option(None, "--timeout", min=0, help="stop starting trials after this many seconds"),
         set_: List[str] = typer.Option([], "--set", "-s", help="override the study's base config: --set train.steps=50"),
         heartbeat: int = typer.Option(10, "--heartbeat", min=1, help="seconds between heartbeats (RDB storages); a trial silent for 3x this is failed and retried"),
@@ -29,13 +30,21 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Run (or continue) an Optuna study; every trial trains with the one trainer and logs to TensorBoard."""
-        from studies.runner import count_finished, fail_orphaned_trials, open_study, run_study, run_worker
+        from studies.runner import count_finished, fail_orphaned_trials, open_study, run_study, run_worker, worker_devices
         from studies.space import load_study
         from studies.storage import default_url, redact
 
         spec = load_study(name, set_)
         url = storage or default_url(spec.run_dir)
         target = spec.n_trials if n_trials is None else n_trials
+        device = str(spec.base.get("train", {}).get("device", "cpu"))
+        cuda_count = 0
+        if device.startswith("cuda"):
+            import torch
+
+            cuda_count = torch.cuda.device_count()
+            if per_gpu is not None:
+                workers = max(1, cuda_count) * per_gpu
         if workers > 1:
             with_storage = open_study(spec, url, heartbeat)  # checks the storage and creates the study once
             if count_finished(with_storage) >= target:
@@ -43,7 +52,7 @@ def register(app: typer.Typer) -> None:
         if workers > 1:
             args = [name, "--n-trials", str(target), "--heartbeat", str(heartbeat)]  # the storage URL goes by environment
             args += [f"--set={s}" for s in set_] + (["--timeout", str(timeout)] if timeout is not None else [])
-            code, worker_ids = run_study(args, workers, url)
+            code, worker_ids = run_study(args, workers, url, worker_devices(device, workers, cuda_count))
             study_obj = open_study(spec, url, heartbeat)
             lost = fail_orphaned_trials(study_obj, worker_ids)
             if code or lost:

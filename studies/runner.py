@@ -183,12 +183,24 @@ def run_worker(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
     return study
 
 
-def run_study(args: list[str], workers: int, storage_url: str) -> tuple[int, set[str]]:
+def worker_devices(device: str, workers: int, cuda_count: int) -> list[str | None]:
+    """The device of each worker: on CUDA spread over the GPUs as ablation cells are (cuda:0, cuda:1, cuda:0, ...);
+    None (the config's own device) otherwise."""
+    if not device.startswith("cuda") or cuda_count < 1:
+        return [None] * workers
+    from routerlab.ablate.runner import device_slots
+
+    slots = device_slots(cuda_count, -(-workers // cuda_count))
+    return slots[:workers]
+
+
+def run_study(args: list[str], workers: int, storage_url: str, devices: list[str | None] | None = None) -> tuple[int, set[str]]:
     """Start `workers` worker processes (the same command with --workers 1) and wait for them.
 
-    Open the study first (open_study), so the workers do not race to create its tables. The storage URL
-    (it may hold a password) goes through the environment, never the command line that `ps` shows. The
-    workers die with this process. Returns (0 only if every worker exited 0, else 1; the workers' "host:pid").
+    Open the study first (open_study), so the workers do not race to create its tables. devices[i] (if not
+    None) is worker i's train.device. The storage URL (it may hold a password) goes through the environment,
+    never the command line that `ps` shows. The workers die with this process. Returns (0 only if every worker
+    exited 0, else 1; the workers' "host:pid").
     """
     from routerlab.procs import set_parent_death_signal
     from studies.cli import STORAGE_ENV
@@ -197,6 +209,9 @@ def run_study(args: list[str], workers: int, storage_url: str) -> tuple[int, set
     procs = []
     for i in range(workers):
         cmd = [sys.executable, "-m", "routerlab", "study", *args, "--workers", "1", "--worker-index", str(i), "--no-progress"]
+        device = (devices or [None] * workers)[i]
+        if device is not None:
+            cmd.append(f"--set=train.device={device}")
         procs.append(subprocess.Popen(cmd, env=env, preexec_fn=set_parent_death_signal))
     codes = [p.wait() for p in procs]
     return (0 if all(c == 0 for c in codes) else 1), {f"{socket.gethostname()}:{p.pid}" for p in procs}

@@ -162,3 +162,17 @@ def test_analyze_a_finished_run_writes_figures_and_a_summary(tmp_path):
     for bad, message in ([str(tmp_path / "nope")], "does not exist"), ([str(run), "--against", str(tmp_path / "none.npz")], "does not exist"), ([str(run), "--ranks", "x"], "--ranks"):
         result = runner.invoke(app, ["analyze", *bad])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_ablation_cells_carry_regret_and_mrr(tmp_path):
+    from routerlab.ablate.runner import train_cell
+    from routerlab.analysis.regret import layer_regrets
+
+    config = load_config(None, TINY + ["model.n_layers=1", f"run.dir={tmp_path}"])
+    result = train_cell("cell", config.model_dump(mode="json"), {"router": "softmax_topk"})
+    m = result["metrics"]
+    assert 0 < m["top1_is_best"] <= m["mrr"] <= 1 and np.isfinite(m["regret"])
+    again = trainer(tmp_path, "model.n_layers=1", name="again")  # same seed and config: same weights and numbers
+    again.fit()
+    (r,) = layer_regrets(again, probe_batches(again, 1))
+    assert m["regret"] == pytest.approx(r.metrics()["regret"]) and m["mrr"] == pytest.approx(r.metrics()["mrr"])

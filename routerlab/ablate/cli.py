@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         set_: List[str] = typer.Option([], "--set", "-s", help="override a key of the base config: --set train.steps=50"),
         per_gpu: int = typer.Option(1, "--per-gpu", min=1, help="cells trained at once on each GPU (CUDA cells; default workers = GPUs x this)"),
         ray: Optional[str] = typer.Option(None, "--ray", help="run each cell as a Ray task on the cluster at ADDRESS (host:port, or auto); results gather here"),
+        report_only: bool = typer.Option(False, "--report-only", help="train nothing: write the tables and plots from the cells finished so far"),
     ) -> None:
         """Run a grid of routers x tasks x settings x seeds in parallel; resumable; writes CSV, summary and plots."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -55,7 +56,7 @@ def register(app: typer.Typer) -> None:
                 if not bar.console.is_terminal:  # logs and CI get one line per change instead of a live bar
                     bar.console.print(f"cells: {state}", highlight=False)
 
-            result = run_ablation(file, out=out, runs=runs, workers=workers, per_gpu=per_gpu, ray=ray, command=command, on_plan=on_plan, on_update=on_update, overrides=set_)
+            result = run_ablation(file, out=out, runs=runs, workers=workers, per_gpu=per_gpu, ray=ray, report_only=report_only, command=command, on_plan=on_plan, on_update=on_update, overrides=set_)
         finally:
             if bar.live.is_started:
                 bar.stop()

@@ -42,6 +42,7 @@ def train_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str]
                data_checksum: str = "") -> dict[str, Any]:
     """Train one cell and return its result (writes only its TensorBoard folder)."""
     from routerlab.ablate.measure import has_split, heldout, routing_as_trained
+    from routerlab.analysis.regret import probe_regret
     from routerlab.config import make_config
     from routerlab.train import Trainer
 
@@ -60,6 +61,7 @@ def train_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str]
         if bad is not None or not math.isfinite(metrics["loss"]):
             raise CellFailed(f"non-finite loss (training loss first NaN/inf at step {bad})" if bad else "non-finite evaluation loss")
         metrics.update(routing_as_trained(trainer))
+        metrics.update(probe_regret(trainer))  # routerlab.analysis: regret / MRR against the single-expert oracle
         if has_split(trainer.task, "test"):
             metrics.update(heldout(trainer, "test"))
     finally:

@@ -49,6 +49,7 @@ def run_ablation(
     workers: int | None = None,
     per_gpu: int = 1,
     ray: str | None = None,
+    report_only: bool = False,
     command: str | None = None,
     on_plan: Callable[[Plan, int], None] | None = None,
     on_update: Callable[[int, int, int], None] | None = None,
@@ -62,25 +63,29 @@ def run_ablation(
     plan, out = plan_ablation(path, out, runs, overrides)
     for runs_dir in sorted({c.config.run.dir for c in plan.cells}):
         check_writable(runs_dir, "ablate --runs")  # each cell's run folder is locked by its own Trainer
-    with lock_output_dir(out, "ablate --out"):
-        if on_plan is not None:
-            on_plan(plan, len(plan.cells))
-        before = sum(1 for c in plan.cells if (out / "cells" / f"{c.id}.json").is_file())
-        if ray is not None:
-            from routerlab.ablate.ray_runner import run_plan_ray
+    held = lock_output_dir(out, "ablate --out")  # noqa: F841  held until this function returns (FolderLock.__del__)
+    if on_plan is not None:
+        on_plan(plan, len(plan.cells))
+    before = sum(1 for c in plan.cells if (out / "cells" / f"{c.id}.json").is_file())
+    if report_only:  # the finished cells, e.g. of a grid cut short or still running elsewhere
+        from routerlab.ablate.runner import load_done
 
-            results, errors = run_plan_ray(plan, out, ray, on_update)
-        else:
-            results, errors = run_plan(plan, out, workers, on_update, per_gpu)
-        table = report.rows(plan, results)
-        fixed = {"cell", "seed", *report.axis_names(plan)}
-        metrics = list(dict.fromkeys(k for row in table for k in row if k not in fixed))
-        stats = report.group_stats(plan, table, metrics)
-        command = command or f"routerlab ablate {path} --out {out}"
-        files = [out / "results.csv", out / "summary.md", out / "summary.csv"]
-        report.write_csv(files[0], plan, table)
-        atomic_write_text(files[1], report.summary_markdown(plan, stats, errors, command, results))
-        report.write_summary_csv(files[2], plan, stats)
-        if results:
-            files += plots.write_plots(plan, results, out)
-        return AblationReport(plan, out, results, errors, len(results) - before, stats, files)
+        results, errors = load_done(out, plan), {}
+    elif ray is not None:
+        from routerlab.ablate.ray_runner import run_plan_ray
+
+        results, errors = run_plan_ray(plan, out, ray, on_update)
+    else:
+        results, errors = run_plan(plan, out, workers, on_update, per_gpu)
+    table = report.rows(plan, results)
+    fixed = {"cell", "seed", *report.axis_names(plan)}
+    metrics = list(dict.fromkeys(k for row in table for k in row if k not in fixed))
+    stats = report.group_stats(plan, table, metrics)
+    command = command or f"routerlab ablate {path} --out {out}"
+    files = [out / "results.csv", out / "summary.md", out / "summary.csv"]
+    report.write_csv(files[0], plan, table)
+    atomic_write_text(files[1], report.summary_markdown(plan, stats, errors, command, results))
+    report.write_summary_csv(files[2], plan, stats)
+    if results:
+        files += plots.write_plots(plan, results, out)
+    return AblationReport(plan, out, results, errors, len(results) - before, stats, files)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from routerlab.moe.experts import ExpertBank
 from routerlab.moe.kernels import uses_triton
-from routerlab.moe.stats import RoutingStats, compute_stats
+from routerlab.moe.stats import RoutingStats, stats_from_routing
 from routerlab.routers.base import Router, Routing
 
 
@@ -238,6 +238,7 @@ class MoELayer(nn.Module):
         self._stats = None
         self._top1 = None
         self._pending = None  # what stats and top1 are computed from, on first read (off the hot path)
+        self.stats_fn = stats_from_routing  # routerlab/compile.py swaps in a compiled one
         self.sequence_length: int | None = None  # tokens per sequence of the last forward (None: not a sequence model)
         self.aux_losses: dict[str, Tensor] = {}
 
@@ -272,10 +273,7 @@ class MoELayer(nn.Module):
         """RoutingStats of the last forward (computed when first read)."""
         if self._stats is None and self._pending is not None:
             experts, _, logits, kept = self._pending
-            E = self.num_experts
-            slots = torch.where(kept, experts, E).reshape(-1)  # kept slots per (global) expert, no host sync
-            counts = torch.zeros(E + 1, dtype=torch.long, device=experts.device).index_add_(0, slots, torch.ones_like(slots))[:E]
-            self._stats = compute_stats(experts, logits, counts, kept.sum(1), self.sequence_length)
+            self._stats = self.stats_fn(experts, logits, kept, self.num_experts, self.sequence_length)
         return self._stats
 
     @stats.setter

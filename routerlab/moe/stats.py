@@ -77,6 +77,15 @@ def compute_stats(experts: Tensor, logits: Tensor | None, kept: Tensor, kept_per
     return stats
 
 
+@torch.no_grad()
+def stats_from_routing(experts: Tensor, logits: Tensor | None, kept: Tensor, num_experts: int, sequence_length: int | None = None) -> RoutingStats:
+    """RoutingStats of one forward from its routing: experts [T, k] (-1 unused), logits [T, E] or None,
+    kept [T, k] bool (slots computed), tokens in sequences of sequence_length. No host sync on CUDA."""
+    slots = torch.where(kept, experts, num_experts).reshape(-1)  # kept slots per (global) expert
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=experts.device).index_add_(0, slots, torch.ones_like(slots))[:num_experts]
+    return compute_stats(experts, logits, counts, kept.sum(1), sequence_length)
+
+
 def rank_overload(load: Tensor, ranks: int) -> float:
     """Expert parallelism over `ranks` ranks holding contiguous blocks of E/ranks experts: the busiest rank's
     token-slots over the mean rank's (1.0 = even; the step waits for the busiest rank)."""
