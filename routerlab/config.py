@@ -70,7 +70,8 @@ class TrainConfig(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v.split(":")[0] not in ("cpu", "cuda"):
+        kind, _, index = v.partition(":")
+        if kind not in ("cpu", "cuda") or (":" in v and not index.isdigit()):  # N is a GPU index
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {v!r}")
         return v
 
@@ -87,9 +88,11 @@ class RunConfig(Strict):
 
 class Config(Strict):
     seed: int = 0
-    task: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_TASK})
+    # validate_default: the default's parameters are filled in as a given one's, so a config and its own
+    # dump have the same fingerprint (a checkpoint of a default run resumes from its saved config)
+    task: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_TASK}, validate_default=True)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    router: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_ROUTER})
+    router: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_ROUTER}, validate_default=True)
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -192,10 +195,17 @@ def read_config_file(path: str | Path, sections: str = "task, model, router, tra
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {yaml_error_text(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {str(p)!r} must hold a mapping of sections ({sections})")
     return data
+
+
+def yaml_error_text(err: Exception) -> str:
+    """The problem and where it is: 'mapping values are not allowed here (line 3, column 8)'."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -152,7 +152,7 @@ def test_outputs_follow_the_umask_and_stale_temporary_files_are_removed(tmp_path
 
 
 def hold_lock(folder):
-    code = f"from routerlab.outputs import lock_output_dir; lock_output_dir({str(folder)!r}, 'x'); print('locked', flush=True); import time; time.sleep(60)"
+    code = f"from routerlab.outputs import lock_output_dir; held = lock_output_dir({str(folder)!r}, 'x'); print('locked', flush=True); import time; time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.stdout.readline().strip() == "locked"
@@ -298,3 +298,89 @@ def test_kill_9_of_ablate_leaves_no_worker_behind(tmp_path):
             os.killpg(proc.pid, 9)
         except ProcessLookupError:
             pass
+
+
+# ---- the bad-input table: one line, exit 2, nothing written -----------------------------------------
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BAD = [
+    (lambda p: ["train.device=cuda:abc"], r"device must be 'cpu' or 'cuda\[:N\]', got 'cuda:abc'"),
+    (lambda p: ["plugins=[" + str(write(p, "syn.py", "def broken(:\n")) + "]"], r"plugin file .*syn.py' has a syntax error at line 1"),
+    (lambda p: [f"plugins=[{write(p, 'imp.py', 'import no_such_module_xyz')}]"], r"plugin file .*imp.py' failed to import: ModuleNotFoundError"),
+    (lambda p: ["router.name=gshard_top2", "router.capacity_factor=0"], r"capacity_factor must be > 0, or null"),
+    (lambda p: ["model.capacity_factor=.inf"], r"model.capacity_factor: Input should be a finite number"),
+    (lambda p: ["train.lr=1e999"], r"train.lr: Input should be a finite number"),
+    (lambda p: ["train.on_nonfinite=ignore"], r"train.on_nonfinite: Input should be 'stop' or 'skip'"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD)
+def test_bad_input_table(tmp_path, make, message):
+    import re
+
+    code, out = cli(*train_args(tmp_path, *make(tmp_path)))
+    assert code == 2 and one_line(out), out
+    assert re.search(message, " ".join(out.split())), out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_yaml_error_keeps_its_line_and_column(tmp_path):
+    config = write(tmp_path, "c.yaml", "train:\n  lr: 0.1\n  steps: [1\nmodel: 2\n")
+    code, out = cli("train", "--config", config)
+    assert code == 2 and one_line(out), out
+    assert "(line 4, column 6)" in out
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_experts": 0}, "num_experts must be >= 1"),
+    ({"obs_dim": 0}, "obs_dim must be >= 1"),
+])
+def test_environment_arguments_are_checked(kwargs, message):
+    pytest.importorskip("gymnasium")
+    from environments.token_routing import TokenRoutingEnv
+
+    with pytest.raises(ConfigError, match=message):
+        TokenRoutingEnv(**kwargs)
+
+
+def test_the_study_storage_url_is_not_on_worker_command_lines(tmp_path, monkeypatch):
+    """run_study hands the URL (password included) to its workers through the environment."""
+    import studies.runner as runner_module
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, cmd, env, preexec_fn=None):
+            seen["cmd"], seen["env"] = cmd, env
+            self.pid = 1
+
+        def wait(self):
+            return -9  # killed by a signal: the parent must not report success
+
+    monkeypatch.setattr(runner_module.subprocess, "Popen", Recorder)
+    url = "postgresql://user:s3cret@db.example/x"
+    code, _ = runner_module.run_study(["name", "--n-trials", "2"], 1, url)
+    assert code == 1
+    assert not any("s3cret" in part for part in seen["cmd"])
+    assert seen["env"]["ROUTERLAB_STUDY_STORAGE"] == url
+
+
+def test_trials_left_running_by_killed_workers_are_failed_and_queued_again(tmp_path):
+    import optuna
+
+    from studies.runner import fail_orphaned_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    dead.set_user_attr("worker", "host:111")
+    other = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    other.set_user_attr("worker", "elsewhere:222")  # another machine's live worker: left alone
+    assert fail_orphaned_trials(study, {"host:111"}) == [dead.number]
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states[dead.number] == "FAIL" and states[other.number] == "RUNNING"
+    queued = [t for t in study.get_trials() if t.state.name == "WAITING"]
+    assert len(queued) == 1 and queued[0].system_attrs["fixed_params"] == dead.params  # enqueued: params fixed when it starts

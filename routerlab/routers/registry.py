@@ -72,7 +72,12 @@ def load_plugin(path: str | Path) -> None:
         raise ConfigError(f"plugin file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"routerlab_plugin_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ConfigError(f"plugin file {str(path)!r} has a syntax error at line {err.lineno}: {err.msg}") from None
+    except Exception as err:  # the plugin's own bug: name it in one line, not a traceback
+        raise ConfigError(f"plugin file {str(path)!r} failed to import: {type(err).__name__}: {err}") from None
 
 
 def router_names() -> list[str]:
