@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -39,7 +39,22 @@ class ModelConfig(Strict):
     dense_hidden: int | None = Field(None, ge=1)  # hidden size of dense FFN layers; default expert_hidden
     activation: Literal["swiglu", "gelu"] = "swiglu"
     capacity_factor: float | None = Field(None, gt=0)  # None = dropless
-    backend: Literal["auto", "loop", "grouped", "padded"] = "auto"
+    eval_capacity_factor: Annotated[float, Field(gt=0)] | Literal["train"] | None = "train"  # at evaluation: "train" = capacity_factor, None = dropless
+    min_capacity: int = Field(1, ge=1)  # slots per expert never below this (when capacity_factor is set)
+    drop_policy: Literal["position", "probability"] = "position"  # over capacity drop later slots, or lowest weights
+    shared_experts: int = Field(0, ge=0)  # always-on experts beside the routed ones (DeepSeekMoE, Qwen-MoE)
+    shared_hidden: int | None = Field(None, ge=1)  # hidden size of each shared expert; default expert_hidden
+    shared_gate: bool = False  # scale the shared output by a learned per-token sigmoid (Qwen-MoE)
+    backend: str = "auto"  # an expert backend's name (routerlab/moe/backends.py: auto, loop, grouped, padded, or a plugin's)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        from routerlab.moe.backends import EXPERT_BACKENDS
+
+        if v not in EXPERT_BACKENDS:
+            raise ValueError(f"unknown expert backend {v!r}; valid: {', '.join(EXPERT_BACKENDS)}")
+        return v
 
 
 class TrainConfig(Strict):
@@ -56,9 +71,16 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that update
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE dispatch and expert
-    # kernels, "moe" = the MoE layers too; "auto" = "moe" on CUDA, "off" on CPU (same numbers as before)
+    # fp32: everything float32 (TF32 matmuls on CUDA unless tf32=false); bf16-mixed: float32 master weights and
+    # optimizer state, forward and backward in bfloat16 (torch.autocast), learned gates in float32;
+    # bf16-pure: weights, optimizer state and compute all bfloat16 (updates below a bf16 ulp are lost)
+    precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = "fp32"
+    dtype: Literal["float32", "bfloat16"] | None = None  # old key: float32 -> fp32, bfloat16 -> bf16-pure
+    micro_batches: int = Field(1, ge=1)  # gradient accumulation: a step = micro_batches x batch_size sequences
+    timing_skip: int = Field(10, ge=0)  # first steps left out of tokens/s, step time and MFU (JIT, allocator warm-up)
+    peak_flops: float | None = Field(None, gt=0)  # the card's bf16 peak FLOP/s for MFU; None = known cards by name (docs/gpu.md)
+    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE layers, "moe" = the MoE
+    # layers too; "auto" = off for now (measured slower in the trainer before a router fix; see compile.py)
     compile: Literal["auto", "off", "dense", "moe"] = "auto"
     tf32: bool = True  # float32 on CUDA: TF32 matmuls (about 8x the fp32 rate on an H200); false = full fp32
 
@@ -66,6 +88,18 @@ class TrainConfig(Strict):
     @classmethod
     def _compile(cls, v):  # YAML and command-line overrides read off / on as booleans
         return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_to_precision(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("dtype") is not None:
+            mapped = {"float32": "fp32", "bfloat16": "bf16-pure"}.get(data["dtype"])
+            if mapped is None:
+                raise ValueError(f"dtype {data['dtype']!r} is not supported; use precision: fp32 | bf16-mixed | bf16-pure")
+            if data.get("precision") not in (None, mapped):
+                raise ValueError(f"dtype={data['dtype']} (old key, means precision={mapped}) contradicts precision={data['precision']}; set only precision")
+            data = {**data, "precision": mapped, "dtype": None}
+        return data
 
     @field_validator("device")
     @classmethod

@@ -30,6 +30,16 @@ from routerlab.tasks import Batch, Task, build_task
 
 EVAL_SEED = 1234  # the evaluation batches are the same for every run of a task
 
+# train.precision -> (dtype of weights and optimizer state, autocast compute dtype or None)
+PRECISIONS = {"fp32": (torch.float32, None), "bf16-mixed": (torch.float32, torch.bfloat16), "bf16-pure": (torch.bfloat16, None)}
+
+# dense bf16 tensor-core peaks (FLOP/s) by device-name substring, for MFU when train.peak_flops is unset
+KNOWN_PEAKS = {
+    "H200": (989e12, "H200 SXM spec, dense bf16"),
+    "H100": (989e12, "H100 SXM spec, dense bf16"),
+    "A100": (312e12, "A100 spec, dense bf16"),
+}
+
 
 def check_compatible(model, task: Task, config: Config) -> None:
     """Refuse router/task pairs that cannot work, with the reason and the way out."""
@@ -73,7 +83,7 @@ class Trainer:
         self.device = self.parallel.device(config.train.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
-        self.dtype = getattr(torch, config.train.dtype)
+        self.dtype, self.autocast_dtype = PRECISIONS[config.train.precision]
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
         writes = log and self.parallel.is_main
         if writes:  # before any work: an unwritable run.dir fails now, not after the task and model are built
@@ -97,14 +107,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.data_rng = torch.Generator().manual_seed(config.seed + 1)
         eval_rng = torch.Generator().manual_seed(EVAL_SEED)
-        self.eval_set = [self.task.batch("val", t.batch_size, eval_rng) for _ in range(t.eval_batches)]
+        # drawn as global batches and split like training batches: micro_batches never changes what is evaluated
+        self.eval_set = [part for _ in range(t.eval_batches) for part in self.task.batch("val", t.batch_size * t.micro_batches, eval_rng).chunks(t.micro_batches)]
         self.step = 0
         self.losses: list[float] = []  # training loss of every step
         self.probe_top1: list[torch.Tensor] | None = None  # for routing fluctuation
         self.last_eval: dict[str, float] = {}
         self.last_loads: list[list[float]] = []  # token-slots per expert of each MoE layer in the last evaluation
-        self.train_time = 0.0
-        self.train_tokens = 0
+        self.step_log: list[tuple[float, int]] = []  # (seconds, tokens) of every training step of this process
         self.skipped_steps = 0  # updates dropped for a non-finite loss or gradient (train.on_nonfinite=skip)
         if resume is not None:
             self.load(resume)
@@ -112,12 +122,12 @@ class Trainer:
         self.board = Board(self.run_dir, purge_step=self.step) if log and self.parallel.is_main else None
         if self.board and self.data_info:
             self.board.text("data", self.data_info, self.step)
-        self._window: list[RoutingStats | None] = [None] * len(self.layers)
 
     # ---- one step -------------------------------------------------------------------------------
     def token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token task loss [N] (in the order the MoE layers see the tokens) and logits [N, C]."""
-        logits = self.model(batch.inputs, batch.token_ids)
+        with self.autocast():
+            logits = self.model(batch.inputs, batch.token_ids)
         logits = logits.reshape(-1, logits.shape[-1]).float()
         return F.cross_entropy(logits, batch.targets.reshape(-1), reduction="none"), logits
 
@@ -125,29 +135,62 @@ class Trainer:
         token_loss, logits = self.token_losses(batch)
         return token_loss.mean(), logits
 
-    def train_step(self, batch: Batch | None = None) -> float:
-        self.model.train()
-        batch = (batch or self.task.batch("train", self.config.train.batch_size, self.data_rng)).to(self.device, self.dtype)
-        global_tokens = batch.num_tokens
-        batch = self.parallel.shard_batch(batch)  # every rank draws the global batch and keeps its slice
-        start = time.perf_counter()
+    def autocast(self):
+        """bf16-mixed: compute in bfloat16 on float32 weights; a no-op context for fp32 and bf16-pure."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
+
+    def forward_backward(self, batch: Batch, weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch: its task loss (mean over its tokens) plus every aux loss, times `weight` (its share
+        of the step's tokens), backpropagated; gradients add up over the micro-batches of a step.
+
+        Aux (balance) losses are therefore computed per micro-batch and averaged: a global-batch balance
+        loss would replace this per-micro-batch sum (issue 17). Returns the unscaled loss and aux, detached.
+        """
         token_loss, _ = self.token_losses(batch)
         loss = token_loss.mean()
         aux = self.model.aux_losses()
         for i, layer in enumerate(self.layers):  # routers rewarded per token (REINFORCE) add their losses here
             aux.update({f"layer{i}/{k}": v for k, v in layer.router.observe_token_loss(token_loss.detach()).items()})
         total = loss + sum(aux.values()) if aux else loss
+        self.parallel.backward(total * weight if weight != 1 else total)
+        return loss.detach(), {k: v.detach() for k, v in aux.items()}
+
+    def train_step(self, batch: Batch | None = None) -> float:
+        """One optimizer step on a global batch of micro_batches x batch_size sequences (drawn at once, then
+        split, so N micro-batches of B see exactly the data of one batch of N*B)."""
+        self.model.train()
+        t = self.config.train
+        batch = batch or self.task.batch("train", t.batch_size * t.micro_batches, self.data_rng)
+        global_tokens = batch.num_tokens
+        micro = batch.chunks(t.micro_batches)
+        self._synchronize()
+        start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        self.parallel.backward(total)
+        loss = torch.zeros((), device=self.device)
+        aux: dict[str, torch.Tensor] = {}
+        merged: list[RoutingStats | None] = [None] * len(self.layers)
+        for part in micro:
+            weight = part.num_tokens / global_tokens
+            part = self.parallel.shard_batch(part.to(self.device, self.dtype))  # every rank draws the global batch and keeps its slice
+            part_loss, part_aux = self.forward_backward(part, weight)
+            loss = loss + weight * part_loss.float()
+            for k, v in part_aux.items():
+                aux[k] = aux.get(k, 0) + weight * v
+            if len(micro) > 1:  # the step's routing stats: the sum over its micro-batches
+                merged = [l.stats if m is None else m.merge(l.stats) for m, l in zip(merged, self.layers)]
+        if len(micro) > 1:
+            for layer, stats in zip(self.layers, merged):
+                layer.stats = stats
         self.parallel.sync_grads(self.model)
         for layer in self.layers:
             layer.router.before_step()
         # max_norm=inf leaves the gradients as they are but still returns their (global) norm
         norm = self.parallel.clip_grad_norm_(self.model, self.config.train.grad_clip or math.inf)
-        finite = bool(torch.isfinite(total.detach())) and (norm is None or bool(torch.isfinite(norm)))
+        total = loss.detach() + sum(float(v.detach()) for v in aux.values())  # task loss plus aux losses
+        finite = bool(torch.isfinite(total)) and (norm is None or bool(torch.isfinite(norm)))
         if not finite and self.config.train.on_nonfinite == "stop":  # before the update: weights stay good
             raise RunStopped(
-                f"step {self.step + 1}: the loss ({float(total.detach()):.4g}) or gradient norm ({float(norm) if norm is not None else float('nan'):.4g}) "
+                f"step {self.step + 1}: the loss ({float(total):.4g}) or gradient norm ({float(norm) if norm is not None else float('nan'):.4g}) "
                 "is not finite; stopped without saving, the last good checkpoint is kept; lower train.lr, set train.grad_clip, "
                 "or set train.on_nonfinite=skip to skip such updates")
         if finite:
@@ -161,34 +204,83 @@ class Trainer:
             if uses_stats and finite:  # a router does not learn from the statistics of a skipped, non-finite step
                 layer.router.after_step(layer.stats)
         self.parallel.sync_buffers(self.model)
-        self.train_time += time.perf_counter() - start
-        self.train_tokens += global_tokens
+        self._synchronize()
+        self.step_log.append((time.perf_counter() - start, global_tokens))
         self.step += 1
         if not finite:
             if self.board:
                 self.board.scalars({"train/skipped_steps": self.skipped_steps}, self.step)
             return value
         self.losses.append(value)
-        if self.board:  # routing metrics are logged over the window of log_every steps: stats of every step
-            self._window = [s if w is None else w.merge(s) for w, s in zip(self._window, (l.stats for l in self.layers))]
-        if self.board and self.step % self.config.train.log_every == 0:
+        # training routing metrics: the logged step's batch. Stats are computed only then (and for routers
+        # that read them after every step): 15% of an E=64 step on an H200 when computed every step (docs/benchmarks.md)
+        if self.board and self.step % t.log_every == 0:
             self._log_train(aux)
         return value
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":  # kernels run asynchronously: time what the GPU did, not the launches
+            torch.cuda.synchronize(self.device)
 
     def _log_train(self, aux: dict[str, torch.Tensor]) -> None:
         window = self.config.train.log_every
         values = {"train/loss": float(np.mean(self.losses[-window:])), "train/lr": self.scheduler.get_last_lr()[0]}
         values.update({f"train/aux/{k}": float(v.detach()) for k, v in aux.items()})
-        values["perf/tokens_per_s"] = self.tokens_per_s
+        values.update({f"perf/{k}": v for k, v in self.perf_metrics().items()})
         for i, layer in enumerate(self.layers):  # router-specific scalars (adversary prices, critic loss)
             values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
         self.board.scalars(values, self.step)
-        self.board.routing("routing", [routing_metrics(s, self.config.parallel.expert) for s in self._window if s is not None], self.step)
-        self._window = [None] * len(self.layers)
+        self.board.routing("routing", [routing_metrics(layer.stats, self.config.parallel.expert) for layer in self.layers], self.step)
+
+    def steady_steps(self) -> list[tuple[float, int]]:
+        """(seconds, tokens) of the steps after the first train.timing_skip (all steps while there are no more)."""
+        skip = self.config.train.timing_skip
+        return self.step_log[skip:] if len(self.step_log) > skip else self.step_log
 
     @property
     def tokens_per_s(self) -> float:
-        return self.train_tokens / self.train_time if self.train_time > 0 else 0.0
+        """Steady-state training tokens per second: evaluation and the first timing_skip steps left out."""
+        steps = self.steady_steps()
+        seconds = sum(s for s, _ in steps)
+        return sum(n for _, n in steps) / seconds if seconds > 0 else 0.0
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token on the weights a token uses: 6 x (its matmul weights) + 12 x layers x d_model
+        x block (attention scores and values over the whole block; PaLM's count). Expert weights count
+        k_eff / E, k_eff = token-slots per token in the last step; embeddings and norms are not matmuls."""
+        matmul = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
+        for layer in self.layers:
+            stats = layer.stats
+            if stats is not None:
+                k_eff = float(stats.load.sum() / stats.tokens.clamp_min(1))
+                matmul += self.parallel.num_params(layer.experts) * k_eff / layer.router.num_experts
+        flops = 6.0 * matmul
+        if self.task.kind == "lm":
+            flops += 12.0 * self.config.model.n_layers * self.config.model.d_model * self.task.block_size
+        return flops
+
+    def peak_flops(self) -> tuple[float | None, str]:
+        """The card's bf16 peak FLOP/s for MFU and where it comes from (config, or the card's name)."""
+        if self.config.train.peak_flops is not None:
+            return self.config.train.peak_flops, "train.peak_flops"
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            for key, (peak, source) in KNOWN_PEAKS.items():
+                if key in name:
+                    return peak, source
+        return None, "unknown (set train.peak_flops)"
+
+    def perf_metrics(self) -> dict[str, float]:
+        """Steady-state tokens/s, step time, peak GPU memory and model FLOPs utilization (MFU, against the bf16
+        peak whatever train.precision is)."""
+        steps = self.steady_steps()
+        out = {"tokens_per_s": self.tokens_per_s, "step_time_ms": 1e3 * sum(s for s, _ in steps) / max(1, len(steps))}
+        if self.device.type == "cuda":
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        peak, _ = self.peak_flops()
+        if peak is not None:
+            out["mfu"] = self.flops_per_token() * self.tokens_per_s / peak
+        return out
 
     # ---- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -234,7 +326,7 @@ class Trainer:
             for i, m in enumerate(per_layer):
                 metrics[f"layer{i}/{name}"] = m[name]
         metrics.update(self.param_counts(stats))
-        metrics["tokens_per_s"] = self.tokens_per_s
+        metrics.update(self.perf_metrics())
         metrics["step"] = self.step
         self.last_eval = metrics
         self.last_loads = [s.load.double().cpu().tolist() for s in stats]  # per layer, per expert (ablation heatmaps)

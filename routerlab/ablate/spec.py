@@ -40,7 +40,8 @@ DEFAULT_METRICS = [
     "specialization", "fluctuation", "tokens_per_s", "params_active", "params_total",
 ]
 KNOWN_METRICS = DEFAULT_METRICS + ["train_loss", "usage_entropy", "z_value", "max_logit", "switch_balance",
-                                   "loss_se", "test_loss", "test_loss_se", "test_accuracy", "regret", "mrr", "top1_is_best"]
+                                   "loss_se", "test_loss", "test_loss_se", "test_accuracy", "regret", "mrr", "top1_is_best",
+                                   "max_vio_batch", "max_vio_seq", "mean_k", "rank_overload"]
 KNOWN_METRICS += [f"{m}_as_trained" for m in ("load_cv", "max_vio", "dropped_frac", "dead_experts", "usage_entropy", "switch_balance")]
 SPECIAL_AXES = ("task", "router", "seed")
 SECTION_MODELS = ("model", "train", "run")

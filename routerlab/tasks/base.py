@@ -34,6 +34,13 @@ class Batch:
         inputs = self.inputs.to(device, dtype) if dtype is not None and self.inputs.is_floating_point() else move(self.inputs)
         return Batch(inputs, move(self.targets), move(self.labels), move(self.token_ids))
 
+    def chunks(self, n: int) -> list[Batch]:
+        """n micro-batches along the batch dimension (equal when n divides the batch)."""
+        if n == 1:
+            return [self]
+        parts = [t.tensor_split(n) if t is not None else [None] * n for t in (self.inputs, self.targets, self.labels, self.token_ids)]
+        return [Batch(*fields) for fields in zip(*parts) if fields[0].shape[0] > 0]
+
     @property
     def num_tokens(self) -> int:
         return self.labels.numel()
