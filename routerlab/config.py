@@ -1,24 +1,27 @@
 """Run configuration: plain data (YAML), validated by pydantic.
 
-A config has five parts: task, model, router, train, run. `task` and `router` are
-`{"name": ..., **params}` dicts checked against the registered component's own parameters.
+A config has five parts: task, model, router, train, run. `task` and `router` are written as
+`{"name": ..., **params}` mappings and parsed once, when the config is read, into typed `Spec`s
+(`routerlab.registry`) checked against the registered component's own parameters.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator, model_validator
 
-from routerlab.errors import ConfigError
-from routerlab.routers.registry import format_validation_error, load_plugin, parse_router_params
-from routerlab.tasks.base import parse_task_params
+from routerlab.errors import ConfigError, format_validation_error
+from routerlab.moe.experts import ACTIVATIONS
+from routerlab.registry import Registry, Spec, load_plugin
+from routerlab.routers.registry import ROUTERS
+from routerlab.tasks.base import TASKS
 
 
 DEFAULT_TASK = "chars"
@@ -29,6 +32,24 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr=inf or .nan trains to NaN: refuse at parse time
 
 
+def spec_field(registry: Registry, default: str) -> Any:
+    """A config section `{"name": ..., **params}` parsed into a typed Spec (name defaults to `default`);
+    dumped back to the same mapping, so YAML, fingerprints and checkpoints see plain data."""
+
+    def parse(value: Any) -> Spec:
+        if isinstance(value, Spec):
+            return registry.parse(value)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"must be a mapping of name and parameters (for example {{name: {default}}}), got {value!r}")
+        return registry.parse({"name": default, **value})
+
+    return Annotated[Spec, PlainValidator(parse), PlainSerializer(Spec.as_dict, return_type=dict[str, Any])]
+
+
+TaskSpec = spec_field(TASKS, DEFAULT_TASK)
+RouterSpec = spec_field(ROUTERS, DEFAULT_ROUTER)
+
+
 class ModelConfig(Strict):
     d_model: int = Field(64, ge=1)
     n_layers: int = Field(2, ge=1)
@@ -37,7 +58,7 @@ class ModelConfig(Strict):
     num_experts: int = Field(8, ge=1)
     expert_hidden: int = Field(128, ge=1)
     dense_hidden: int | None = Field(None, ge=1)  # hidden size of dense FFN layers; default expert_hidden
-    activation: Literal["swiglu", "gelu"] = "swiglu"
+    activation: Literal[ACTIVATIONS] = "swiglu"
     capacity_factor: float | None = Field(None, gt=0)  # None = dropless
     eval_capacity_factor: Annotated[float, Field(gt=0)] | Literal["train"] | None = "train"  # at evaluation: "train" = capacity_factor, None = dropless
     min_capacity: int = Field(1, ge=1)  # slots per expert never below this (when capacity_factor is set)
@@ -122,50 +143,54 @@ class RunConfig(Strict):
 
 class Config(Strict):
     seed: int = 0
-    # validate_default: the default's parameters are filled in as a given one's, so a config and its own
-    # dump have the same fingerprint (a checkpoint of a default run resumes from its saved config)
-    task: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_TASK}, validate_default=True)
+    task: TaskSpec = Field(default_factory=lambda: TASKS.parse({"name": DEFAULT_TASK}))
     model: ModelConfig = Field(default_factory=ModelConfig)
-    router: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_ROUTER}, validate_default=True)
+    router: RouterSpec = Field(default_factory=lambda: ROUTERS.parse({"name": DEFAULT_ROUTER}))
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    plugins: list[str] = Field(default_factory=list)  # Python files that register routers or tasks
+    plugins: list[str] = Field(default_factory=list)  # Python files that register components (routers, tasks, ...)
 
     @model_validator(mode="before")
     @classmethod
     def _plugins_first(cls, data: Any) -> Any:
-        # plugin files register routers and tasks, so they load before those sections are checked
+        # plugin files register components, so they load before those sections are checked
         if isinstance(data, dict):
             for path in data.get("plugins") or []:
                 load_plugin(path)
         return data
 
-    @field_validator("task")
-    @classmethod
-    def _task(cls, v: dict[str, Any]) -> dict[str, Any]:
-        v = {"name": DEFAULT_TASK, **v}
-        params = parse_task_params(v)
-        return {"name": v["name"], **params.model_dump()}
-
-    @field_validator("router")
-    @classmethod
-    def _router(cls, v: dict[str, Any]) -> dict[str, Any]:
-        v = {"name": DEFAULT_ROUTER, **v}
-        params = parse_router_params(v)
-        return {"name": v["name"], **dataclasses.asdict(params)}
-
     def fingerprint(self) -> str:
         """Hash of what determines the trained weights' meaning (not run length, logging or paths)."""
         data = self.model_dump(mode="json")
+        for section, registry in (("task", TASKS), ("router", ROUTERS)):
+            # name plus the parameters that differ from the component's defaults: a section left out, written
+            # out in full, or dumped and read back hashes the same (a default section hashes by name alone, as before)
+            spec = getattr(self, section)
+            defaults = json.loads(json.dumps(registry.fields(spec.name), default=str))
+            data[section] = {k: v for k, v in data[section].items() if k == "name" or defaults.get(k, object()) != v}
+            source = plugin_source_hash(registry.entry(spec.name).obj)
+            if source:  # a component from a plugin file: its code decides what the weights mean
+                data[section]["plugin_source"] = source
         data.pop("run")
         data.pop("parallel")  # checkpoints move between rank counts
         for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device", "on_nonfinite"):
             data["train"].pop(key)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+        return content_hash(data)
 
     def run_name(self) -> str:
-        return self.run.name or f"{self.task['name']}-{self.router['name']}-s{self.seed}-{self.fingerprint()}"
+        return self.run.name or f"{self.task.name}-{self.router.name}-s{self.seed}-{self.fingerprint()}"
+
+
+def plugin_source_hash(obj: Any) -> str | None:
+    """sha256 of the plugin file that defines `obj`, or None for a built-in component."""
+    import sys
+
+    module = sys.modules.get(getattr(obj, "__module__", ""))
+    path = getattr(module, "__file__", None)
+    if module is None or not module.__name__.startswith("routerlab_plugin_") or not path:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def parse_value(text: str) -> Any:
@@ -183,15 +208,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"--set expects key=value (for example train.steps=100), got {item!r}")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-        if parts[-1] == "name" and len(parts) == 2 and parts[0] in ("router", "task") and node.get("name") != value:
-            node.clear()
-        node[parts[-1]] = parse_value(value)
+        key = key.strip()
+        section = data.get(key.split(".")[0])
+        if key in ("router.name", "task.name") and isinstance(section, dict) and section.get("name") != value:
+            section.clear()  # a new component starts from its own defaults
+        set_key(data, key, parse_value(value), where="--set ")
     return data
 
 
@@ -202,6 +223,21 @@ def non_finite_keys(data: Any, prefix: str = "") -> list[str]:
     if isinstance(data, (list, tuple)):
         return [k for i, v in enumerate(data) for k in non_finite_keys(v, f"{prefix}{i}.")]
     return [prefix.rstrip(".")] if isinstance(data, float) and not math.isfinite(data) else []
+def set_key(data: dict[str, Any], key: str, value: Any, where: str = "") -> None:
+    """Set a dotted key (`train.lr`, `router.k`) in nested plain data, in place, making sections as needed.
+    The one implementation of dotted overrides (--set, ablation axes, study parameters)."""
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}{key}: {part!r} is not a section")
+    node[last] = value
+
+
+def content_hash(data: Any) -> str:
+    """Short sha256 of JSON-able data (keys sorted): config fingerprints, ablation cell ids, spec hashes."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def make_config(data: dict[str, Any]) -> Config:
