@@ -152,6 +152,9 @@ class Registry:
         return decorate
 
     def add(self, name: str, obj: Any, params: type | None = None, *, override: bool = False) -> None:
+        module = getattr(obj, "__module__", "") or ""
+        if self.package is not None and module != self.package and not module.startswith(self.package + "."):
+            self.discover()  # the built-ins first, so a plugin that reuses one's name is the one refused
         old = self._entries.get(name)
         if old is not None and old.obj is not obj and not override and not _same_definition(old.obj, obj):
             where = getattr(old.obj, "__module__", "?")

@@ -384,3 +384,35 @@ def test_trials_left_running_by_killed_workers_are_failed_and_queued_again(tmp_p
     assert states[dead.number] == "FAIL" and states[other.number] == "RUNNING"
     queued = [t for t in study.get_trials() if t.state.name == "WAITING"]
     assert len(queued) == 1 and queued[0].system_attrs["fixed_params"] == dead.params  # enqueued: params fixed when it starts
+
+
+# ---- plugins -----------------------------------------------------------------------------------------
+SHADOW = """
+from routerlab.routers.registry import register_router
+from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
+
+@register_router("switch", SoftmaxTopKParams{override})
+class NotSwitch(SoftmaxTopK):
+    pass
+"""
+
+
+def test_a_plugin_cannot_shadow_a_registered_name_silently(tmp_path):
+    plugin = write(tmp_path, "shadow.py", SHADOW.format(override=""))
+    code, out = cli(*train_args(tmp_path, f"plugins=[{plugin}]", "router.name=switch"))
+    assert code == 2 and one_line(out), out
+    assert "router 'switch' is already registered (by routerlab.routers.switch)" in " ".join(out.split())
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_fingerprint_covers_the_plugin_source(tmp_path):
+    from routerlab.config import load_config
+
+    plugin = write(tmp_path, "mine.py", NAN_PLUGIN.replace("nan_after_start", "fp_probe"))
+    config = load_config(None, [f"plugins=[{plugin}]", "router.name=fp_probe"])
+    first = config.fingerprint()
+    plugin.write_text(plugin.read_text().replace('float("nan")', "2.0"))  # same name, other code
+    assert config.fingerprint() != first
+    plain = load_config(None, ["router.name=softmax_topk"]).fingerprint()
+    spelled_out = load_config(None, ["router.name=softmax_topk", "router.k=2", "router.z_loss=0.0"]).fingerprint()
+    assert spelled_out == plain  # default parameters written out hash as the defaults
