@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from routerlab.moe.stats import normalized_mutual_information
+
 
 def is_router(key: str) -> bool:
     return ".router." in f".{key}"
@@ -126,17 +128,5 @@ def client_expert_mi(tables: list[np.ndarray]) -> float:
 
     0 = every client spreads its tokens over the experts alike; 1 = each client has its own experts.
     """
-    values = []
-    for table in tables:
-        table = np.asarray(table, dtype=np.float64)
-        total = table.sum()
-        if total == 0 or table.shape[0] < 2:
-            continue
-        joint = table / total
-        pc, pe = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-        nz = joint > 0
-        mi = float((joint[nz] * np.log(joint[nz] / (pc @ pe)[nz])).sum())
-        h_client = float(-(pc[pc > 0] * np.log(pc[pc > 0])).sum())
-        norm = min(h_client, math.log(table.shape[1]))
-        values.append(mi / norm if norm > 0 else 0.0)
+    values = [normalized_mutual_information(t) for t in map(np.asarray, tables) if t.sum() > 0 and t.shape[0] >= 2]
     return float(np.mean(values)) if values else 0.0

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"unknown engine {engine!r}; valid engines: simulation, inprocess")
         setup = load_setup(config, set_)
         f = setup.fed
-        console.print(f"[bold]federate[/] {setup.config.task['name']}: {f.num_clients} clients, {f.rounds} rounds, strategy {f.strategy}, partition {f.partition}")
+        console.print(f"[bold]federate[/] {setup.config.task.name}: {f.num_clients} clients, {f.rounds} rounds, strategy {f.strategy}, partition {f.partition}")
         with console.status("simulating (Ray starts first; the first round is slow)" if engine == "simulation" else "running in process"):
             if engine == "simulation":
                 summary = simulate(setup, run_dir, verbose=verbose)

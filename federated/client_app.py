@@ -21,6 +21,7 @@ node config: `partition-id` and `num-partitions`; optional `max-experts` and `k`
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -92,33 +93,29 @@ def local_trainer(msg: Message, context: Context) -> tuple[Trainer, FederatedSet
     # the model is built from the config's seed, so whatever is never received starts as the server's does
     trainer = Trainer(config, task=client_task(_TASKS[key], setup, pid), log=False, progress=False)
     round_seed = setup.config.seed * 1_000_003 + server_round * 1009 + pid
-    trainer.data_rng.manual_seed(round_seed)  # each client and round draws its own batches
+    trainer.reseed_data(round_seed)  # each client and round draws its own batches
     torch.manual_seed(round_seed)
     held = held_experts(cfg)
-    state = trainer.model.state_dict()
     if LOCAL_STATE in context.state:
-        state.update(context.state[LOCAL_STATE].to_torch_state_dict())
+        trainer.load_weights(context.state[LOCAL_STATE].to_torch_state_dict())
+    current, received = trainer.weights(), {}
     for name, value in msg.content["arrays"].to_torch_state_dict().items():
         rows = held.get(expert_layer(name)) if is_expert(name) else None
         if rows is None:
-            state[name] = value
-        else:
-            state[name] = state[name].clone()
-            state[name][torch.as_tensor(rows, dtype=torch.long)] = value
-    trainer.model.load_state_dict(state)
+            received[name] = value
+        else:  # the held rows of a stacked expert tensor; the others stay as built (never routed to)
+            received[name] = current[name].clone()
+            received[name][torch.as_tensor(rows, dtype=torch.long)] = value
+    trainer.load_weights(received)
     restrict_routing(trainer.model, held)
     return trainer, setup, pid, held
 
 
-def add_proximal_term(model: torch.nn.Module, mu: float, skip: list[str] | tuple[str, ...] = ()) -> None:
-    """FedProx: the gradient of mu/2 ||w - w_global||^2 added to every parameter's gradient (but `skip` patterns).
-
-    Done with gradient hooks so the one trainer's step stays unchanged (same as adding the term to the loss).
-    """
-    for name, p in model.named_parameters():
-        if p.requires_grad and not is_local(name, skip):
-            anchor = p.detach().clone()
-            p.register_hook(lambda grad, p=p, anchor=anchor: grad + mu * (p.detach() - anchor))
+def proximal_term(model: torch.nn.Module, mu: float, skip: list[str] | tuple[str, ...] = ()) -> Callable[[], torch.Tensor]:
+    """FedProx: mu/2 ||w - w_global||^2 over the parameters as they are now (the global weights), but those
+    matching a `skip` pattern (the ones the client keeps local), for the trainer's add_loss_term."""
+    anchored = [(p, p.detach().clone()) for name, p in model.named_parameters() if p.requires_grad and not is_local(name, skip)]
+    return lambda: 0.5 * mu * sum(((p - anchor) ** 2).sum() for p, anchor in anchored)
 
 
 def inject_failure(mode: str, setup: FederatedSetup) -> None:
@@ -132,9 +129,10 @@ def inject_failure(mode: str, setup: FederatedSetup) -> None:
 def num_examples(trainer: Trainer, split: str) -> int:
     """Training examples (classification) or tokens (LM) of this client: the fedavg weight."""
     task = trainer.task
-    if hasattr(task, "num_examples"):
+    try:
         return task.num_examples(split)
-    return len(task.tokens[split]) if hasattr(task, "tokens") else len(task.data[split])
+    except NotImplementedError:  # corpus LM tasks: their tokens
+        return len(task.tokens[split])
 
 
 def sent_back(state: dict[str, torch.Tensor], received: list[str], held: dict[str, list[int]]) -> ArrayRecord:
@@ -168,7 +166,7 @@ def train(msg: Message, context: Context) -> Message:
     trainer, setup, pid, held = local_trainer(msg, context)
     local = [str(p) for p in cfg.get("local", [])]
     if setup.fed.proximal_mu > 0:
-        add_proximal_term(trainer.model, setup.fed.proximal_mu, skip=local)
+        trainer.add_loss_term("proximal", proximal_term(trainer.model, setup.fed.proximal_mu, skip=local))
     layers = {name: m for name, m in trainer.model.named_modules() if isinstance(m, MoELayer)}
     tokens = {name: torch.zeros(m.experts.num_experts, dtype=torch.float64) for name, m in layers.items()}
     start = time.perf_counter()
@@ -179,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
             tokens[name] += m.stats.load.double().cpu()
     seconds = time.perf_counter() - start
     personal_eval = trainer.evaluate()
-    state = trainer.model.state_dict()
+    state = trainer.weights()
     keep_local(context, state, local)
     metrics = {
         "num-examples": num_examples(trainer, "train"),

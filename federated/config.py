@@ -8,19 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from routerlab.config import Config, apply_overrides, make_config, read_config_file
-from routerlab.errors import ConfigError
-from routerlab.routers.registry import format_validation_error
+from routerlab.config import Config, Strict, apply_overrides, make_config, read_config_file
+from routerlab.errors import ConfigError, format_validation_error
+from routerlab.tasks.base import task_entry
 
 PARTITIONS = ("iid", "dirichlet", "classes", "contiguous", "domains")
 DEFAULT_CONFIG = Path(__file__).with_name("digits.yaml")
 
 
-class FederatedParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FederatedParams(Strict):
     strategy: str = "expert_weighted"
     num_clients: int = Field(10, ge=1)
     rounds: int = Field(5, ge=1)
@@ -103,9 +101,9 @@ def make_setup(data: dict[str, Any]) -> FederatedSetup:
 
 
 def check_setup(config: Config, fed: FederatedParams) -> None:
-    lm = config.task["name"] == "chars"
-    if lm and fed.partition != "contiguous":
-        raise ConfigError(f"task 'chars' is split into contiguous slices of the corpus; set federated.partition=contiguous (got {fed.partition!r})")
+    lm = task_entry(config.task.name).obj.kind == "lm"
+    if lm and fed.partition not in ("contiguous", "domains"):  # domains: corpus tasks with domain labels (stdlib)
+        raise ConfigError(f"task {config.task.name!r} is split into contiguous slices of the corpus; set federated.partition=contiguous (or domains for a corpus with domain labels, e.g. stdlib; got {fed.partition!r})")
     k = int(config.router.get("k", 1))
     num = config.model.num_experts
     for name, m, kk in (("send_experts", fed.send_experts, k), ("small_experts", fed.small_experts, fed.small_k or k)):

@@ -139,3 +139,11 @@ def test_placement_on_two_fake_gpus(per_gpu):
         assert len(mine) == 4 and most_at_once(mine) == per_gpu  # each GPU takes its share, per_gpu at a time
     assert most_at_once(log) == 2 * per_gpu  # both GPUs busy at once
     assert pool.busy == {"cuda:0": 0, "cuda:1": 0}
+
+
+def test_study_workers_spread_over_fake_gpus():
+    from studies.runner import worker_devices
+
+    assert worker_devices("cuda", 4, 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert worker_devices("cuda", 3, 2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices("cpu", 2, 2) == [None, None]  # CPU studies keep the config's device

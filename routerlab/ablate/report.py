@@ -24,6 +24,7 @@ HEADERS = {
     "fluctuation": "fluct.", "tokens_per_s": "tokens/s", "params_active": "params active", "params_total": "params total",
     "train_loss": "train loss", "usage_entropy": "usage H", "z_value": "z", "max_logit": "max abs logit", "switch_balance": "switch bal.",
     "loss_se": "eval SE", "test_loss": "test loss", "test_loss_se": "test SE", "test_accuracy": "test acc.",
+    "regret": "regret", "mrr": "MRR", "top1_is_best": "top-1 best",
 }
 SE_OF = {"loss": "loss_se", "test_loss": "test_loss_se"}  # a loss column is followed by its evaluation's own SE
 COUNTS = ("tokens_per_s", "params_active", "params_total")
@@ -204,20 +205,25 @@ def summary_columns(plan: Plan, stats: list[dict[str, Any]]) -> tuple[list[str],
     return names, shown_metrics(plan, stats)
 
 
-def provenance(plan: Plan, results: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """What a reader needs to rerun the table: code commit, torch, data checksums, working directory, card."""
-    import torch
-
+def _git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
-        commit = (commit + (" (with uncommitted changes)" if dirty else "")) if commit else "unknown (not a git checkout)"
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown (git not available)"
+        return "unknown (git not available)"
+    return commit + (" (with uncommitted changes)" if dirty else "") if commit else "unknown (not a git checkout)"
+
+
+def provenance(plan: Plan, results: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """What a reader needs to rerun the table: code commit, torch, data checksums, working directory, card."""
+    import torch
+
+    named = os.environ.get("ROUTERLAB_COMMIT")  # a copied tree (a GPU machine): the copier names the commit
+    commit = f"{named} (copied tree; named by ROUTERLAB_COMMIT)" if named else _git_commit()
     checksums: dict[str, str] = {}
     for cell in plan.cells:
-        task = cell.labels.get("task", cell.config.task["name"])
+        task = cell.labels.get("task", cell.config.task.name)
         checksums.setdefault(task, cell.data_checksum)
     cards = sorted({f"{r.get('device_name', '?')} ({r.get('device', '?')}) on {r.get('host', '?')}" for r in results.values()})
     return {

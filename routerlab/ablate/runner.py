@@ -18,12 +18,15 @@ import shutil
 import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from routerlab.ablate.spec import Cell, Plan
 from routerlab.checkpoint import atomic_write_text
+from routerlab.procs import init_worker  # workers die with this process: a kill -9 leaves none behind
 
+WORKER_DIED = "a worker process died (killed, or out of memory) while this cell ran; rerun the same command to continue"
 CURVE_POINTS = 100  # training-loss points kept per cell for the curve plot
 
 
@@ -39,6 +42,7 @@ def train_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str]
                data_checksum: str = "") -> dict[str, Any]:
     """Train one cell and return its result (writes only its TensorBoard folder)."""
     from routerlab.ablate.measure import has_split, heldout, routing_as_trained
+    from routerlab.analysis.regret import probe_regret
     from routerlab.config import make_config
     from routerlab.train import Trainer
 
@@ -57,6 +61,7 @@ def train_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str]
         if bad is not None or not math.isfinite(metrics["loss"]):
             raise CellFailed(f"non-finite loss (training loss first NaN/inf at step {bad})" if bad else "non-finite evaluation loss")
         metrics.update(routing_as_trained(trainer))
+        metrics.update(probe_regret(trainer))  # routerlab.analysis: regret / MRR against the single-expert oracle
         if has_split(trainer.task, "test"):
             metrics.update(heldout(trainer, "test"))
     finally:
@@ -249,14 +254,19 @@ def run_plan(
         done[cell.id] = result
 
     def on_error(cell: Cell, err: BaseException) -> None:
-        errors[cell.id] = describe_error(err)
+        errors[cell.id] = WORKER_DIED if isinstance(err, BrokenProcessPool) else describe_error(err)
 
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
+                             initargs=(os.getpid(), "routerlab.ablate.runner:_init_worker", threads)) as pool:
         try:
             schedule(
                 todo, lambda cell, device: pool.submit(run_cell, *payload(cell, out), device, cell.data_checksum), workers,
                 device_pool, on_done, on_error, lambda running, left: update(len(done), running, left),
             )
+        except BrokenProcessPool:  # a worker died (kill, out of memory): report every unfinished cell, exit non-zero
+            for cell in todo:
+                if cell.id not in done and cell.id not in errors:
+                    errors[cell.id] = "not run: " + WORKER_DIED
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             for process in list(getattr(pool, "_processes", {}).values()):

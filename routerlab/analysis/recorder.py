@@ -13,6 +13,29 @@ from pathlib import Path
 
 from routerlab.analysis.regret import layer_regrets, regret_metrics
 from routerlab.analysis.trace import probe_batches, record_trace, save_trace, trace_path
+from routerlab.errors import ConfigError
+
+
+def parse_steps(text: str) -> list[int]:
+    """'0,100,300' -> [0, 100, 300]; '' -> []."""
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--trace-steps expects comma-separated step numbers such as 0,100,300, got {text!r}") from None
+    if any(s < 0 for s in steps):
+        raise ConfigError(f"--trace-steps expects steps >= 0, got {text!r}")
+    return steps
+
+
+def record_during(trainer, steps: list[int]) -> "TraceRecorder | None":
+    """The `routerlab train --trace-steps` option: traces at `steps`, regret at every evaluation."""
+    if not steps:
+        return None
+    if trainer.parallel.world_size > 1:  # the probe forward would need every rank's collectives
+        raise ConfigError("--trace-steps runs in one process; under torchrun trace the checkpoint afterwards with 'routerlab trace RUN'")
+    if not hasattr(trainer, "on_step"):
+        raise ConfigError("--trace-steps needs the trainer's on_step hook (this routerlab's Trainer has none)")
+    return TraceRecorder(trainer, steps, regret=True).attach()
 
 
 class TraceRecorder:
@@ -50,9 +73,9 @@ class TraceRecorder:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run_dir))
-        for key, value in values.items():
-            name, _, layer = key.partition("/")
-            self._writer.add_scalar(f"analysis/{layer or 'mean'}/{name}" if layer else f"analysis/{name}", value, step)
+        for key, value in values.items():  # 'layer0/regret' -> analysis/regret/layer0; 'regret' (mean) -> analysis/regret
+            layer, _, metric = key.rpartition("/")
+            self._writer.add_scalar(f"analysis/{metric}/{layer}" if layer else f"analysis/{metric}", value, step)
         self._writer.flush()
 
     def close(self) -> None:

@@ -108,3 +108,11 @@ def regret_metrics(regrets: list[LayerRegret]) -> dict[str, float]:
         for i, m in enumerate(per_layer):
             out[f"layer{i}/{name}"] = m[name]
     return out
+
+
+def probe_regret(trainer, probe: int = 1) -> dict[str, float]:
+    """Mean over layers of regret, MRR and top1_is_best on the probe set (the ablation's columns)."""
+    from routerlab.analysis.trace import probe_batches
+
+    values = regret_metrics(layer_regrets(trainer, probe_batches(trainer, probe)))
+    return {k: values[k] for k in ("regret", "mrr", "top1_is_best") if k in values}

@@ -31,6 +31,33 @@ from routerlab.moe.stats import compute_stats
 from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
 
 GPU_SHAPES = [(16384, 4096, 14336, 8, 2), (16384, 2048, 1408, 64, 6), (8192, 1024, 2816, 16, 2)]
+# issue 19: the shapes of a ~110M-active language model (small and fine-grained experts)
+SMALL_SHAPES = [(16384, 1024, 512, 64, 6), (16384, 1024, 512, 8, 1), (8192, 1024, 2816, 16, 2), (16384, 2048, 1408, 64, 6)]
+SHAPE_SETS = {"issue10": GPU_SHAPES, "issue19": SMALL_SHAPES}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int, int, int]]:
+    """'all' / 'issue10' / 'issue19', indices into the issue-10 shapes ('1,2'), or shapes 'TxDxHxExK' separated
+    by commas ('16384x1024x512x64x6,8192x1024x2816x16x2'). ValueError with what is valid otherwise."""
+    text = text.strip()
+    if text in ("all", "issue10"):
+        return list(GPU_SHAPES)
+    if text in SHAPE_SETS:
+        return list(SHAPE_SETS[text])
+    shapes = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.isdigit() and int(part) < len(GPU_SHAPES):
+            shapes.append(GPU_SHAPES[int(part)])
+            continue
+        dims = part.lower().split("x")
+        if len(dims) != 5 or not all(v.isdigit() and int(v) > 0 for v in dims):
+            raise ValueError(f"bad shape {part!r}: give 'all', 'issue10', 'issue19', indices 0-{len(GPU_SHAPES) - 1}, or T x d x h x E x k as positive integers, e.g. 16384x1024x512x64x6")
+        T, d, h, E, k = map(int, dims)
+        if k > E:
+            raise ValueError(f"bad shape {part!r}: k={k} must be <= E={E}")
+        shapes.append((T, d, h, E, k))
+    return shapes
 # issue 10's reference points, TFLOP/s: ideal balanced bmm, transformers 5.17 best, per-expert loop
 ISSUE10 = {GPU_SHAPES[0]: (624, 593, 446), GPU_SHAPES[1]: (467, 239, 50), GPU_SHAPES[2]: (408, 189, 61)}
 
@@ -157,13 +184,13 @@ class GpuRow:
 @contextmanager
 def pure_torch():
     """Switch the Triton kernels off: the pure-PyTorch reference path."""
-    from routerlab.moe import experts as experts_module
+    from routerlab.moe import kernels
 
-    saved, experts_module._TRITON = experts_module._TRITON, False
+    saved, kernels._TRITON = kernels._TRITON, False
     try:
         yield
     finally:
-        experts_module._TRITON = saved
+        kernels._TRITON = saved
 
 
 def check_correctness(device, dtype=torch.bfloat16, seed=None, capacity_factor: float | None = None) -> dict:
@@ -187,6 +214,38 @@ def check_correctness(device, dtype=torch.bfloat16, seed=None, capacity_factor: 
     names = ["out", "grad_x"] + [n for n, p in fast.named_parameters()]
     for n, a, b in zip(names, got, want):
         out[n] = float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+    return out
+
+
+def check_backends_and_dtypes(device) -> dict[str, float]:
+    """Every backend in every dtype it accepts on the CPU, on `device`, against the `loop` backend in float64 on
+    the CPU (relative L2 error of output, input grad and expert grads; max over them). Issue 19: `padded` raised
+    in the SwiGLU kernel on CUDA, and float64 was computed in float32 by the SwiGLU and combine kernels."""
+    from routerlab.moe.kernels import grouped_mm_supported
+
+    T, d, h, E, k = 512, 64, 96, 8, 2
+    torch.manual_seed(0)
+    base = make_layer(d, h, E, k, "loop", "cpu", torch.float64)
+    x64 = torch.randn(T, d, dtype=torch.float64, requires_grad=True)
+    g64 = torch.randn(T, d, dtype=torch.float64)
+    want = [base(x64)] + list(fwd_bwd(base, x64, g64))
+    out = {}
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for backend in ("loop", "padded", "grouped", "auto"):
+            name = f"{backend} {str(dtype).removeprefix('torch.')}"
+            layer = copy.deepcopy(base).to(device, dtype)
+            layer.backend = backend
+            x = x64.detach().to(device, dtype).requires_grad_(True)
+            if backend == "grouped" and not grouped_mm_supported(x):
+                continue
+            try:
+                got = [layer(x)] + list(fwd_bwd(layer, x, g64.to(device, dtype)))
+                errs = [float((a.detach().double().cpu() - b.detach()).norm() / b.detach().norm()) for a, b in zip(got, want)]
+                assert all(a.dtype == dtype for a in got), f"computed in {[a.dtype for a in got]}"
+                out[name] = max(errs)
+            except Exception as err:  # noqa: BLE001 - report it as a failure
+                out[name] = float("nan")
+                print(f"{name}: {type(err).__name__}: {err}"[:300])
     return out
 
 
@@ -234,11 +293,14 @@ def layout_probe(T, d, h, E, k, device, dtype, iters) -> dict[str, float]:
     return res
 
 
-def run_gpu(shapes=GPU_SHAPES, iters=10, with_transformers=True, with_loop=True, stages=True, probe=True, log=print) -> dict:
+def run_gpu(shapes=GPU_SHAPES, iters=10, with_transformers=True, with_loop=True, stages=True, probe=True, log=print,
+            compiled=False, graph=True) -> dict:
     device, dtype = torch.device("cuda"), torch.bfloat16
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [], "stages": {}, "probe": {}}
     report["check"] = check_correctness(device)
     log(f"correctness vs loop (rel. error): {json.dumps({k: round(v, 5) for k, v in report['check'].items()})}")
+    report["check_dtypes"] = check_backends_and_dtypes(device)
+    log(f"backends x dtypes vs loop float64 on CPU (max rel. error of out and grads): {json.dumps({k: float(f'{v:.2e}') for k, v in report['check_dtypes'].items()})}")
     report["check_padding"] = check_correctness(device, capacity_factor=0.5)
     log(f"correctness vs loop, capacity factor 0.5 (half the slots are padding rows), rel. error: {json.dumps({k: round(v, 5) for k, v in report['check_padding'].items()})}")
     for shape in shapes:
@@ -274,13 +336,28 @@ def run_gpu(shapes=GPU_SHAPES, iters=10, with_transformers=True, with_loop=True,
         if probe:
             report["probe"][str(shape)] = layout_probe(T, d, h, E, k, device, dtype, iters)
             log(f"{shape} grouped_mm layout ms: {json.dumps({n: round(v, 3) for n, v in report['probe'][str(shape)].items()})}")
-        try:  # launch gaps: the same layer, forward and backward each replayed as one CUDA graph
-            graphed = copy.deepcopy(layer)
-            graphed = torch.cuda.make_graphed_callables(graphed, (xs[0],))
-            record("routerlab MoELayer (CUDA graph)", graphed, xs, grad)
-            del graphed
-        except Exception as err:  # noqa: BLE001 - report and go on
-            log(f"{shape} CUDA graph: {type(err).__name__}: {err}"[:300])
+        if compiled:  # what train.compile=moe does to each MoE layer (routerlab/compile.py)
+            try:
+                from routerlab.compile import compile_model
+
+                wrapper = torch.nn.Sequential(copy.deepcopy(layer))
+                compile_model(wrapper, "moe")
+                t0 = time.perf_counter()
+                fwd_bwd(wrapper, xs[0], grad)
+                torch.cuda.synchronize()
+                log(f"{shape} torch.compile: first call {time.perf_counter() - t0:.1f} s")
+                record("routerlab MoELayer (torch.compile)", wrapper, xs, grad)
+                del wrapper
+            except Exception as err:  # noqa: BLE001 - report and go on
+                log(f"{shape} torch.compile: {type(err).__name__}: {err}"[:300])
+        if graph:
+            try:  # launch gaps: the same layer, forward and backward each replayed as one CUDA graph
+                graphed = copy.deepcopy(layer)
+                graphed = torch.cuda.make_graphed_callables(graphed, (xs[0],))
+                record("routerlab MoELayer (CUDA graph)", graphed, xs, grad)
+                del graphed
+            except Exception as err:  # noqa: BLE001 - report and go on
+                log(f"{shape} CUDA graph: {type(err).__name__}: {err}"[:300])
         if with_loop:
             layer.backend = "loop"
             record("per-expert loop", layer, xs, grad)
@@ -333,7 +410,10 @@ def main(argv=None) -> None:
     ap.add_argument("target", nargs="?", default="cpu", choices=["cpu", "gpu"])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--shapes", default="all", help="'all' or indices into the issue-10 shapes, e.g. '2' or '1,2'")
+    ap.add_argument("--shapes", default="all", help="'all'/'issue10', 'issue19', indices into the issue-10 shapes ('1,2'), or TxDxHxExK shapes, comma-separated")
+    ap.add_argument("--compile", action="store_true", help="also time the layer under train.compile=moe (torch.compile)")
+    ap.add_argument("--no-loop", action="store_true", help="skip the per-expert loop baseline")
+    ap.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown and the layout probe")
     ap.add_argument("--json", default=None, help="also write the full report here")
     args = ap.parse_args(argv)
     if args.target == "cpu":
@@ -342,8 +422,12 @@ def main(argv=None) -> None:
         print(cpu_table(rows))
         report = {"cpu": rows, "machine": machine()}
     else:
-        shapes = GPU_SHAPES if args.shapes == "all" else [GPU_SHAPES[int(i)] for i in args.shapes.split(",")]
-        report = run_gpu(shapes, args.iters, not args.no_transformers)
+        try:
+            shapes = parse_shapes(args.shapes)
+        except ValueError as err:
+            ap.error(str(err))  # one line, exit code 2
+        report = run_gpu(shapes, args.iters, not args.no_transformers, with_loop=not args.no_loop, stages=not args.no_stages,
+                         probe=not args.no_stages, compiled=args.compile)
         print(f"\n{report['device']}, torch {report['torch']}, bf16, fwd+bwd")
         print(gpu_table(report))
     if args.json:
@@ -365,16 +449,22 @@ def register(app) -> None:
         target: str = typer.Argument("cpu", help="cpu (fp32 foundation benchmark) or gpu (issue 10 table, CUDA bf16)"),
         iters: int = typer.Option(7, help="timed repetitions (median reported)"),
         no_transformers: bool = typer.Option(False, "--no-transformers", help="skip the transformers baseline"),
+        shapes: str = typer.Option("all", help="gpu: 'all'/'issue10', 'issue19', or TxDxHxExK shapes, comma-separated (e.g. 16384x1024x512x64x6)"),
+        compile: bool = typer.Option(False, "--compile", help="gpu: also time the layer under torch.compile (train.compile=moe)"),
     ) -> None:
         """Speed of the MoE layer (forward + backward) against dense / ideal baselines."""
         from routerlab.cli import fail
 
         if target not in ("cpu", "gpu"):
             fail(f"target must be 'cpu' or 'gpu', got {target!r}")
+        try:
+            parse_shapes(shapes)
+        except ValueError as err:
+            fail(str(err))
         if target == "gpu" and not torch.cuda.is_available():
             fail("bench gpu needs a CUDA GPU; none is visible (use 'routerlab bench cpu')")
         try:
-            main([target, "--iters", str(iters)] + (["--no-transformers"] if no_transformers else []))
+            main([target, "--iters", str(iters), "--shapes", shapes] + (["--no-transformers"] if no_transformers else []) + (["--compile"] if compile else []))
         except ConfigError as err:
             fail(str(err))
 

@@ -1,0 +1,188 @@
+"""Issue 19's trainer comparison on one GPU: an E=64, k=6 MoE LM against its dense twin, and where a step goes.
+
+    python3 -m routerlab.bench.trainer [--steps 20] [--compile off,auto] [--json FILE]
+
+Models: the presets configs/gpu/stdlib-110m-e64k6.yaml and its dense twin stdlib-110m-dense.yaml (d_model
+1024, 8 layers, 16 heads, block 512, batch 32, SwiGLU; MoE: 64 experts of hidden 512, softmax_topk k=6, ~110M
+active parameters of ~840M; dense: a SwiGLU FFN of hidden k*h = 3072 in every layer: the same active
+parameters, the same attention), in bf16 unless --fp32. Routing statistics are logged every 10 steps to a
+TensorBoard run under /tmp.
+Steady-state tokens/s: `steps` train steps after `warmup` (compilation happens there), host clock around
+them with the device synchronized at both ends.
+
+The profile table times each part of the MoE model's step alone with CUDA events on the trainer's own
+modules and batch shapes (x the number of layers): attention (norm + attention, fwd+bwd), dense rest
+(embeddings, final norm, head, loss), router, dispatch (plan + permute), experts, combine, statistics, the
+optimizer (grad clip + AdamW); host gaps = the measured step minus their sum (launch gaps, syncs, the batch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from routerlab.bench import core
+
+
+PRESETS = {"moe": "configs/gpu/stdlib-110m-e64k6.yaml", "dense": "configs/gpu/stdlib-110m-dense.yaml"}
+
+
+def lm_config(kind: str, compile_mode: str, run_dir: str, dtype: str = "bfloat16", tf32: bool = True, smoke: bool = False):
+    """The preset (configs/gpu/, run from the repository root) with this run's device, dtype, compile and TF32;
+    routing statistics logged every 10 steps; no evaluation or checkpoint inside the timed steps."""
+    from routerlab.config import load_config
+
+    precision = {"bfloat16": "bf16-pure", "float32": "fp32"}[dtype]  # the old train.dtype meanings (the presets set precision)
+    overrides = [f"train.precision={precision}", f"train.compile={compile_mode}", f"train.tf32={str(tf32).lower()}", "train.log_every=10",
+                 "train.eval_every=1000000", "train.eval_batches=1", "train.steps=1000000", f"run.dir={run_dir}", "run.checkpoint=false"]
+    if smoke:
+        overrides += ["train.device=cpu", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "task.block_size=16", "train.batch_size=4"]
+        overrides += ["model.num_experts=8", "model.expert_hidden=16", "router.k=2"] if kind == "moe" else ["model.dense_hidden=32"]
+    return load_config(PRESETS[kind], overrides)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def steady_tokens_per_s(trainer, warmup: int, steps: int) -> tuple[float, float, float]:
+    """(tokens/s, ms per step, first-steps seconds) over `steps` steps after `warmup` steps."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        trainer.train_step()
+    _sync()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    _sync()
+    seconds = time.perf_counter() - t0
+    tokens = steps * trainer.config.train.batch_size * trainer.task.block_size
+    return tokens / seconds, seconds / steps * 1e3, first
+
+
+def _time_host(fn, iters: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def profile_step(trainer, iters: int = 5) -> dict[str, float]:
+    """Milliseconds per step of each part of the (eager) MoE model, each timed alone (module docstring)."""
+    from routerlab.bench.core import stage_breakdown
+
+    model, cfg = trainer.model, trainer.config
+    batch = trainer.task.batch("train", cfg.train.batch_size, torch.Generator().manual_seed(0)).to(trainer.device, trainer.dtype)
+    B, L = batch.inputs.shape
+    d, n = cfg.model.d_model, cfg.model.n_layers
+    x = torch.randn(B, L, d, device=trainer.device, dtype=trainer.dtype, requires_grad=True)
+    g = torch.randn_like(x)
+    block = model.blocks[0]
+    attn_params = [*block.norm1.parameters(), *block.attn.parameters()]
+    time_cuda = core.time_cuda
+    res = {"attention": n * time_cuda(lambda: torch.autograd.grad(block.attn(block.norm1(x)), [x, *attn_params], g), iters)}
+
+    def rest():
+        positions = torch.arange(L, device=x.device)
+        h = model.tok(batch.inputs) + model.pos(positions)
+        logits = model.head(model.norm_out(h + x))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.targets.reshape(-1))
+        torch.autograd.grad(loss, [x, *model.tok.parameters(), *model.head.parameters()])
+
+    res["dense rest (embed, head, loss)"] = time_cuda(rest, iters)
+    layer = block.ffn
+    tokens = block.norm2(x).detach().reshape(-1, d).requires_grad_(True)
+    stages = stage_breakdown(layer, tokens, torch.randn_like(tokens), iters)
+    res["router"] = n * stages["router fwd+bwd"]
+    res["dispatch (plan + permute)"] = n * (stages["plan (sort) fwd"] + stages["permute fwd+bwd"])
+    res["experts"] = n * stages["experts fwd+bwd"]
+    res["combine"] = n * stages["combine fwd+bwd"]
+    layer(tokens)
+    res["statistics"] = n * time_cuda(lambda: (setattr(layer, "_stats", None), layer.stats), iters)
+
+    def optimizer():
+        trainer.parallel.clip_grad_norm_(model, cfg.train.grad_clip)
+        trainer.optimizer.step()
+
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    res["optimizer (clip + AdamW)"] = time_cuda(optimizer, iters)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m routerlab.bench.trainer", description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--compile", default="off,auto", help="train.compile values to run, comma-separated ('none': no bf16 runs)")
+    ap.add_argument("--fp32", action="store_true", help="also the MoE model in float32 (TF32 on, then off)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (checks this script, times nothing real)")
+    args = ap.parse_args(argv)
+    from routerlab.train import Trainer
+
+    if args.smoke:
+        core.time_cuda = _time_host  # CPU stand-in for the smoke run
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report = {"device": device, "torch": torch.__version__, "runs": [], "profile": {}}
+    run_dir = tempfile.mkdtemp(prefix="routerlab-bench-")
+    modes = [m for m in args.compile.split(",") if m and m != "none"]
+    runs = [(kind, mode, "bfloat16", True) for mode in modes for kind in ("moe", "dense")]
+    if args.fp32:  # eager, so that only TF32 differs
+        runs += [("moe", "off", "float32", True), ("moe", "off", "float32", False)]
+    for kind, mode, dtype, tf32 in runs:
+        try:
+            config = lm_config(kind, mode, run_dir, dtype, tf32, args.smoke)
+            trainer = Trainer(config, log=True, run_dir=os.path.join(run_dir, f"{kind}-{mode}-{dtype}-{tf32}"))
+            tps, ms, first = steady_tokens_per_s(trainer, args.warmup, args.steps)
+            row = {"model": kind, "compile": mode, "dtype": dtype, "tf32": tf32, "tokens_per_s": tps, "ms_per_step": ms,
+                   "warmup_s": first, "compiled_modules": len(trainer.compiled), "loss": trainer.losses[-1]}
+            report["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            if kind == "moe" and mode == "off" and dtype == "bfloat16":
+                report["profile"] = profile_step(trainer)
+                report["profile"]["measured step"] = ms
+                print(json.dumps({"profile_ms": {k: round(v, 3) for k, v in report["profile"].items()}}), flush=True)
+            trainer.close()
+            del trainer
+            torch.cuda.empty_cache()
+        except Exception as err:  # noqa: BLE001 - report and go on
+            print(f"{kind} compile={mode} {dtype}: {type(err).__name__}: {err}"[:600], flush=True)
+    print(table(report))
+    if args.json:
+        with open(args.json + ".tmp", "w") as fh:
+            json.dump(report, fh, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['device']}, torch {report['torch']}", "| model | compile | dtype | tokens/s | ms/step | dense twin / this |", "|---|---|---|---:|---:|---:|"]
+    dense = {(r["compile"], r["dtype"]): r["tokens_per_s"] for r in report["runs"] if r["model"] == "dense"}
+    for r in report["runs"]:
+        ratio = dense.get((r["compile"], r["dtype"]))
+        lines.append(f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | "
+                     f"{ratio / r['tokens_per_s']:.2f}x |" if ratio else f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | - |")
+    if report["profile"]:
+        prof = dict(report["profile"])
+        step = prof.pop("measured step")
+        lines += ["", "| part of the MoE step (eager, each timed alone) | ms | share |", "|---|---:|---:|"]
+        for name, ms in prof.items():
+            lines.append(f"| {name} | {ms:.2f} | {ms / step:.0%} |")
+        gaps = step - sum(prof.values())
+        lines.append(f"| host gaps (step - sum) | {gaps:.2f} | {gaps / step:.0%} |")
+        lines.append(f"| measured step | {step:.2f} | 100% |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
