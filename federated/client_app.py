@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 from federated.aggregate import expert_layer, is_expert, is_local, is_router
 from federated.config import FederatedSetup
 from federated.partition import client_task
+from routerlab.config import make_config
 from routerlab.errors import ConfigError
 from routerlab.moe.layer import MoELayer
 from routerlab.tasks import build_task
@@ -89,7 +90,7 @@ def local_trainer(msg: Message, context: Context) -> tuple[Trainer, FederatedSet
     config = setup.config
     k = int(cfg.get("k", 0))
     if k:
-        config = config.model_copy(update={"router": {**config.router, "k": k}})
+        config = make_config({**config.model_dump(mode="json"), "router": {**dict(config.router), "k": k}})  # parsed again: a Spec
     # the model is built from the config's seed, so whatever is never received starts as the server's does
     trainer = Trainer(config, task=client_task(_TASKS[key], setup, pid), log=False, progress=False)
     round_seed = setup.config.seed * 1_000_003 + server_round * 1009 + pid

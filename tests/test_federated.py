@@ -140,7 +140,8 @@ def test_choose_experts_keeps_the_most_used_and_explores():
 
 
 def test_sparse_client_routes_only_among_its_experts_and_returns_only_them():
-    """A client holding experts {1, 3} of 4 (k=1) never routes elsewhere; its reply carries just those rows."""
+    """A client holding experts {1, 3} of 4, told to route top-1 although the config says top-2, never routes
+    elsewhere; its reply carries just those rows."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
@@ -148,12 +149,12 @@ def test_sparse_client_routes_only_among_its_experts_and_returns_only_them():
     from federated.client_app import app as client_app
     from routerlab.train import Trainer
 
-    setup = tiny_setup(num_clients=2, local_steps=4)
+    setup = make_setup({**TINY, "router": {"name": "softmax_topk", "k": 2}, "federated": {"num_clients": 2, "local_steps": 4}})
     global_state = Trainer(setup.config, log=False).model.state_dict()
     layers = sorted({k.split(".experts.")[0] for k in global_state if ".experts." in k})
     held = [1, 3]
     arrays = {k: (v[held] if ".experts." in k else v) for k, v in global_state.items()}
-    config = {"round": 1, "setup": setup.to_json(), "local": [], "k": 0, **{f"experts:{layer}": held for layer in layers}}
+    config = {"round": 1, "setup": setup.to_json(), "local": [], "k": 1, **{f"experts:{layer}": held for layer in layers}}
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     msg = Message(RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(config)}), dst_node_id=7, message_type=MessageType.TRAIN, group_id="1")
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
@@ -161,7 +162,7 @@ def test_sparse_client_routes_only_among_its_experts_and_returns_only_them():
     m = reply.content["metrics"]
     for layer in layers:
         tokens = list(m[f"tokens:{layer}"])
-        assert tokens[0] == 0 and tokens[2] == 0 and tokens[1] + tokens[3] == 4 * 32  # 4 steps x 32 examples, k=1
+        assert tokens[0] == 0 and tokens[2] == 0 and tokens[1] + tokens[3] == 4 * 32  # 4 steps x 32 examples x top-1
         assert list(m[f"held:{layer}"]) == held
     back = reply.content["arrays"].to_torch_state_dict()
     assert set(back) == set(arrays)
