@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         if workers > 1:
             args = [name, "--storage", url, "--n-trials", str(target), "--heartbeat", str(heartbeat)]
             args += [f"--set={s}" for s in set_] + (["--timeout", str(timeout)] if timeout is not None else [])
-            code = run_study(args, workers, worker_devices(device, workers, cuda_count))
+            code = run_study(args, workers, worker_devices(device, workers, cuda_count), worker_index)
             if code:
                 raise typer.Exit(code)
             study_obj = open_study(spec, url, heartbeat)

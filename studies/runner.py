@@ -194,15 +194,16 @@ def worker_devices(device: str, workers: int, cuda_count: int) -> list[str | Non
     return slots[:workers]
 
 
-def run_study(args: list[str], workers: int, devices: list[str | None] | None = None) -> int:
+def run_study(args: list[str], workers: int, devices: list[str | None] | None = None, machine_index: int = 0) -> int:
     """Start `workers` worker processes (the same command with --workers 1) and wait for them.
 
     Open the study first (open_study), so the workers do not race to create its tables. devices[i] (if not
-    None) is worker i's train.device.
+    None) is worker i's train.device. Worker i's index (its sampler seed offset) is machine_index x 1000 + i,
+    so the workers of machines started with distinct --worker-index never share a seed.
     """
     procs = []
     for i in range(workers):
-        cmd = [sys.executable, "-m", "routerlab", "study", *args, "--workers", "1", "--worker-index", str(i), "--no-progress"]
+        cmd = [sys.executable, "-m", "routerlab", "study", *args, "--workers", "1", "--worker-index", str(machine_index * 1000 + i), "--no-progress"]
         device = (devices or [None] * workers)[i]
         if device is not None:
             cmd.append(f"--set=train.device={device}")
