@@ -1,23 +1,26 @@
 """Run configuration: plain data (YAML), validated by pydantic.
 
-A config has five parts: task, model, router, train, run. `task` and `router` are
-`{"name": ..., **params}` dicts checked against the registered component's own parameters.
+A config has five parts: task, model, router, train, run. `task` and `router` are written as
+`{"name": ..., **params}` mappings and parsed once, when the config is read, into typed `Spec`s
+(`routerlab.registry`) checked against the registered component's own parameters.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator, model_validator
 
-from routerlab.errors import ConfigError
-from routerlab.routers.registry import format_validation_error, load_plugin, parse_router_params
-from routerlab.tasks.base import parse_task_params
+from routerlab.errors import ConfigError, format_validation_error
+from routerlab.moe.experts import ACTIVATIONS
+from routerlab.registry import Registry, Spec, load_plugin
+from routerlab.routers.registry import ROUTERS
+from routerlab.tasks.base import TASKS
 
 
 DEFAULT_TASK = "chars"
@@ -28,6 +31,24 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def spec_field(registry: Registry, default: str) -> Any:
+    """A config section `{"name": ..., **params}` parsed into a typed Spec (name defaults to `default`);
+    dumped back to the same mapping, so YAML, fingerprints and checkpoints see plain data."""
+
+    def parse(value: Any) -> Spec:
+        if isinstance(value, Spec):
+            return registry.parse(value)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"must be a mapping of name and parameters (for example {{name: {default}}}), got {value!r}")
+        return registry.parse({"name": default, **value})
+
+    return Annotated[Spec, PlainValidator(parse), PlainSerializer(Spec.as_dict, return_type=dict[str, Any])]
+
+
+TaskSpec = spec_field(TASKS, DEFAULT_TASK)
+RouterSpec = spec_field(ROUTERS, DEFAULT_ROUTER)
+
+
 class ModelConfig(Strict):
     d_model: int = Field(64, ge=1)
     n_layers: int = Field(2, ge=1)
@@ -36,9 +57,24 @@ class ModelConfig(Strict):
     num_experts: int = Field(8, ge=1)
     expert_hidden: int = Field(128, ge=1)
     dense_hidden: int | None = Field(None, ge=1)  # hidden size of dense FFN layers; default expert_hidden
-    activation: Literal["swiglu", "gelu"] = "swiglu"
+    activation: Literal[ACTIVATIONS] = "swiglu"
     capacity_factor: float | None = Field(None, gt=0)  # None = dropless
-    backend: Literal["auto", "loop", "grouped", "padded"] = "auto"
+    eval_capacity_factor: Annotated[float, Field(gt=0)] | Literal["train"] | None = "train"  # at evaluation: "train" = capacity_factor, None = dropless
+    min_capacity: int = Field(1, ge=1)  # slots per expert never below this (when capacity_factor is set)
+    drop_policy: Literal["position", "probability"] = "position"  # over capacity drop later slots, or lowest weights
+    shared_experts: int = Field(0, ge=0)  # always-on experts beside the routed ones (DeepSeekMoE, Qwen-MoE)
+    shared_hidden: int | None = Field(None, ge=1)  # hidden size of each shared expert; default expert_hidden
+    shared_gate: bool = False  # scale the shared output by a learned per-token sigmoid (Qwen-MoE)
+    backend: str = "auto"  # an expert backend's name (routerlab/moe/backends.py: auto, loop, grouped, padded, or a plugin's)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        from routerlab.moe.backends import EXPERT_BACKENDS
+
+        if v not in EXPERT_BACKENDS:
+            raise ValueError(f"unknown expert backend {v!r}; valid: {', '.join(EXPERT_BACKENDS)}")
+        return v
 
 
 class TrainConfig(Strict):
@@ -54,9 +90,16 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE dispatch and expert
-    # kernels, "moe" = the MoE layers too; "auto" = "moe" on CUDA, "off" on CPU (same numbers as before)
+    # fp32: everything float32 (TF32 matmuls on CUDA unless tf32=false); bf16-mixed: float32 master weights and
+    # optimizer state, forward and backward in bfloat16 (torch.autocast), learned gates in float32;
+    # bf16-pure: weights, optimizer state and compute all bfloat16 (updates below a bf16 ulp are lost)
+    precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = "fp32"
+    dtype: Literal["float32", "bfloat16"] | None = None  # old key: float32 -> fp32, bfloat16 -> bf16-pure
+    micro_batches: int = Field(1, ge=1)  # gradient accumulation: a step = micro_batches x batch_size sequences
+    timing_skip: int = Field(10, ge=0)  # first steps left out of tokens/s, step time and MFU (JIT, allocator warm-up)
+    peak_flops: float | None = Field(None, gt=0)  # the card's bf16 peak FLOP/s for MFU; None = known cards by name (docs/gpu.md)
+    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE layers, "moe" = the MoE
+    # layers too; "auto" = off for now (measured slower in the trainer before a router fix; see compile.py)
     compile: Literal["auto", "off", "dense", "moe"] = "auto"
     tf32: bool = True  # float32 on CUDA: TF32 matmuls (about 8x the fp32 rate on an H200); false = full fp32
 
@@ -64,6 +107,18 @@ class TrainConfig(Strict):
     @classmethod
     def _compile(cls, v):  # YAML and command-line overrides read off / on as booleans
         return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_to_precision(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("dtype") is not None:
+            mapped = {"float32": "fp32", "bfloat16": "bf16-pure"}.get(data["dtype"])
+            if mapped is None:
+                raise ValueError(f"dtype {data['dtype']!r} is not supported; use precision: fp32 | bf16-mixed | bf16-pure")
+            if data.get("precision") not in (None, mapped):
+                raise ValueError(f"dtype={data['dtype']} (old key, means precision={mapped}) contradicts precision={data['precision']}; set only precision")
+            data = {**data, "precision": mapped, "dtype": None}
+        return data
 
     @field_validator("device")
     @classmethod
@@ -85,48 +140,37 @@ class RunConfig(Strict):
 
 class Config(Strict):
     seed: int = 0
-    task: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_TASK})
+    task: TaskSpec = Field(default_factory=lambda: TASKS.parse({"name": DEFAULT_TASK}))
     model: ModelConfig = Field(default_factory=ModelConfig)
-    router: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_ROUTER})
+    router: RouterSpec = Field(default_factory=lambda: ROUTERS.parse({"name": DEFAULT_ROUTER}))
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    plugins: list[str] = Field(default_factory=list)  # Python files that register routers or tasks
+    plugins: list[str] = Field(default_factory=list)  # Python files that register components (routers, tasks, ...)
 
     @model_validator(mode="before")
     @classmethod
     def _plugins_first(cls, data: Any) -> Any:
-        # plugin files register routers and tasks, so they load before those sections are checked
+        # plugin files register components, so they load before those sections are checked
         if isinstance(data, dict):
             for path in data.get("plugins") or []:
                 load_plugin(path)
         return data
 
-    @field_validator("task")
-    @classmethod
-    def _task(cls, v: dict[str, Any]) -> dict[str, Any]:
-        v = {"name": DEFAULT_TASK, **v}
-        params = parse_task_params(v)
-        return {"name": v["name"], **params.model_dump()}
-
-    @field_validator("router")
-    @classmethod
-    def _router(cls, v: dict[str, Any]) -> dict[str, Any]:
-        v = {"name": DEFAULT_ROUTER, **v}
-        params = parse_router_params(v)
-        return {"name": v["name"], **dataclasses.asdict(params)}
-
     def fingerprint(self) -> str:
         """Hash of what determines the trained weights' meaning (not run length, logging or paths)."""
         data = self.model_dump(mode="json")
+        for section in ("task", "router"):  # a section left out of the config has always been hashed by its
+            if section not in self.model_fields_set:  # name alone: kept, so existing checkpoints still resume
+                data[section] = {"name": data[section]["name"]}
         data.pop("run")
         data.pop("parallel")  # checkpoints move between rank counts
         for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device"):
             data["train"].pop(key)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+        return content_hash(data)
 
     def run_name(self) -> str:
-        return self.run.name or f"{self.task['name']}-{self.router['name']}-s{self.seed}-{self.fingerprint()}"
+        return self.run.name or f"{self.task.name}-{self.router.name}-s{self.seed}-{self.fingerprint()}"
 
 
 def parse_value(text: str) -> Any:
@@ -144,16 +188,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"--set expects key=value (for example train.steps=100), got {item!r}")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-        if parts[-1] == "name" and len(parts) == 2 and parts[0] in ("router", "task") and node.get("name") != value:
-            node.clear()
-        node[parts[-1]] = parse_value(value)
+        key = key.strip()
+        section = data.get(key.split(".")[0])
+        if key in ("router.name", "task.name") and isinstance(section, dict) and section.get("name") != value:
+            section.clear()  # a new component starts from its own defaults
+        set_key(data, key, parse_value(value), where="--set ")
     return data
+
+
+def set_key(data: dict[str, Any], key: str, value: Any, where: str = "") -> None:
+    """Set a dotted key (`train.lr`, `router.k`) in nested plain data, in place, making sections as needed.
+    The one implementation of dotted overrides (--set, ablation axes, study parameters)."""
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}{key}: {part!r} is not a section")
+    node[last] = value
+
+
+def content_hash(data: Any) -> str:
+    """Short sha256 of JSON-able data (keys sorted): config fingerprints, ablation cell ids, spec hashes."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def make_config(data: dict[str, Any]) -> Config:

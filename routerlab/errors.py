@@ -3,3 +3,13 @@
 
 class ConfigError(ValueError):
     """Bad input from the user: a config value, a name, a file. The message says what is valid."""
+
+
+def format_validation_error(err) -> str:
+    """One line from a pydantic ValidationError: 'field: problem; field: problem'."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

@@ -1,5 +1,5 @@
 """The one trainer. The CLI, ablations, Optuna objectives, Flower clients and the RL environment all
-train through `Trainer`; nobody writes a second loop.
+train through `Trainer`; nobody writes a second loop. Its public interface is in the class docstring.
 
     trainer = Trainer(config)          # builds task, model, optimizer; seeds everything
     metrics = trainer.fit()            # trains to config.train.steps, evaluates, logs, checkpoints
@@ -29,15 +29,26 @@ from routerlab.tasks import Batch, Task, build_task
 
 EVAL_SEED = 1234  # the evaluation batches are the same for every run of a task
 
+# train.precision -> (dtype of weights and optimizer state, autocast compute dtype or None)
+PRECISIONS = {"fp32": (torch.float32, None), "bf16-mixed": (torch.float32, torch.bfloat16), "bf16-pure": (torch.bfloat16, None)}
+
+# dense bf16 tensor-core peaks (FLOP/s) by device-name substring, for MFU when train.peak_flops is unset
+KNOWN_PEAKS = {
+    "H200": (989e12, "H200 SXM spec, dense bf16"),
+    "H100": (989e12, "H100 SXM spec, dense bf16"),
+    "A100": (312e12, "A100 spec, dense bf16"),
+}
+
 
 def check_compatible(model, task: Task, config: Config) -> None:
     """Refuse router/task pairs that cannot work, with the reason and the way out."""
+    name = config.router.name
     for layer in model.moe_layers():
         router = layer.router
         if router.needs_token_ids and not task.has_token_ids:
-            raise ConfigError(f"router {config.router['name']!r} routes by token id, but task {task.name!r} has no token ids; use a task with tokens (chars) or a router that reads hidden states (for example lsh)")
-        if task.kind == "lm" and not router.causal and not config.router.get("allow_noncausal", False):
-            raise ConfigError(f"router {config.router['name']!r} is not causal (a token's routing depends on later tokens), so it would leak the future in the causal LM task {task.name!r}; set router.allow_noncausal=true to run it anyway")
+            raise ConfigError(f"router {name!r} routes by token id, but task {task.name!r} has no token ids; use a task with tokens (chars) or a router that reads hidden states (for example lsh)")
+        if task.kind == "lm" and not router.causal and not getattr(router.params, "allow_noncausal", False):
+            raise ConfigError(f"router {name!r} is not causal (a token's routing depends on later tokens), so it would leak the future in the causal LM task {task.name!r}; set router.allow_noncausal=true to run it anyway")
 
 
 def lr_lambda(config: Config) -> Callable[[int], float]:
@@ -55,6 +66,39 @@ def lr_lambda(config: Config) -> Callable[[int], float]:
 
 
 class Trainer:
+    """Trains one model on one task; the only training loop of the project.
+
+    Public interface (apps use this and nothing else):
+
+    Build and run
+      Trainer(config, *, task=None, run_dir=None, log=True, progress=False, resume=None)
+          task: a Task to use instead of building config.task (a federated client's partition, a wrapped
+          task); resume: a checkpoint to continue from (its config fingerprint must match).
+      fit(until=None, on_eval=None) -> metrics   train to step `until` (default config.train.steps)
+      train_step(batch=None) -> loss             one optimizer step; batch=None draws from the data source
+      evaluate() -> metrics                      task and routing metrics on the fixed evaluation batches
+      save(path=None) -> path, load(path), close()
+
+    Hooks (each registration returns the function, so they work as decorators)
+      on_step(fn)            fn(step, loss) after every optimizer step
+      on_eval(fn)            fn(step, metrics) after every evaluation inside fit (Optuna reports and
+                             prunes here; fit's own on_eval argument is one more such hook)
+      add_loss_term(name, fn) fn() -> scalar tensor added to the training loss before backward on every
+                             step (FedProx's proximal term); logged as train/aux/<name>
+      set_data_source(fn)    fn(batch_size, generator) -> Batch replaces task.batch("train", ...) as the
+                             source of training batches; None restores the task
+      reseed_data(seed)      restart the training-batch stream from seed (one stream per client and round)
+
+    Read
+      config, task (the Task protocol: kind, batch, num_examples, subset), step, losses (train loss of
+      every step), last_eval, last_loads, tokens_per_s
+      model                  the nn.Module: forward(inputs, token_ids) -> logits; run it, do not replace it
+      layers                 the model's MoE layers (router, experts, stats of the last forward)
+      weights() / load_weights(state)   the model's state dict; load_weights accepts a partial dict
+                             (keys not given keep their values)
+      log_hparams(metrics)   record hyperparameters with these metrics (a run that ends early)
+    """
+
     def __init__(
         self,
         config: Config,
@@ -72,7 +116,7 @@ class Trainer:
         self.device = self.parallel.device(config.train.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
-        self.dtype = getattr(torch, config.train.dtype)
+        self.dtype, self.autocast_dtype = PRECISIONS[config.train.precision]
         self.task = task if task is not None else build_task(config.task)
         self.data_info = self.task.data_info()  # checksum, sizes, unigram baseline: recorded with the run
         with self.parallel.building():  # expert parallelism: each rank builds its own experts only
@@ -92,26 +136,71 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.data_rng = torch.Generator().manual_seed(config.seed + 1)
         eval_rng = torch.Generator().manual_seed(EVAL_SEED)
-        self.eval_set = [self.task.batch("val", t.batch_size, eval_rng) for _ in range(t.eval_batches)]
+        # drawn as global batches and split like training batches: micro_batches never changes what is evaluated
+        self.eval_set = [part for _ in range(t.eval_batches) for part in self.task.batch("val", t.batch_size * t.micro_batches, eval_rng).chunks(t.micro_batches)]
         self.step = 0
         self.losses: list[float] = []  # training loss of every step
         self.probe_top1: list[torch.Tensor] | None = None  # for routing fluctuation
         self.last_eval: dict[str, float] = {}
         self.last_loads: list[list[float]] = []  # token-slots per expert of each MoE layer in the last evaluation
-        self.train_time = 0.0
-        self.train_tokens = 0
+        self.step_log: list[tuple[float, int]] = []  # (seconds, tokens) of every training step of this process
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
         if resume is not None:
             self.load(resume)
         self.board = Board(self.run_dir, purge_step=self.step) if log and self.parallel.is_main else None
         if self.board and self.data_info:
             self.board.text("data", self.data_info, self.step)
-        self._window: list[RoutingStats | None] = [None] * len(self.layers)
+        self._step_hooks: list[Callable[[int, float], None]] = []
+        self._eval_hooks: list[Callable[[int, dict[str, float]], None]] = []
+        self._loss_terms: dict[str, Callable[[], torch.Tensor]] = {}
+        self._data_source: Callable[[int, torch.Generator], Batch] | None = None
+
+    # ---- the public hooks -------------------------------------------------------------------------
+    def on_step(self, fn: Callable[[int, float], None]) -> Callable[[int, float], None]:
+        self._step_hooks.append(fn)
+        return fn
+
+    def on_eval(self, fn: Callable[[int, dict[str, float]], None]) -> Callable[[int, dict[str, float]], None]:
+        self._eval_hooks.append(fn)
+        return fn
+
+    def add_loss_term(self, name: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        self._loss_terms[name] = fn
+        return fn
+
+    def set_data_source(self, fn: Callable[[int, torch.Generator], Batch] | None) -> None:
+        self._data_source = fn
+
+    def reseed_data(self, seed: int) -> None:
+        self.data_rng.manual_seed(seed)
+
+    def next_batch(self) -> Batch:
+        """The next training batch (all micro-batches of a step) from the data source (default: the task's train split)."""
+        size = self.config.train.batch_size * self.config.train.micro_batches
+        if self._data_source is not None:
+            return self._data_source(size, self.data_rng)
+        return self.task.batch("train", size, self.data_rng)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        full = self.model.state_dict()
+        unknown = set(state) - set(full)
+        if unknown:
+            raise ConfigError(f"weights for {len(unknown)} unknown parameter(s) (for example {sorted(unknown)[0]!r}); this model has {len(full)}")
+        full.update(state)
+        self.model.load_state_dict(full)
+
+    def log_hparams(self, metrics: dict[str, float]) -> None:
+        if self.board:
+            self.board.hparams(self.config, metrics)
 
     # ---- one step -------------------------------------------------------------------------------
     def token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token task loss [N] (in the order the MoE layers see the tokens) and logits [N, C]."""
-        logits = self.model(batch.inputs, batch.token_ids)
+        with self.autocast():
+            logits = self.model(batch.inputs, batch.token_ids)
         logits = logits.reshape(-1, logits.shape[-1]).float()
         return F.cross_entropy(logits, batch.targets.reshape(-1), reduction="none"), logits
 
@@ -119,25 +208,58 @@ class Trainer:
         token_loss, logits = self.token_losses(batch)
         return token_loss.mean(), logits
 
-    def train_step(self, batch: Batch | None = None) -> float:
-        self.model.train()
-        batch = (batch or self.task.batch("train", self.config.train.batch_size, self.data_rng)).to(self.device, self.dtype)
-        global_tokens = batch.num_tokens
-        batch = self.parallel.shard_batch(batch)  # every rank draws the global batch and keeps its slice
-        start = time.perf_counter()
+    def autocast(self):
+        """bf16-mixed: compute in bfloat16 on float32 weights; a no-op context for fp32 and bf16-pure."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
+
+    def forward_backward(self, batch: Batch, weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch: its task loss (mean over its tokens) plus every aux loss, times `weight` (its share
+        of the step's tokens), backpropagated; gradients add up over the micro-batches of a step.
+
+        Aux (balance) losses are therefore computed per micro-batch and averaged: a global-batch balance
+        loss would replace this per-micro-batch sum (issue 17). Returns the unscaled loss and aux, detached.
+        """
         token_loss, _ = self.token_losses(batch)
         loss = token_loss.mean()
         aux = self.model.aux_losses()
         for i, layer in enumerate(self.layers):  # routers rewarded per token (REINFORCE) add their losses here
             aux.update({f"layer{i}/{k}": v for k, v in layer.router.observe_token_loss(token_loss.detach()).items()})
+        aux.update({name: fn() for name, fn in self._loss_terms.items()})
         total = loss + sum(aux.values()) if aux else loss
+        self.parallel.backward(total * weight if weight != 1 else total)
+        return loss.detach(), {k: v.detach() for k, v in aux.items()}
+
+    def train_step(self, batch: Batch | None = None) -> float:
+        """One optimizer step on a global batch of micro_batches x batch_size sequences (drawn at once, then
+        split, so N micro-batches of B see exactly the data of one batch of N*B)."""
+        self.model.train()
+        t = self.config.train
+        batch = batch or self.next_batch()
+        global_tokens = batch.num_tokens
+        micro = batch.chunks(t.micro_batches)
+        self._synchronize()
+        start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        self.parallel.backward(total)
+        loss = torch.zeros((), device=self.device)
+        aux: dict[str, torch.Tensor] = {}
+        merged: list[RoutingStats | None] = [None] * len(self.layers)
+        for part in micro:
+            weight = part.num_tokens / global_tokens
+            part = self.parallel.shard_batch(part.to(self.device, self.dtype))  # every rank draws the global batch and keeps its slice
+            part_loss, part_aux = self.forward_backward(part, weight)
+            loss = loss + weight * part_loss.float()
+            for k, v in part_aux.items():
+                aux[k] = aux.get(k, 0) + weight * v
+            if len(micro) > 1:  # the step's routing stats: the sum over its micro-batches
+                merged = [l.stats if m is None else m.merge(l.stats) for m, l in zip(merged, self.layers)]
+        if len(micro) > 1:
+            for layer, stats in zip(self.layers, merged):
+                layer.stats = stats
         self.parallel.sync_grads(self.model)
         for layer in self.layers:
             layer.router.before_step()
-        if self.config.train.grad_clip is not None:
-            self.parallel.clip_grad_norm_(self.model, self.config.train.grad_clip)
+        if t.grad_clip is not None:
+            self.parallel.clip_grad_norm_(self.model, t.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         value = self.parallel.reduce_step(self.layers, loss)  # stats summed over ranks before routers see them
@@ -145,30 +267,81 @@ class Trainer:
             if uses_stats:
                 layer.router.after_step(layer.stats)
         self.parallel.sync_buffers(self.model)
-        self.train_time += time.perf_counter() - start
-        self.train_tokens += global_tokens
+        self._synchronize()
+        self.step_log.append((time.perf_counter() - start, global_tokens))
         self.step += 1
         self.losses.append(value)
-        if self.board:  # routing metrics are logged over the window of log_every steps: stats of every step
-            self._window = [s if w is None else w.merge(s) for w, s in zip(self._window, (l.stats for l in self.layers))]
-        if self.board and self.step % self.config.train.log_every == 0:
+        # training routing metrics: the logged step's batch. Stats are computed only then (and for routers
+        # that read them after every step): 15% of an E=64 step on an H200 when computed every step (docs/benchmarks.md)
+        if self.board and self.step % t.log_every == 0:
             self._log_train(aux)
+        for hook in self._step_hooks:
+            hook(self.step, value)
         return value
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":  # kernels run asynchronously: time what the GPU did, not the launches
+            torch.cuda.synchronize(self.device)
 
     def _log_train(self, aux: dict[str, torch.Tensor]) -> None:
         window = self.config.train.log_every
         values = {"train/loss": float(np.mean(self.losses[-window:])), "train/lr": self.scheduler.get_last_lr()[0]}
         values.update({f"train/aux/{k}": float(v.detach()) for k, v in aux.items()})
-        values["perf/tokens_per_s"] = self.tokens_per_s
+        values.update({f"perf/{k}": v for k, v in self.perf_metrics().items()})
         for i, layer in enumerate(self.layers):  # router-specific scalars (adversary prices, critic loss)
             values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
         self.board.scalars(values, self.step)
-        self.board.routing("routing", [routing_metrics(s, self.config.parallel.expert) for s in self._window if s is not None], self.step)
-        self._window = [None] * len(self.layers)
+        self.board.routing("routing", [routing_metrics(layer.stats, self.config.parallel.expert) for layer in self.layers], self.step)
+
+    def steady_steps(self) -> list[tuple[float, int]]:
+        """(seconds, tokens) of the steps after the first train.timing_skip (all steps while there are no more)."""
+        skip = self.config.train.timing_skip
+        return self.step_log[skip:] if len(self.step_log) > skip else self.step_log
 
     @property
     def tokens_per_s(self) -> float:
-        return self.train_tokens / self.train_time if self.train_time > 0 else 0.0
+        """Steady-state training tokens per second: evaluation and the first timing_skip steps left out."""
+        steps = self.steady_steps()
+        seconds = sum(s for s, _ in steps)
+        return sum(n for _, n in steps) / seconds if seconds > 0 else 0.0
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token on the weights a token uses: 6 x (its matmul weights) + 12 x layers x d_model
+        x block (attention scores and values over the whole block; PaLM's count). Expert weights count
+        k_eff / E, k_eff = token-slots per token in the last step; embeddings and norms are not matmuls."""
+        matmul = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
+        for layer in self.layers:
+            stats = layer.stats
+            if stats is not None:
+                k_eff = float(stats.load.sum() / stats.tokens.clamp_min(1))
+                matmul += self.parallel.num_params(layer.experts) * k_eff / layer.router.num_experts
+        flops = 6.0 * matmul
+        if self.task.kind == "lm":
+            flops += 12.0 * self.config.model.n_layers * self.config.model.d_model * self.task.block_size
+        return flops
+
+    def peak_flops(self) -> tuple[float | None, str]:
+        """The card's bf16 peak FLOP/s for MFU and where it comes from (config, or the card's name)."""
+        if self.config.train.peak_flops is not None:
+            return self.config.train.peak_flops, "train.peak_flops"
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            for key, (peak, source) in KNOWN_PEAKS.items():
+                if key in name:
+                    return peak, source
+        return None, "unknown (set train.peak_flops)"
+
+    def perf_metrics(self) -> dict[str, float]:
+        """Steady-state tokens/s, step time, peak GPU memory and model FLOPs utilization (MFU, against the bf16
+        peak whatever train.precision is)."""
+        steps = self.steady_steps()
+        out = {"tokens_per_s": self.tokens_per_s, "step_time_ms": 1e3 * sum(s for s, _ in steps) / max(1, len(steps))}
+        if self.device.type == "cuda":
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        peak, _ = self.peak_flops()
+        if peak is not None:
+            out["mfu"] = self.flops_per_token() * self.tokens_per_s / peak
+        return out
 
     # ---- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -214,7 +387,7 @@ class Trainer:
             for i, m in enumerate(per_layer):
                 metrics[f"layer{i}/{name}"] = m[name]
         metrics.update(self.param_counts(stats))
-        metrics["tokens_per_s"] = self.tokens_per_s
+        metrics.update(self.perf_metrics())
         metrics["step"] = self.step
         self.last_eval = metrics
         self.last_loads = [s.load.double().cpu().tolist() for s in stats]  # per layer, per expert (ablation heatmaps)
@@ -238,7 +411,7 @@ class Trainer:
     def fit(self, until: int | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
         """Train to step `until` (default: config.train.steps), evaluating every eval_every steps and at the end.
 
-        on_eval(step, metrics) is called after each evaluation (Optuna reports and prunes from it).
+        on_eval(step, metrics) is called after each evaluation, after the hooks registered with on_eval().
         Returns the last evaluation's metrics (plus train_loss, the mean of the last log window).
         """
         t = self.config.train
@@ -252,8 +425,8 @@ class Trainer:
                 self.train_step()
                 if self.step % t.eval_every == 0 or self.step == t.steps:
                     metrics = self.evaluate()
-                    if on_eval is not None:
-                        on_eval(self.step, metrics)
+                    for hook in self._eval_hooks + ([on_eval] if on_eval is not None else []):
+                        hook(self.step, metrics)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.config.run.checkpoint:
                     self.save()
                 if self.step % t.log_every == 0 or self.step == until:

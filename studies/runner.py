@@ -109,8 +109,7 @@ class Objective:
             try:
                 result = trainer.fit(on_eval=report)
             except optuna.TrialPruned:
-                if trainer.board:
-                    trainer.board.hparams(config, trainer.last_eval)  # pruned runs keep their hparams too
+                trainer.log_hparams(trainer.last_eval)  # pruned runs keep their hparams too
                 raise
         finally:
             trainer.close()
@@ -119,7 +118,7 @@ class Objective:
                 trial.set_user_attr(key, float(result[key]))
         missing = [o.metric for o in spec.objectives if o.metric not in result]
         if missing:
-            raise ConfigError(f"metric {missing} is not reported for task {config.task['name']!r}")
+            raise ConfigError(f"metric {missing} is not reported for task {config.task.name!r}")
         out = [float(result[o.metric]) for o in spec.objectives]
         return out if spec.multi_objective else out[0]
 

@@ -5,6 +5,7 @@ Each test checks an option's defining property against a hand computation or a p
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import pytest
 import torch
 
@@ -161,9 +162,11 @@ def test_group_limited_routing_keeps_each_token_inside_its_best_groups():
         allowed = [e for g in best for e in (2 * g, 2 * g + 1)]
         want = sorted(allowed, key=lambda e: -s[t, e].item())[:k]
         assert sorted(out.experts[t].tolist()) == sorted(want)
-    groups_used = lambda e: torch.stack([(e // 2 == g).any(1) for g in range(G)], 1).sum(1).float()
-    assert groups_used(out.experts).max() <= top_groups
-    assert groups_used(free(x).experts).mean() > groups_used(out.experts).mean()  # the limit bites
+    from routerlab.routers.balancing import groups_per_token
+
+    assert groups_per_token(torch.tensor([[0, 1, 4, -1], [7, 6, 0, 3]]), 2).tolist() == [2, 3]  # {0, 2}; {3, 0, 1}
+    assert groups_per_token(out.experts, 2).max() <= top_groups
+    assert groups_per_token(free(x).experts, 2).float().mean() > groups_per_token(out.experts, 2).float().mean()  # the limit bites
 
 
 def test_null_experts_take_slots_without_compute():
@@ -220,3 +223,155 @@ def test_relu_router_l1_control_moves_toward_the_target_k():
     dense = float(stats.load.sum()) / 128 > 2  # random init: about E/2 experts per token
     r.after_step(stats)
     assert float(r.l1_coef) == pytest.approx(2e-3 if dense else 5e-4)
+
+
+# ---- capacity, drop policies, shared experts (the MoE layer) ---------------------------------------------
+class FixedRouter(torch.nn.Module):
+    """Given experts and weights, whatever the input."""
+
+    def __init__(self, experts, weights):
+        super().__init__()
+        self.experts, self.weights, self.num_experts = experts, weights, 4
+
+    def forward(self, x, *, token_ids=None):
+        from routerlab.routers import Routing
+
+        return Routing(self.experts, self.weights, None, {})
+
+
+def fixed_layer(experts, weights, **kw):
+    from routerlab.moe import ExpertBank, MoELayer
+
+    torch.manual_seed(0)
+    return MoELayer(FixedRouter(experts, weights), ExpertBank(4, D, 8), backend="loop", **kw)
+
+
+def test_drop_by_probability_keeps_each_experts_highest_weights():
+    experts = torch.zeros(8, 1, dtype=torch.long)  # all 8 tokens to expert 0; capacity ceil(1 * 8 / 4) = 2
+    weights = torch.tensor([[0.1], [0.9], [0.3], [0.8], [0.2], [0.5], [0.4], [0.6]])
+    x = torch.randn(8, D)
+    by_position = fixed_layer(experts, weights, capacity_factor=1.0)
+    by_prob = fixed_layer(experts, weights, capacity_factor=1.0, drop_policy="probability")
+    by_position(x), by_prob(x)
+    kept = lambda layer: layer._pending[3][:, 0].nonzero().flatten().tolist()
+    assert kept(by_position) == [0, 1]  # the first two tokens
+    assert kept(by_prob) == [1, 3]  # the two highest weights, 0.9 and 0.8
+    min_cap = fixed_layer(experts, weights, capacity_factor=1.0, min_capacity=5)
+    min_cap(x)
+    assert kept(min_cap) == [0, 1, 2, 3, 4]
+
+
+def test_eval_capacity_factor_applies_at_evaluation_only():
+    experts = torch.zeros(8, 1, dtype=torch.long)
+    layer = fixed_layer(experts, torch.ones(8, 1), capacity_factor=1.0, eval_capacity_factor=None)
+    x = torch.randn(8, D)
+    layer.train()(x)
+    assert int(layer._pending[3].sum()) == 2
+    layer.eval()(x)
+    assert int(layer._pending[3].sum()) == 8  # dropless at evaluation
+    layer.eval_capacity_factor = 2.0
+    layer(x)
+    assert int(layer._pending[3].sum()) == 4
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_experts_add_an_always_on_swiglu(gated):
+    from routerlab.moe.shared import SharedExperts
+
+    experts = torch.tensor([[0], [1], [2], [3]])
+    routed = fixed_layer(experts, torch.ones(4, 1))
+    torch.manual_seed(1)
+    shared = SharedExperts(D, 2, 8, gated=gated)
+    both = fixed_layer(experts, torch.ones(4, 1), shared=shared)
+    x = torch.randn(4, D)
+    w1, w3 = shared.gate_up.weight.chunk(2, 0)
+    # two experts of hidden 8, each silu(x W1_i) * (x W3_i) W2_i, summed
+    want = sum((torch.nn.functional.silu(x @ w1[8 * i:8 * (i + 1)].T) * (x @ w3[8 * i:8 * (i + 1)].T)) @ shared.down.weight[:, 8 * i:8 * (i + 1)].T for i in range(2))
+    if gated:
+        want = torch.sigmoid(x @ shared.gate.weight.T) * want
+    assert torch.allclose(both(x), routed(x) + want, atol=1e-5)
+
+
+# ---- quantile balancing ------------------------------------------------------------------------------------
+def test_quantile_prices_solve_the_balanced_assignment_lp():
+    from scipy.optimize import linprog
+
+    from routerlab.routers.quantile_balanced import dual_prices
+
+    torch.manual_seed(7)
+    T, E, k = 48, 4, 1
+    s = (torch.randn(T, E) + torch.tensor([1.5, 0.5, 0.0, -1.0])).softmax(-1).double()  # skewed toward expert 0
+    C = T * k // E
+    q = dual_prices(s, torch.zeros(E, dtype=torch.float64), k, C, sweeps=50)
+    chosen = (s - q).topk(k, dim=-1).indices
+    load = torch.bincount(chosen.flatten(), minlength=E)
+    assert load.max() <= C
+    # the LP optimum (scipy), against the score our routing collects
+    A_tok = torch.kron(torch.eye(T), torch.ones(1, E)).numpy()
+    A_exp = torch.kron(torch.ones(1, T), torch.eye(E)).numpy()
+    lp = linprog(-s.flatten().numpy(), A_ub=A_exp, b_ub=[C] * E, A_eq=A_tok, b_eq=[k] * T, bounds=(0, 1), method="highs")
+    assert float(s.gather(1, chosen).sum()) == pytest.approx(-lp.fun, rel=1e-6)
+    assert torch.bincount(s.argmax(-1), minlength=E).max() > C  # unpriced top-1 would overload
+
+
+def test_quantile_balanced_routes_with_stored_prices_at_evaluation():
+    torch.manual_seed(8)
+    r = build_router({"name": "quantile_balanced", "k": 1, "sweeps": 8}, D, 4).train()
+    x = torch.randn(64, D) + 2 * torch.randn(1, D)
+    r(x)
+    prices = r.prices.clone()
+    assert prices.max() > 0 and not r(x).aux  # no loss, no coefficient
+    r.eval()
+    out = r(x[:5])
+    s = (x[:5] @ r.gate.weight.T).softmax(-1)
+    assert torch.equal(out.experts[:, 0], (s - prices).argmax(-1))
+    assert torch.allclose(out.weights[:, 0], s.gather(1, out.experts).squeeze(1), atol=1e-6)
+
+
+# ---- recipes -----------------------------------------------------------------------------------------------
+def test_recipe_ablation_trains_exactly_the_recipe_configs():
+    from routerlab.config import make_config, read_config_file
+
+    root = Path(__file__).resolve().parents[1]
+    ablation = read_config_file(root / "configs/ablations/recipes.yaml", sections="name, description, base, axes, metrics", what="ablation")
+    base_model = ablation["base"]["model"]
+    for entry in ablation["axes"]["router"]:
+        entry = dict(entry)
+        label, extra = entry.pop("label"), entry.pop("set", {})
+        recipe = make_config(read_config_file(root / f"configs/recipes/{label}.yaml"))
+        assert recipe.router == make_config({"router": entry}).router, label
+        model = {**base_model, **{key.split(".", 1)[1]: v for key, v in extra.items()}}
+        assert recipe.model == make_config({"model": model}).model, label
+        assert {"task": recipe.task, "train": recipe.train.model_dump()} == {
+            "task": make_config({"task": ablation["base"]["task"]}).task, "train": make_config({"train": ablation["base"]["train"]}).train.model_dump()}
+
+
+def test_layer_pooled_balance_is_transformers_loss_over_concatenated_layers():
+    from routerlab.models.common import MoEModel
+
+    torch.manual_seed(9)
+    E, k = 8, 2
+
+    class TwoLayers(MoEModel):
+        def __init__(self, mode):
+            super().__init__()
+            self.a = fixed_or_gated({"name": "softmax_topk", "k": k, "balance_batch": 1.0, "balance_layers": mode}, E)
+            self.b = fixed_or_gated({"name": "softmax_topk", "k": k, "balance_batch": 1.0, "balance_layers": mode}, E)
+
+    pooled, summed = TwoLayers("pool").train(), TwoLayers("sum").train()
+    summed.load_state_dict(pooled.state_dict())
+    xa, xb = torch.randn(32, D), torch.randn(32, D)
+    for m in (pooled, summed):
+        m.a(xa), m.b(xb)
+    la, lb = xa @ pooled.a.router.gate.weight.T, xb @ pooled.b.router.gate.weight.T
+    aux = pooled.aux_losses()
+    assert set(aux) == {"pooled/balance_batch"}
+    assert k * float(aux["pooled/balance_batch"]) == pytest.approx(float(transformers_load_balancing_loss(torch.cat([la, lb]), E, k)), rel=1e-5)
+    per_layer = summed.aux_losses()
+    assert float(sum(per_layer.values())) == pytest.approx(float(transformers_load_balancing_loss(la, E, k) + transformers_load_balancing_loss(lb, E, k)) / k, rel=1e-5)
+
+
+def fixed_or_gated(spec, E):
+    from routerlab.moe import ExpertBank, MoELayer
+
+    return MoELayer(build_router(spec, D, E), ExpertBank(E, D, 8), backend="loop")

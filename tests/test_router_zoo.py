@@ -260,10 +260,10 @@ def test_gshard_second_expert_frequency_matches_gate():
 
 def test_gshard_group_capacity():
     torch.manual_seed(0)
-    r = build_router({"name": "gshard_top2", "groups": 4, "capacity_factor": 1.0, "random_routing": False}, D, E)
+    r = build_router({"name": "gshard_top2", "groups": 4, "capacity_factor": 0.5, "random_routing": False}, D, E)
     skewed(r)
     out = r(torch.randn(128, D) + 1.0)
-    cap = math.ceil(1.0 * 32 / E)
+    cap = math.ceil(0.5 * 32 * 2 / E)  # capacity_factor is a multiple of the balanced share T k / E (k = 2)
     for g in range(4):
         assert loads(out.experts[32 * g : 32 * (g + 1)]).max() <= cap
     assert (out.experts[:, 1] < 0).any()  # over-capacity slots dropped

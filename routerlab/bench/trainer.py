@@ -37,7 +37,8 @@ def lm_config(kind: str, compile_mode: str, run_dir: str, dtype: str = "bfloat16
     routing statistics logged every 10 steps; no evaluation or checkpoint inside the timed steps."""
     from routerlab.config import load_config
 
-    overrides = [f"train.dtype={dtype}", f"train.compile={compile_mode}", f"train.tf32={str(tf32).lower()}", "train.log_every=10",
+    precision = {"bfloat16": "bf16-pure", "float32": "fp32"}[dtype]  # the old train.dtype meanings (the presets set precision)
+    overrides = [f"train.precision={precision}", f"train.compile={compile_mode}", f"train.tf32={str(tf32).lower()}", "train.log_every=10",
                  "train.eval_every=1000000", "train.eval_batches=1", "train.steps=1000000", f"run.dir={run_dir}", "run.checkpoint=false"]
     if smoke:
         overrides += ["train.device=cpu", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "task.block_size=16", "train.batch_size=4"]

@@ -99,4 +99,18 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
         """x: [N, d] rows sorted by expert (padding rows last); counts: int [E] rows per (local) expert."""
+        if torch.is_autocast_enabled(x.device.type):
+            # mixed precision: the backends' own kernels (grouped_mm, Triton) sit outside autocast, so cast here:
+            # the float32 master weights stay the parameters, their bf16 copies carry the gradient back to them
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return expert_backend(backend)(_CastBank(self, dtype), x.to(dtype), counts)
         return expert_backend(backend)(self, x, counts)
+
+
+class _CastBank:
+    """What a backend reads of an ExpertBank, with the weights cast to the compute dtype (differentiably)."""
+
+    def __init__(self, bank: ExpertBank, dtype: torch.dtype) -> None:
+        self.w_in, self.w_out = bank.w_in.to(dtype), bank.w_out.to(dtype)
+        self.act, self.activation, self.d_model, self.num_experts, self.hidden = bank.act, bank.activation, bank.d_model, bank.num_experts, bank.hidden

@@ -36,11 +36,14 @@ from routerlab.moe.stats import RoutingStats, stats_from_routing
 from routerlab.routers.base import Router, Routing
 
 
-def capacity_for(num_tokens: int, k: int, num_experts: int, capacity_factor: float | None) -> int | None:
-    """Slots per expert: ceil(capacity_factor * T * k / E); None means dropless."""
+def capacity_for(num_tokens: int, k: int, num_experts: int, capacity_factor: float | None, min_capacity: int = 1) -> int | None:
+    """Slots per expert: max(min_capacity, ceil(capacity_factor * T * k / E)); None means dropless.
+
+    The one meaning of capacity_factor in routerlab (core, gshard_top2, the RL environment): a multiple of
+    the balanced share of token-slots, T * k / E; 1.0 fits a perfectly balanced router exactly."""
     if capacity_factor is None:
         return None
-    return max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
+    return max(1, min_capacity, math.ceil(capacity_factor * num_tokens * k / num_experts))
 
 
 @dataclass
@@ -71,16 +74,22 @@ class DispatchPlan:
         return self.kept.view(self.k, self.num_tokens).sum(0)
 
 
-def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None) -> DispatchPlan:
+def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None, priority: Tensor | None = None) -> DispatchPlan:
     """Order token-slots by expert and drop those past capacity, without a host synchronization.
 
     Slots are taken slot-major (all first choices before second choices), token order within, so
-    capacity drops later choices and later tokens first (GShard's priority).
+    capacity drops later choices and later tokens first (GShard's priority: drop by position). With
+    priority [T, k] (the combine weights: drop by probability), each expert keeps its highest-priority
+    slots and drops its lowest first (ties: the position order).
     """
     num_tokens, k = experts.shape
     flat = experts.t().reshape(-1)
     key = torch.where(flat >= 0, flat, num_experts)  # unused slots sort last
-    order = torch.argsort(key, stable=True)
+    if capacity is not None and priority is not None:
+        ahead = torch.argsort(-priority.detach().t().reshape(-1).float(), stable=True)
+        order = ahead[torch.argsort(key[ahead], stable=True)]
+    else:
+        order = torch.argsort(key, stable=True)
     sorted_key = key[order]
     bounds = torch.searchsorted(sorted_key, torch.arange(num_experts + 1, device=key.device, dtype=key.dtype))
     counts = bounds[1:] - bounds[:-1]
@@ -197,12 +206,13 @@ def combine(y: Tensor, weights: Tensor | None, plan: DispatchPlan) -> Tensor:
     return _Combine.apply(y, weights, plan.order, plan.inv, plan.kept, plan.n_kept, plan.num_tokens)
 
 
-def moe_compute(x: Tensor, experts: Tensor, weights: Tensor, bank: ExpertBank, capacity: int | None, backend: str = "auto") -> tuple[Tensor, DispatchPlan]:
+def moe_compute(x: Tensor, experts: Tensor, weights: Tensor, bank: ExpertBank, capacity: int | None, backend: str = "auto",
+                priority: Tensor | None = None) -> tuple[Tensor, DispatchPlan]:
     """plan -> permute -> experts -> weighted combine: out [T, d] for routing (experts [T, k] ids of `bank`, -1 unused).
 
     The whole single-process MoE computation; the expert-parallel layer runs it on each receiver's rows.
     """
-    plan = plan_dispatch(experts, bank.num_experts, capacity)
+    plan = plan_dispatch(experts, bank.num_experts, capacity, priority)
     y = bank(permute(x, plan), plan.counts, backend)
     return combine(y, weights, plan), plan
 
@@ -219,22 +229,33 @@ class LocalDispatch:
     def __call__(self, layer: MoELayer, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         if layer.experts.sharded:
             raise ValueError("this layer's ExpertBank holds a block of the experts; shard the model (routerlab.moe.parallel.shard_experts) to dispatch across ranks")
-        capacity = capacity_for(x.shape[0], routing.experts.shape[1], layer.num_experts, layer.capacity_factor)
-        out, plan = moe_compute(x, routing.experts, routing.weights, layer.experts, capacity, layer.backend)
+        capacity = capacity_for(x.shape[0], routing.experts.shape[1], layer.num_experts, layer.active_capacity_factor, layer.min_capacity)
+        priority = routing.weights if layer.drop_policy == "probability" else None
+        out, plan = moe_compute(x, routing.experts, routing.weights, layer.experts, capacity, layer.backend, priority)
         return out, plan.kept.view(plan.k, plan.num_tokens).t()
 
 
 class MoELayer(nn.Module):
-    def __init__(self, router: Router, experts: ExpertBank, capacity_factor: float | None = None, backend: str = "auto", dispatcher=None) -> None:
+    def __init__(self, router: Router, experts: ExpertBank, capacity_factor: float | None = None, backend: str = "auto", dispatcher=None,
+                 shared: nn.Module | None = None, eval_capacity_factor: float | str | None = "train", min_capacity: int = 1,
+                 drop_policy: str = "position") -> None:
         super().__init__()
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        if not (eval_capacity_factor in ("train", None) or (isinstance(eval_capacity_factor, (int, float)) and eval_capacity_factor > 0)):
+            raise ValueError(f"eval_capacity_factor must be 'train' (the training factor), None (dropless) or > 0, got {eval_capacity_factor!r}")
+        if drop_policy not in ("position", "probability"):
+            raise ValueError(f"drop_policy must be 'position' or 'probability', got {drop_policy!r}")
+        if min_capacity < 1:
+            raise ValueError(f"min_capacity must be >= 1, got {min_capacity}")
+        self.eval_capacity_factor, self.min_capacity, self.drop_policy = eval_capacity_factor, min_capacity, drop_policy
         self.router = router
         self.experts = experts
         self.capacity_factor = capacity_factor
         self.backend = backend
         self.num_experts = experts.total_experts  # all experts (a sharded bank holds a block of them)
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatch()
+        self.shared = shared  # always-on experts (moe/shared.py) added to every token's output, or None
         self._stats = None
         self._top1 = None
         self._pending = None  # what stats and top1 are computed from, on first read (off the hot path)
@@ -248,8 +269,17 @@ class MoELayer(nn.Module):
         self.router.sequence_length = self.sequence_length
         routing = self.route(tokens, token_ids)
         out, kept = self.compute(tokens, routing)
+        if self.shared is not None:
+            out = out + self.shared(tokens)
         self.record(routing, kept)
         return out.reshape(x.shape)
+
+    @property
+    def active_capacity_factor(self) -> float | None:
+        """The training capacity factor in training; at evaluation eval_capacity_factor ('train': the same)."""
+        if self.training or self.eval_capacity_factor == "train":
+            return self.capacity_factor
+        return self.eval_capacity_factor
 
     # The steps of forward.
 

@@ -284,9 +284,11 @@ class _ExpertParallelDispatch:
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
 
     def kept(self, layer: MoELayer, experts: Tensor) -> Tensor:
-        if layer.capacity_factor is None:
+        if layer.active_capacity_factor is None:
             return experts >= 0
-        return global_capacity_mask(experts, layer.num_experts, layer.capacity_factor, self.group, self.rank)
+        if layer.drop_policy != "position" or layer.min_capacity != 1:
+            raise ValueError("expert parallelism drops by position with min_capacity 1 only; drop_policy='probability' and min_capacity run in one process")
+        return global_capacity_mask(experts, layer.num_experts, layer.active_capacity_factor, self.group, self.rank)
 
     def lengths(self, T: int) -> list[int]:
         """The tokens in C contiguous chunks (split, so backward is one cat, not C zero-filled copies of x)."""

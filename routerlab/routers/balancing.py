@@ -17,6 +17,8 @@ Not a router (no registration); GatedRouter uses these.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -89,3 +91,30 @@ def max_vio(counts: Tensor) -> Tensor:
     """max(load) / mean(load) - 1 along the last dim (0 where there is no load)."""
     mean = counts.mean(-1)
     return torch.where(mean > 0, counts.max(-1).values / mean.clamp_min(1e-12) - 1, torch.zeros_like(mean))
+
+
+@dataclass
+class BalancePart:
+    """One layer's share of a layer-pooled balance loss: its coefficient, slot counts [E] and mean P [E]."""
+
+    coef: float
+    counts: Tensor
+    mean_probs: Tensor
+
+
+def pooled_balance(parts: list[BalancePart]) -> Tensor:
+    """coef * E * sum_e f_e P_e with f the slot shares of all layers together and P the mean over layers
+    (layers see the same tokens), as transformers concatenates every layer's logits."""
+    counts = torch.stack([p.counts for p in parts]).sum(0)
+    P = torch.stack([p.mean_probs for p in parts]).mean(0)
+    return parts[0].coef * P.shape[-1] * (shares(counts).to(P.dtype) * P).sum()
+
+
+def groups_per_token(experts: Tensor, group_size: int) -> Tensor:
+    """[T] number of distinct expert groups (ranks, under expert parallelism with contiguous blocks) each token
+    uses, unused slots (-1) skipped: the copies of the token an all-to-all that sends once per rank moves."""
+    groups = torch.where(experts >= 0, experts // group_size, -1)
+    sorted_groups = groups.sort(dim=-1).values
+    new = torch.ones_like(sorted_groups, dtype=torch.bool)
+    new[:, 1:] = sorted_groups[:, 1:] != sorted_groups[:, :-1]
+    return (new & (sorted_groups >= 0)).sum(-1)

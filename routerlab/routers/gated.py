@@ -16,9 +16,10 @@ Every option below is a field of `GateParams`, so every learned router accepts i
   importance_balance, importance_power
                      importance-weighted balance loss  c * E * sum_i f_i P~_i,  P~_i = sum_x w_x p_i(x) / sum_x w_x,
                      w_x = (mean_j f_j / f_{e(x)})^power  (detached), e(x) the token's top-1 expert
-  balance_batch, balance_sequence, balance_global, balance_count
+  balance_batch, balance_sequence, balance_global, balance_count, balance_layers
                      coefficients of the balance loss E * sum_e f_e P_e at three scopes (balancing.py), any
-                     number at once; balance_count "all" counts every slot, "first" the first choice
+                     number at once; balance_count "all" counts every slot, "first" the first choice;
+                     balance_layers "pool": balance_batch over all layers' f and P pooled (the model adds it)
   init_std, fp64     gate weights drawn from N(0, init_std^2) (0 = nn.Linear's default); gate in float64
 
 Selection options, honoured by the top-k family (routers that route through `route_topk`: softmax_topk,
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routerlab.errors import ConfigError
-from routerlab.routers.balancing import GlobalCounts, batch_balance, global_balance, sequence_balance
+from routerlab.routers.balancing import BalancePart, GlobalCounts, batch_balance, global_balance, sequence_balance, slot_counts
 from routerlab.routers.base import Router, Routing, switch_balance_loss, z_loss
 from routerlab.routers.registry import RouterParams, require
 
@@ -64,6 +65,7 @@ class GateParams(RouterParams):
     balance_sequence: float = 0.0  # ... per sequence, averaged over sequences (DeepSeek-V2/V3)
     balance_global: float = 0.0  # ... f over the whole step: accumulation micro-batches and ranks (Qiu et al. 2025)
     balance_count: str = "all"  # f counts "all" k slots of a token or its "first" choice only
+    balance_layers: str = "sum"  # balance_batch per layer, summed ("sum"), or f and P pooled over layers ("pool")
     init_std: float = 0.0  # gate weights ~ N(0, init_std^2); 0 = nn.Linear's default init
     fp64: bool = False  # compute the gate in float64 (over fp32)
     score: str = "softmax"  # softmax | sigmoid | sqrt_softplus (top-k family)
@@ -85,6 +87,7 @@ class GateParams(RouterParams):
         for name in ("balance_batch", "balance_sequence", "balance_global"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         require(self.balance_count in ("all", "first"), f"balance_count must be 'all' or 'first', got {self.balance_count!r}")
+        require(self.balance_layers in ("sum", "pool"), f"balance_layers must be 'sum' or 'pool', got {self.balance_layers!r}")
         require(self.init_std >= 0, f"init_std must be >= 0 (0 = default init), got {self.init_std}")
         require(self.score in SCORES, f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         require(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
@@ -99,7 +102,8 @@ def importance_weights(top1: Tensor, num_experts: int, power: float) -> Tensor:
     With power 1 every expert's group of tokens carries the same total weight, so the balance signal is
     not dominated by the crowd on the over-used experts.
     """
-    counts = torch.bincount(top1, minlength=num_experts).to(torch.float32)
+    # index_add, not bincount: bincount reads the largest id on the host (a sync per layer and step on CUDA)
+    counts = torch.zeros(num_experts, device=top1.device).index_add_(0, top1, torch.ones(top1.shape, device=top1.device))
     f = counts / counts.sum().clamp_min(1.0)
     ratio = (1.0 / num_experts) / f[top1].clamp_min(1e-9)
     return ratio.pow(power).detach()
@@ -157,6 +161,7 @@ class GatedRouter(Router):
         self.register_buffer("gate_ema", torch.full((num_experts + params.null_experts,), 1.0 / (num_experts + params.null_experts)))
         self.global_counts = GlobalCounts()
         self.sequence_length: int | None = None  # set by the MoE layer before each forward (None: one sequence)
+        self.balance_part: BalancePart | None = None  # this forward's share of a layer-pooled balance loss
 
     # -- scores ---------------------------------------------------------------------------------------
     def raw_logits(self, x: Tensor, gate: nn.Linear | None = None) -> Tensor:
@@ -167,8 +172,9 @@ class GatedRouter(Router):
             x = x * torch.empty_like(x).uniform_(1 - eps, 1 + eps)
         if self.params.fp64:
             return F.linear(x.double(), gate.weight.double(), None if gate.bias is None else gate.bias.double())
-        if self.params.fp32:
-            return F.linear(x.float(), gate.weight.float(), None if gate.bias is None else gate.bias.float())
+        if self.params.fp32:  # also under autocast (bf16-mixed), which would otherwise run the linear in bf16
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), gate.weight.float(), None if gate.bias is None else gate.bias.float())
         return gate(x)
 
     def apply_temperature(self, logits: Tensor) -> Tensor:
@@ -247,7 +253,9 @@ class GatedRouter(Router):
         if self.training and logits.shape[0] > 0 and (p.balance_batch or p.balance_sequence or p.balance_global):
             probs = self.balance_probs(logits)
             chosen = probs.argmax(-1, keepdim=True) if experts is None else experts
-            if p.balance_batch:
+            if p.balance_batch and p.balance_layers == "pool":  # the model pools every layer's part (pooled_balance)
+                self.balance_part = BalancePart(p.balance_batch, slot_counts(chosen, probs.shape[-1], p.balance_count), probs.mean(0))
+            elif p.balance_batch:
                 aux["balance_batch"] = p.balance_batch * batch_balance(probs, chosen, p.balance_count)
             if p.balance_sequence:
                 aux["balance_sequence"] = p.balance_sequence * sequence_balance(probs, chosen, p.balance_count, self.sequence_length)

@@ -3,7 +3,8 @@
 g = softmax(W x); e1, e2 = the two largest; g1, g2 renormalized to g1 + g2 = 1.
 Random routing: in training the second expert is used with probability min(1, 2 * g2) (always at evaluation
 unless `random_routing_eval`). Group-level capacity: tokens are cut into G groups (in order) and each expert
-takes at most ceil(capacity_factor * (T/G) / E) slots per group (2N/(G E) with the default factor 2),
+takes at most ceil(capacity_factor * (T/G) * 2 / E) slots per group (GShard's 2N/(G E) with the default
+factor 1; the core's meaning of capacity_factor: a multiple of the balanced share T k / E, here k = 2),
 first choices before second choices, earlier tokens first; slots over capacity are marked unused (-1).
 Aux loss: alpha * E * sum_e f_e P_e per group, f from first choices (GShard's c_e / S), averaged over groups.
 """
@@ -24,7 +25,7 @@ from routerlab.routers.registry import register_router, require
 class GShardTop2Params(GateParams):
     alpha: float = 1e-2  # GShard aux loss coefficient
     groups: int = 1  # G: capacity and aux loss are computed per group of consecutive tokens
-    capacity_factor: float = 2.0  # per-group expert capacity ceil(cf * (T/G) / E); 0 = no router-level capacity
+    capacity_factor: float = 1.0  # per-group expert capacity ceil(cf * (T/G) * 2 / E); 0 = no router-level capacity
     random_routing: bool = True  # drop the second expert with probability 1 - min(1, 2 g2) in training
     random_routing_eval: bool = False  # also at evaluation (default: keep both experts at evaluation)
 
@@ -61,7 +62,7 @@ class GShardTop2(GatedRouter):
             if hi == lo:
                 continue
             if p.capacity_factor > 0:
-                capacity = math.ceil(p.capacity_factor * (hi - lo) / E)
+                capacity = math.ceil(p.capacity_factor * (hi - lo) * 2 / E)
                 experts[lo:hi] = _apply_capacity(experts[lo:hi], E, capacity)
             if p.alpha > 0 and self.training:
                 balance.append(switch_balance_loss(probs[lo:hi], first[lo:hi], E))
