@@ -293,6 +293,16 @@ class Trainer:
         self.board.scalars(values, self.step)
         self.board.routing("routing", [routing_metrics(layer.stats, self.config.parallel.expert) for layer in self.layers], self.step)
 
+    @property
+    def train_tokens(self) -> int:
+        """Training tokens of the steps this process ran (all of them, warm-up included)."""
+        return sum(n for _, n in self.step_log)
+
+    @property
+    def train_time(self) -> float:
+        """Seconds in training steps this process ran (evaluation excluded, warm-up included)."""
+        return sum(s for s, _ in self.step_log)
+
     def steady_steps(self) -> list[tuple[float, int]]:
         """(seconds, tokens) of the steps after the first train.timing_skip (all steps while there are no more)."""
         skip = self.config.train.timing_skip
