@@ -1,7 +1,9 @@
 """TensorBoard output of a training run: scalars, per-expert load histograms, the load heatmap,
 hparams, and a custom-scalars layout that groups the routing dashboards.
 
-Tags:  train/loss, train/aux/<layer>/<name>, train/lr, perf/tokens_per_s,
+Tags:  train/loss, train/aux/<layer>/<name>, train/lr,
+       perf/tokens_per_s, perf/step_time_ms, perf/peak_mem_gb (CUDA), perf/mfu (known card or train.peak_flops),
+       data (text: the corpus tasks' checksum, token counts and val unigram entropy),
        eval/loss, eval/accuracy | eval/perplexity,
        routing/<metric>/layer<i> (training batches), eval_routing/<metric>/layer<i> (evaluation),
        load/layer<i> (histogram over expert index), load/heatmap (figure).

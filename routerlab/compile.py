@@ -6,7 +6,12 @@
   moe    dense, and each MoE layer whole (route, plan, permute, experts, combine; its routing statistics
          function too): the static-shape dropless path has no host sync, so it compiles to one graph
   off    eager
-  auto   moe on CUDA, off on CPU (CPU numbers stay exactly those of the eager model)
+  auto   off, for now. Measured on one H200 (2026-12-02, docs/benchmarks.md, issue 19): `moe` made the E=64, k=6
+         preset 3.2x SLOWER (69k vs 221k tokens/s): the preset router's balance loss broke the graph at a
+         data-dependent mask and dynamo recompiled the resumed frame every step until its limit. That break
+         (and the router's two host syncs) is gone since, but the fixed path is not yet re-measured, so auto
+         does not switch it on. The layer alone compiled (softmax_topk, no balance loss) ran 1.2x / 1.7x / 1.1x /
+         0.98x eager at issue 19's four shapes.
 
 Modules are compiled in place (`nn.Module.compile`), so parameter names, state dicts and checkpoints are
 unchanged. A part that cannot be compiled runs eagerly (dynamo's graph breaks, and errors suppressed):
@@ -24,7 +29,7 @@ def resolve_compile(mode: str, device: torch.device) -> str:
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "auto":
-        return "moe" if device.type == "cuda" else "off"
+        return "off"  # see the module docstring: not on by default until the trainer is re-measured compiled
     return mode
 
 
@@ -57,7 +62,8 @@ def compile_model(model: nn.Module, mode: str, backend: str = "inductor") -> lis
                 module.router.compile(backend=backend)
                 compiled.append(f"{prefix}.router")
             return
-        if not _holds_moe(module, MoELayer) and any(True for _ in module.parameters()):
+        container = isinstance(module, (nn.ModuleList, nn.ModuleDict))  # never called: compile what they hold
+        if not container and not _holds_moe(module, MoELayer) and any(True for _ in module.parameters()):
             module.compile(backend=backend)
             compiled.append(prefix)
             return

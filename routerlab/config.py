@@ -68,8 +68,8 @@ class TrainConfig(Strict):
     micro_batches: int = Field(1, ge=1)  # gradient accumulation: a step = micro_batches x batch_size sequences
     timing_skip: int = Field(10, ge=0)  # first steps left out of tokens/s, step time and MFU (JIT, allocator warm-up)
     peak_flops: float | None = Field(None, gt=0)  # the card's bf16 peak FLOP/s for MFU; None = known cards by name (docs/gpu.md)
-    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE dispatch and expert
-    # kernels, "moe" = the MoE layers too; "auto" = "moe" on CUDA, "off" on CPU (same numbers as before)
+    # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE layers, "moe" = the MoE
+    # layers too; "auto" = off for now (measured slower in the trainer before a router fix; see compile.py)
     compile: Literal["auto", "off", "dense", "moe"] = "auto"
     tf32: bool = True  # float32 on CUDA: TF32 matmuls (about 8x the fp32 rate on an H200); false = full fp32
 

@@ -116,7 +116,6 @@ class Trainer:
         self.board = Board(self.run_dir, purge_step=self.step) if log and self.parallel.is_main else None
         if self.board and self.data_info:
             self.board.text("data", self.data_info, self.step)
-        self._window: list[RoutingStats | None] = [None] * len(self.layers)
 
     # ---- one step -------------------------------------------------------------------------------
     def token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,8 +191,8 @@ class Trainer:
         self.step_log.append((time.perf_counter() - start, global_tokens))
         self.step += 1
         self.losses.append(value)
-        if self.board:  # routing metrics are logged over the window of log_every steps: stats of every step
-            self._window = [s if w is None else w.merge(s) for w, s in zip(self._window, (l.stats for l in self.layers))]
+        # training routing metrics: the logged step's batch. Stats are computed only then (and for routers
+        # that read them after every step): 15% of an E=64 step on an H200 when computed every step (docs/benchmarks.md)
         if self.board and self.step % t.log_every == 0:
             self._log_train(aux)
         return value
@@ -210,8 +209,7 @@ class Trainer:
         for i, layer in enumerate(self.layers):  # router-specific scalars (adversary prices, critic loss)
             values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
         self.board.scalars(values, self.step)
-        self.board.routing("routing", [routing_metrics(s, self.config.parallel.expert) for s in self._window if s is not None], self.step)
-        self._window = [None] * len(self.layers)
+        self.board.routing("routing", [routing_metrics(layer.stats, self.config.parallel.expert) for layer in self.layers], self.step)
 
     def steady_steps(self) -> list[tuple[float, int]]:
         """(seconds, tokens) of the steps after the first train.timing_skip (all steps while there are no more)."""

@@ -1,5 +1,5 @@
 """train.compile: the compiled model computes what the eager one does (CPU, dynamo's aot_eager backend: the
-same graph capture and autograd as on the GPU, without inductor's C++ build), and TF32 follows train.tf32."""
+same graph capture and autograd as on the GPU, without inductor's C++ build)."""
 from __future__ import annotations
 
 import pytest
@@ -21,10 +21,12 @@ def config(tmp_path, router: dict, compile_mode: str = "off"):
     })
 
 
-def test_auto_compiles_on_cuda_only():
+def test_auto_stays_eager_until_the_trainer_is_measured_compiled():
     assert resolve_compile("auto", torch.device("cpu")) == "off"
-    assert resolve_compile("auto", torch.device("cuda")) == "moe"
+    assert resolve_compile("auto", torch.device("cuda")) == "off"  # compile.py says why (measured 3.2x slower)
     assert resolve_compile("dense", torch.device("cpu")) == "dense"
+    with pytest.raises(ValueError, match="compile must be one of"):
+        resolve_compile("fast", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("mode", ["moe"])  # dense is a subset of moe
@@ -34,7 +36,9 @@ def test_compiled_training_equals_eager(tmp_path, mode):
     compiled = Trainer(config(tmp_path / "b", router), log=False)
     assert eager.compiled == compiled.compiled == []  # auto/off on CPU: eager
     names = compile_model(compiled.model, mode, backend="aot_eager")
-    assert names and all(n in dict(compiled.model.named_modules()) for n in names)
+    modules = dict(compiled.model.named_modules())
+    assert names and all(n in modules and not isinstance(modules[n], torch.nn.ModuleList) for n in names)
+    assert {"blocks.0", "blocks.1.attn", "blocks.1.ffn"} <= set(names)  # a dense block whole; in an MoE block its parts, the MoE layer whole
     assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # checkpoints unchanged
     for _ in range(2):
         assert compiled.train_step() == pytest.approx(eager.train_step(), rel=1e-5, abs=1e-6)

@@ -102,7 +102,8 @@ def importance_weights(top1: Tensor, num_experts: int, power: float) -> Tensor:
     With power 1 every expert's group of tokens carries the same total weight, so the balance signal is
     not dominated by the crowd on the over-used experts.
     """
-    counts = torch.bincount(top1, minlength=num_experts).to(torch.float32)
+    # index_add, not bincount: bincount reads the largest id on the host (a sync per layer and step on CUDA)
+    counts = torch.zeros(num_experts, device=top1.device).index_add_(0, top1, torch.ones(top1.shape, device=top1.device))
     f = counts / counts.sum().clamp_min(1.0)
     ratio = (1.0 / num_experts) / f[top1].clamp_min(1e-9)
     return ratio.pow(power).detach()

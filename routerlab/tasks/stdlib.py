@@ -10,6 +10,7 @@ relative to the stdlib folder, so a file falls in the same split on every machin
 from __future__ import annotations
 
 import fnmatch
+import os
 import sysconfig
 from pathlib import Path
 
@@ -40,17 +41,20 @@ def is_test_data(parts: tuple[str, ...]) -> bool:
 
 def stdlib_files(root: Path, include: list[str] | None, include_tests: bool) -> list[str]:
     out = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        parts = rel.parts
-        if any(p in SKIP_DIRS or p.startswith("config-") for p in parts[:-1]) or is_test_data(parts):
-            continue
-        if not include_tests and any(p in TEST_DIRS for p in parts[:-1]):
-            continue
-        rel_text = rel.as_posix()
-        if include is not None and not any(fnmatch.fnmatch(rel_text, pattern) for pattern in include):
-            continue
-        out.append(rel_text)
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith("config-")]  # never walk site-packages
+        rel_dir = Path(folder).relative_to(root)
+        for name in names:
+            if not name.endswith(".py"):
+                continue
+            rel = rel_dir / name
+            parts = rel.parts
+            if is_test_data(parts) or (not include_tests and any(p in TEST_DIRS for p in parts[:-1])):
+                continue
+            rel_text = rel.as_posix()
+            if include is not None and not any(fnmatch.fnmatch(rel_text, pattern) for pattern in include):
+                continue
+            out.append(rel_text)
     return sorted(out)
 
 
