@@ -182,6 +182,16 @@ def test_every_library_module_imports_in_a_fresh_interpreter_dependents_first():
     order = sorted((m for m in files if m.startswith("routerlab") and not m.endswith("__main__")), key=lambda m: (-height(m), m))
     script = textwrap.dedent("""
         import importlib, json, sys
+        sys.modules["pydantic"] = None  # first the core as on a GPU machine without pydantic: routers still parse
+        from routerlab.errors import ConfigError
+        from routerlab.routers import ROUTERS
+        assert ROUTERS.parse({"name": "switch", "alpha": 0.5}).params.alpha == 0.5
+        try:
+            ROUTERS.parse({"name": "softmax_topk", "k": 0})
+            raise SystemExit("k=0 accepted")
+        except ConfigError as err:
+            assert str(err) == "router 'softmax_topk': k must be >= 1, got 0", err
+        del sys.modules["pydantic"]
         for name in json.loads(sys.argv[1]):
             importlib.import_module(name)
         print("ok")
