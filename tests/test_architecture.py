@@ -77,6 +77,32 @@ def test_no_import_circle_between_modules():
     assert len(state) == len(files) > 60
 
 
+# routers -> moe -> models/config -> train -> cli -> apps: a module imports only from its own layer or below.
+# Support modules not named here (board, checkpoint, distributed, ...) sit between and are not checked.
+LAYERS = [("routerlab.errors", 0), ("routerlab.registry", 0), ("routerlab.routers", 1), ("routerlab.moe", 2),
+          ("routerlab.models", 3), ("routerlab.tasks", 3), ("routerlab.config", 3), ("routerlab.train", 4),
+          ("routerlab.cli", 5), ("routerlab.ablate", 5), ("routerlab.analysis", 5), ("routerlab.bench", 5),
+          ("environments", 6), ("federated", 6), ("studies", 6)]
+# lazy imports that point up, each with its reason; the list must not grow
+UPWARD_LAZY = {("routerlab.routers.replay", "routerlab.analysis.trace")}  # the replay router reads a trace file
+
+
+def layer_of(module: str) -> int | None:
+    return next((rank for prefix, rank in LAYERS if module == prefix or module.startswith(prefix + ".")), None)
+
+
+def test_imports_point_down_the_layers():
+    files = module_files()
+    upward = set()
+    for module, path in files.items():
+        for lazy in (False, True):
+            for name in imported_names(module, path, module_level_only=not lazy):
+                if name in files and None not in (layer_of(name), layer_of(module)) and layer_of(name) > layer_of(module):
+                    assert lazy, f"{module} imports {name} at module level: {name} sits in a higher layer (docs/design.md)"
+                    upward.add((module, name))
+    assert upward <= UPWARD_LAZY, f"lazy imports up the layers: {sorted(upward - UPWARD_LAZY)}"
+
+
 def test_layering_core_imports_only_torch_and_numpy():
     """routers -> moe -> models/config -> train -> cli -> apps: the core (routers, moe, registry, errors)
     imports at module level only the standard library, torch, numpy and triton (torch's own compiler),
