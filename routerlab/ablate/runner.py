@@ -77,7 +77,7 @@ def train_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str]
         "loads": trainer.last_loads,
         "train_curve": curve,
         "eval_curve": evals,
-        "train_tokens": sum(tokens for _, tokens in trainer.step_log),  # every training step of this process
+        "train_tokens": trainer.train_tokens,
         "wall_s": time.perf_counter() - start,
         "cpu_s": time.process_time() - cpu_start,  # this process's CPU time: the honest cost on a shared machine
         "run_dir": str(run_dir),
