@@ -68,6 +68,10 @@ class TokenRoutingEnv(gym.Env):
             raise ConfigError(f"tokens ({tokens}) must be a positive multiple of chunk ({chunk})")
         if train_every < 1:
             raise ConfigError(f"train_every must be >= 1, got {train_every}")
+        if num_experts < 1:
+            raise ConfigError(f"num_experts must be >= 1, got {num_experts}")
+        if obs_dim is not None and obs_dim < 1:
+            raise ConfigError(f"obs_dim must be >= 1 (or omitted for the model's own d_model features), got {obs_dim}")
         if capacity_factor <= 0 or overflow_penalty < 0:
             raise ConfigError(f"capacity_factor must be > 0 and overflow_penalty >= 0, got {capacity_factor}, {overflow_penalty}")
         self.mode, self.num_experts, self.tokens, self.chunk = mode, num_experts, tokens, chunk
@@ -137,6 +141,8 @@ class TokenRoutingEnv(gym.Env):
 
     # ---- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if options:  # nothing is configurable per episode; silently ignoring options would hide a mistake
+            raise ConfigError(f"reset(options=...) takes no options (got {sorted(options)}); set them when making the environment")
         super().reset(seed=seed)
         if self.mode == "cotrain" and seed is not None:
             self.trainer = make_trainer(self.expert_spec, steps=10**9, lr_schedule="constant")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,7 +29,7 @@ DEFAULT_ROUTER = "softmax_topk"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr=inf or .nan trains to NaN: refuse at parse time
 
 
 def spec_field(registry: Registry, default: str) -> Any:
@@ -89,6 +90,7 @@ class TrainConfig(Strict):
     eval_batches: int = Field(4, ge=1)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that update
     device: str = "cpu"
     # fp32: everything float32 (TF32 matmuls on CUDA unless tf32=false); bf16-mixed: float32 master weights and
     # optimizer state, forward and backward in bfloat16 (torch.autocast), learned gates in float32;
@@ -123,7 +125,8 @@ class TrainConfig(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v.split(":")[0] not in ("cpu", "cuda"):
+        kind, _, index = v.partition(":")
+        if kind not in ("cpu", "cuda") or (":" in v and not index.isdigit()):  # N is a GPU index
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {v!r}")
         return v
 
@@ -160,17 +163,34 @@ class Config(Strict):
     def fingerprint(self) -> str:
         """Hash of what determines the trained weights' meaning (not run length, logging or paths)."""
         data = self.model_dump(mode="json")
-        for section in ("task", "router"):  # a section left out of the config has always been hashed by its
-            if section not in self.model_fields_set:  # name alone: kept, so existing checkpoints still resume
-                data[section] = {"name": data[section]["name"]}
+        for section, registry in (("task", TASKS), ("router", ROUTERS)):
+            # name plus the parameters that differ from the component's defaults: a section left out, written
+            # out in full, or dumped and read back hashes the same (a default section hashes by name alone, as before)
+            spec = getattr(self, section)
+            defaults = json.loads(json.dumps(registry.fields(spec.name), default=str))
+            data[section] = {k: v for k, v in data[section].items() if k == "name" or defaults.get(k, object()) != v}
+            source = plugin_source_hash(registry.entry(spec.name).obj)
+            if source:  # a component from a plugin file: its code decides what the weights mean
+                data[section]["plugin_source"] = source
         data.pop("run")
         data.pop("parallel")  # checkpoints move between rank counts
-        for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device"):
+        for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device", "on_nonfinite"):
             data["train"].pop(key)
         return content_hash(data)
 
     def run_name(self) -> str:
         return self.run.name or f"{self.task.name}-{self.router.name}-s{self.seed}-{self.fingerprint()}"
+
+
+def plugin_source_hash(obj: Any) -> str | None:
+    """sha256 of the plugin file that defines `obj`, or None for a built-in component."""
+    import sys
+
+    module = sys.modules.get(getattr(obj, "__module__", ""))
+    path = getattr(module, "__file__", None)
+    if module is None or not module.__name__.startswith("routerlab_plugin_") or not path:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def parse_value(text: str) -> Any:
@@ -196,6 +216,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def non_finite_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is a float inf or nan, at any depth."""
+    if isinstance(data, dict):
+        return [k for key, v in data.items() for k in non_finite_keys(v, f"{prefix}{key}.")]
+    if isinstance(data, (list, tuple)):
+        return [k for i, v in enumerate(data) for k in non_finite_keys(v, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(data, float) and not math.isfinite(data) else []
 def set_key(data: dict[str, Any], key: str, value: Any, where: str = "") -> None:
     """Set a dotted key (`train.lr`, `router.k`) in nested plain data, in place, making sections as needed.
     The one implementation of dotted overrides (--set, ablation axes, study parameters)."""
@@ -215,9 +242,19 @@ def content_hash(data: Any) -> str:
 
 def make_config(data: dict[str, Any]) -> Config:
     try:
-        return Config(**data)
+        config = Config(**data)
     except ValidationError as err:
         raise ConfigError(f"invalid config: {format_validation_error(err)}") from None
+    bad = non_finite_keys(config.model_dump())  # router and task params are parsed by their own registries
+    if bad:
+        raise ConfigError(f"invalid config: {bad[0]}: must be a finite number, got {dict_get(config.model_dump(), bad[0])}")
+    return config
+
+
+def dict_get(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return data
 
 
 def read_config_file(path: str | Path, sections: str = "task, model, router, train, run", what: str = "config file") -> dict[str, Any]:
@@ -228,10 +265,17 @@ def read_config_file(path: str | Path, sections: str = "task, model, router, tra
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {yaml_error_text(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {str(p)!r} must hold a mapping of sections ({sections})")
     return data
+
+
+def yaml_error_text(err: Exception) -> str:
+    """The problem and where it is: 'mapping values are not allowed here (line 3, column 8)'."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -13,3 +13,8 @@ def format_validation_error(err) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+class RunStopped(RuntimeError):
+    """A run stopped on purpose with a reason the user can act on (a non-finite loss or gradient).
+    The CLI prints one line and exits 1; nothing is saved past the last good checkpoint."""

@@ -141,16 +141,25 @@ class Registry:
         REGISTRIES[kind] = self
 
     # ---- registering -------------------------------------------------------------------------------
-    def register(self, name: str, params: type | None = None) -> Callable[[T], T]:
-        """Decorator: `@REGISTRY.register("name", MyParams)` on a class (or a factory function)."""
+    def register(self, name: str, params: type | None = None, *, override: bool = False) -> Callable[[T], T]:
+        """Decorator: `@REGISTRY.register("name", MyParams)` on a class (or a factory function).
+        Replacing a registered name needs `override=True`: a plugin cannot silently shadow a built-in."""
 
         def decorate(obj: T) -> T:
-            self.add(name, obj, params)
+            self.add(name, obj, params, override=override)
             return obj
 
         return decorate
 
-    def add(self, name: str, obj: Any, params: type | None = None) -> None:
+    def add(self, name: str, obj: Any, params: type | None = None, *, override: bool = False) -> None:
+        module = getattr(obj, "__module__", "") or ""
+        if self.package is not None and module != self.package and not module.startswith(self.package + "."):
+            self.discover()  # the built-ins first, so a plugin that reuses one's name is the one refused
+        old = self._entries.get(name)
+        if old is not None and old.obj is not obj and not override and not _same_definition(old.obj, obj):
+            where = getattr(old.obj, "__module__", "?")
+            raise ConfigError(f"{self.kind} {name!r} is already registered (by {where}); register the new one under another "
+                              f"name, or pass override=True to replace it on purpose")
         params = self.default_params if params is None else params
         if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
             raise TypeError(f"{self.kind} {name!r}: params must be a dataclass type (subclass routerlab.registry.Params), got {params!r}")
@@ -243,6 +252,12 @@ class Registry:
 REGISTRIES: dict[str, Registry] = {}  # kind -> registry, for tools that list every component
 
 
+def _same_definition(old: Any, new: Any) -> bool:
+    """The same class defined again by re-importing its module (importlib.reload, a re-run test module)."""
+    return getattr(old, "__module__", None) == getattr(new, "__module__", None) and \
+        getattr(old, "__qualname__", None) == getattr(new, "__qualname__", None)
+
+
 # ---- plugins -----------------------------------------------------------------------------------------
 _LOADED_PLUGINS: dict[Path, Any] = {}
 
@@ -262,8 +277,14 @@ def load_plugin(path: str | Path) -> None:
     _LOADED_PLUGINS[key] = module
     try:
         spec.loader.exec_module(module)
-    except BaseException:
+    except BaseException as err:
         del _LOADED_PLUGINS[key], sys.modules[module_name]
+        if isinstance(err, SyntaxError):
+            raise ConfigError(f"plugin file {str(path)!r} has a syntax error at line {err.lineno}: {err.msg}") from None
+        if isinstance(err, ConfigError):
+            raise ConfigError(f"plugin file {str(path)!r}: {err}") from None
+        if isinstance(err, Exception):  # the plugin's own bug: one line naming it, not a traceback
+            raise ConfigError(f"plugin file {str(path)!r} failed to import: {type(err).__name__}: {err}") from None
         raise
 
 

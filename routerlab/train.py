@@ -21,8 +21,9 @@ from routerlab.checkpoint import load_checkpoint, save_checkpoint
 from routerlab.compile import compile_model, resolve_compile, set_tf32
 from routerlab.config import Config
 from routerlab.distributed import setup_parallel
-from routerlab.errors import ConfigError
+from routerlab.errors import ConfigError, RunStopped
 from routerlab.models import build_model
+from routerlab.outputs import check_writable, lock_output_dir
 from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization
 from routerlab.routers.base import Router
 from routerlab.tasks import Batch, Task, build_task
@@ -117,6 +118,10 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
         self.dtype, self.autocast_dtype = PRECISIONS[config.train.precision]
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
+        writes = log and self.parallel.is_main
+        if writes:  # before any work: an unwritable run.dir fails now, not after the task and model are built
+            check_writable(self.run_dir, "run.dir")
         self.task = task if task is not None else build_task(config.task)
         self.data_info = self.task.data_info()  # checksum, sizes, unigram baseline: recorded with the run
         with self.parallel.building():  # expert parallelism: each rank builds its own experts only
@@ -144,9 +149,10 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_loads: list[list[float]] = []  # token-slots per expert of each MoE layer in the last evaluation
         self.step_log: list[tuple[float, int]] = []  # (seconds, tokens) of every training step of this process
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
+        self.skipped_steps = 0  # updates dropped for a non-finite loss or gradient (train.on_nonfinite=skip)
         if resume is not None:
             self.load(resume)
+        self._lock = lock_output_dir(self.run_dir, "run.dir") if writes else None  # one process per run folder
         self.board = Board(self.run_dir, purge_step=self.step) if log and self.parallel.is_main else None
         if self.board and self.data_info:
             self.board.text("data", self.data_info, self.step)
@@ -258,18 +264,33 @@ class Trainer:
         self.parallel.sync_grads(self.model)
         for layer in self.layers:
             layer.router.before_step()
-        if t.grad_clip is not None:
-            self.parallel.clip_grad_norm_(self.model, t.grad_clip)
-        self.optimizer.step()
+        # max_norm=inf leaves the gradients as they are but still returns their (global) norm
+        norm = self.parallel.clip_grad_norm_(self.model, self.config.train.grad_clip or math.inf)
+        total = loss.detach() + sum(float(v.detach()) for v in aux.values())  # task loss plus aux losses
+        finite = bool(torch.isfinite(total)) and (norm is None or bool(torch.isfinite(norm)))
+        if not finite and self.config.train.on_nonfinite == "stop":  # before the update: weights stay good
+            raise RunStopped(
+                f"step {self.step + 1}: the loss ({float(total):.4g}) or gradient norm ({float(norm) if norm is not None else float('nan'):.4g}) "
+                "is not finite; stopped without saving, the last good checkpoint is kept; lower train.lr, set train.grad_clip, "
+                "or set train.on_nonfinite=skip to skip such updates")
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
         self.scheduler.step()
         value = self.parallel.reduce_step(self.layers, loss)  # stats summed over ranks before routers see them
         for layer, uses_stats in zip(self.layers, self._router_uses_stats):
-            if uses_stats:
+            if uses_stats and finite:  # a router does not learn from the statistics of a skipped, non-finite step
                 layer.router.after_step(layer.stats)
         self.parallel.sync_buffers(self.model)
         self._synchronize()
         self.step_log.append((time.perf_counter() - start, global_tokens))
         self.step += 1
+        if not finite:
+            if self.board:
+                self.board.scalars({"train/skipped_steps": self.skipped_steps}, self.step)
+            return value
         self.losses.append(value)
         # training routing metrics: the logged step's batch. Stats are computed only then (and for routers
         # that read them after every step): 15% of an E=64 step on an H200 when computed every step (docs/benchmarks.md)
@@ -460,6 +481,9 @@ class Trainer:
         if self.board:
             self.board.close()
             self.board = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         self.parallel.close()
 
     # ---- checkpoints ----------------------------------------------------------------------------
