@@ -126,7 +126,7 @@ def analyze_run(run_dir: str | Path, *, probe: int = 1, against: list[str] = (),
     for i, r in enumerate(regrets):
         m = r.metrics()
         layers.append({"layer": i, **m, "margin": float(np.nanmean(margins[i])) if np.isfinite(margins[i]).any() else float("nan"),
-                       f"changed_since_step{first.meta['step']}": drift[i],
+                       **({f"changed_since_step{first.meta['step']}": drift[i]} if first is not trace else {}),
                        **{f"changed_vs_{Path(p).stem}": c[i] for p, c in zip(against, against_change)},
                        "load_cv": float(loads[i].std() / loads[i].mean()) if loads[i].mean() > 0 else 0.0})
     summary = {"run": str(run_dir), "step": step, "router": trace.meta["router"], "task": trace.meta["task"],
