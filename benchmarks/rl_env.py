@@ -3,7 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rl_env.py            # frozen and cotrain, single and vectorized
 
 Actions are random (the policy's cost is not counted): this measures the environment itself. Vectorized
-runs use gymnasium.make_vec (sync) and stable-baselines3's DummyVecEnv, autoreset included.
+runs use gymnasium.make_vec (sync) and stable-baselines3's DummyVecEnv, autoreset included. gymnasium's
+default autoreset is next-step: the vector step after a sub-env's last step only resets that sub-env, so
+it routes no token there and is not counted as a decision (SB3 resets within the terminal step).
 """
 from __future__ import annotations
 
@@ -53,9 +55,12 @@ def vectorized(kwargs: dict, num_envs: int, seconds: float, kind: str) -> float:
     else:  # SB3 vec envs expose the single env's space
         actions = [np.stack([space.sample() for _ in range(num_envs)]) for _ in range(64)]
     decisions, i, start = 0, 0, time.perf_counter()
+    resetting = np.zeros(num_envs, dtype=bool)  # gymnasium next-step autoreset: these sub-envs only reset now
     while time.perf_counter() - start < seconds:
-        step(actions[i % 64])
-        decisions += C * num_envs
+        out = step(actions[i % 64])
+        decisions += C * int((~resetting).sum())
+        if kind == "gymnasium":
+            resetting = np.logical_or(out[2], out[3])
         i += 1
     envs.close()
     return decisions / (time.perf_counter() - start)

@@ -83,7 +83,7 @@ class ExpertSpec:
 def make_trainer(spec: ExpertSpec, steps: int, lr_schedule: str = "cosine") -> Trainer:
     task = build_task(spec.task)
     if not isinstance(task, ClassificationTask):
-        raise ConfigError(f"TokenRouting needs a classification task held in memory (clusters, digits); got {spec.task['name']!r}")
+        raise ConfigError(f"TokenRouting needs a classification task held in memory (clusters, digits); got {task.name!r}")
     return Trainer(spec.config(steps, lr_schedule), task=LabelAssigned(task), log=False)
 
 

@@ -25,17 +25,13 @@ from gymnasium import spaces
 
 from environments.experts import ExpertSpec, expert_losses, make_trainer, pretrain_frozen, train_on_assignment
 from routerlab.errors import ConfigError
+from routerlab.moe.stats import normalized_mutual_information
 from routerlab.routers.rl import FEATURE_CLIP, observation, observation_projection
 
 def specialization(labels: np.ndarray, experts: np.ndarray, num_labels: int, num_experts: int) -> float:
-    """I(label; expert) / min(H(label), log E): `routerlab.moe.stats.specialization` in numpy (per episode, so fast)."""
-    joint = np.bincount(labels * num_experts + experts, minlength=num_labels * num_experts).reshape(num_labels, num_experts) / len(labels)
-    pl, pe = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    mi = float((joint[nz] * np.log(joint[nz] / (pl @ pe)[nz])).sum())
-    h_label = float(-(pl[pl > 0] * np.log(pl[pl > 0])).sum())
-    norm = min(h_label, math.log(num_experts))
-    return mi / norm if norm > 0 else 0.0
+    """I(label; expert) / min(H(label), log E) of an episode (numpy count table: per episode, so fast)."""
+    counts = np.bincount(labels * num_experts + experts, minlength=num_labels * num_experts)
+    return normalized_mutual_information(counts.reshape(num_labels, num_experts))
 
 
 DEFAULT_TASK = {"name": "clusters", "num_clusters": 4, "input_dim": 8, "train_size": 4096, "val_size": 256}
@@ -72,6 +68,10 @@ class TokenRoutingEnv(gym.Env):
             raise ConfigError(f"tokens ({tokens}) must be a positive multiple of chunk ({chunk})")
         if train_every < 1:
             raise ConfigError(f"train_every must be >= 1, got {train_every}")
+        if num_experts < 1:
+            raise ConfigError(f"num_experts must be >= 1, got {num_experts}")
+        if obs_dim is not None and obs_dim < 1:
+            raise ConfigError(f"obs_dim must be >= 1 (or omitted for the model's own d_model features), got {obs_dim}")
         if capacity_factor <= 0 or overflow_penalty < 0:
             raise ConfigError(f"capacity_factor must be > 0 and overflow_penalty >= 0, got {capacity_factor}, {overflow_penalty}")
         self.mode, self.num_experts, self.tokens, self.chunk = mode, num_experts, tokens, chunk
@@ -98,7 +98,7 @@ class TokenRoutingEnv(gym.Env):
             key = (repr(self.expert_spec), self.expert_cache, self.pool_size)
             if key not in _FROZEN_CACHE:
                 trainer = pretrain_frozen(self.expert_spec, self.expert_cache)
-                inputs, targets, labels = (t[: self.pool_size] for t in trainer.task.data["train"])
+                inputs, targets, labels = (t[: self.pool_size] for t in trainer.task.examples("train"))
                 loss, x = expert_losses(trainer, inputs, targets)
                 _FROZEN_CACHE[key] = (loss.numpy(), x, labels.numpy(), trainer)
             loss, x, labels, self.trainer = _FROZEN_CACHE[key]
@@ -106,7 +106,7 @@ class TokenRoutingEnv(gym.Env):
             self.pool_features = self._project(x)
         else:
             self.trainer = make_trainer(self.expert_spec, steps=10**9, lr_schedule="constant")
-            self.pool_inputs, self.pool_targets, labels = self.trainer.task.data["train"]
+            self.pool_inputs, self.pool_targets, labels = self.trainer.task.examples("train")
             self.pool_labels = labels.numpy()
 
     def _project(self, x: torch.Tensor) -> np.ndarray:
@@ -141,6 +141,8 @@ class TokenRoutingEnv(gym.Env):
 
     # ---- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if options:  # nothing is configurable per episode; silently ignoring options would hide a mistake
+            raise ConfigError(f"reset(options=...) takes no options (got {sorted(options)}); set them when making the environment")
         super().reset(seed=seed)
         if self.mode == "cotrain" and seed is not None:
             self.trainer = make_trainer(self.expert_spec, steps=10**9, lr_schedule="constant")

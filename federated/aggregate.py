@@ -7,7 +7,7 @@
                    so clients that never used an expert do not dilute it.
   personal_router  router parameters never leave the clients (they are absent from the updates and
                    the global router is left alone); experts and shared layers as expert_weighted.
-Parameter names decide the role: '.router.' = router, '.experts.' = expert (DESIGN.md tagging).
+Parameter names decide the role: '.router.' = router, '.experts.' = expert (docs/design.md, tagging).
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+
+from routerlab.moe.stats import normalized_mutual_information
 
 
 def is_router(key: str) -> bool:
@@ -90,17 +92,5 @@ def client_expert_mi(tables: list[np.ndarray]) -> float:
 
     0 = every client spreads its tokens over the experts alike; 1 = each client has its own experts.
     """
-    values = []
-    for table in tables:
-        table = np.asarray(table, dtype=np.float64)
-        total = table.sum()
-        if total == 0 or table.shape[0] < 2:
-            continue
-        joint = table / total
-        pc, pe = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-        nz = joint > 0
-        mi = float((joint[nz] * np.log(joint[nz] / (pc @ pe)[nz])).sum())
-        h_client = float(-(pc[pc > 0] * np.log(pc[pc > 0])).sum())
-        norm = min(h_client, math.log(table.shape[1]))
-        values.append(mi / norm if norm > 0 else 0.0)
+    values = [normalized_mutual_information(t) for t in map(np.asarray, tables) if t.sum() > 0 and t.shape[0] >= 2]
     return float(np.mean(values)) if values else 0.0

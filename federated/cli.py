@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
 
         setup = load_setup(config, set_)
         f = setup.fed
-        console.print(f"[bold]federate[/] {setup.config.task['name']}: {f.num_clients} clients, {f.rounds} rounds, strategy {f.strategy}, partition {f.partition}")
+        console.print(f"[bold]federate[/] {setup.config.task.name}: {f.num_clients} clients, {f.rounds} rounds, strategy {f.strategy}, partition {f.partition}")
         with console.status("simulating (Ray starts first; the first round is slow)"):
             summary = simulate(setup, run_dir, verbose=verbose)
         table = Table(title=f"after round {summary['rounds']}", header_style="bold")

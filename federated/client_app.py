@@ -14,6 +14,7 @@ simulation, or by `flower-supernode --node-config "partition-id=0 num-partitions
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -52,25 +53,20 @@ def local_trainer(msg: Message, context: Context) -> tuple[Trainer, FederatedSet
     # the model is built from the config's seed, so a router never received starts as the server's does
     trainer = Trainer(setup.config, task=client_task(_TASKS[key], setup, pid), log=False, progress=False)
     round_seed = setup.config.seed * 1_000_003 + server_round * 1009 + pid
-    trainer.data_rng.manual_seed(round_seed)  # each client and round draws its own batches
+    trainer.reseed_data(round_seed)  # each client and round draws its own batches
     torch.manual_seed(round_seed)
-    state = trainer.model.state_dict()
-    state.update(msg.content["arrays"].to_torch_state_dict())
+    trainer.load_weights(msg.content["arrays"].to_torch_state_dict())
     if setup.fed.strategy == "personal_router" and ROUTER_STATE in context.state:
-        state.update(context.state[ROUTER_STATE].to_torch_state_dict())
-    trainer.model.load_state_dict(state)
+        trainer.load_weights(context.state[ROUTER_STATE].to_torch_state_dict())
     return trainer, setup, pid, server_round
 
 
-def add_proximal_term(model: torch.nn.Module, mu: float, skip_routers: bool) -> None:
-    """FedProx: the gradient of mu/2 ||w - w_global||^2 added to every parameter's gradient.
-
-    Done with gradient hooks so the one trainer's step stays unchanged (same as adding the term to the loss).
-    """
-    for name, p in model.named_parameters():
-        if p.requires_grad and not (skip_routers and is_router(name)):
-            anchor = p.detach().clone()
-            p.register_hook(lambda grad, p=p, anchor=anchor: grad + mu * (p.detach() - anchor))
+def proximal_term(model: torch.nn.Module, mu: float, skip_routers: bool) -> Callable[[], torch.Tensor]:
+    """FedProx: mu/2 ||w - w_global||^2 over the parameters as they are now (the global weights), for the
+    trainer's add_loss_term."""
+    anchored = [(p, p.detach().clone()) for name, p in model.named_parameters()
+                if p.requires_grad and not (skip_routers and is_router(name))]
+    return lambda: 0.5 * mu * sum(((p - anchor) ** 2).sum() for p, anchor in anchored)
 
 
 def inject_failure(mode: str, setup: FederatedSetup) -> None:
@@ -89,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
     trainer, setup, pid, _ = local_trainer(msg, context)
     personal = setup.fed.strategy == "personal_router"
     if setup.fed.proximal_mu > 0:
-        add_proximal_term(trainer.model, setup.fed.proximal_mu, skip_routers=personal)
+        trainer.add_loss_term("proximal", proximal_term(trainer.model, setup.fed.proximal_mu, skip_routers=personal))
     layers = {name: m for name, m in trainer.model.named_modules() if isinstance(m, MoELayer)}
     tokens = {name: torch.zeros(m.experts.num_experts, dtype=torch.float64) for name, m in layers.items()}
     start = time.perf_counter()
@@ -100,11 +96,11 @@ def train(msg: Message, context: Context) -> Message:
             tokens[name] += m.stats.load.double().cpu()
     seconds = time.perf_counter() - start
     personal_eval = trainer.evaluate()
-    state = trainer.model.state_dict()
+    state = trainer.weights()
     if personal:
         context.state[ROUTER_STATE] = ArrayRecord({k: v for k, v in state.items() if is_router(k)})
     metrics = {
-        "num-examples": trainer.task.num_examples("train") if hasattr(trainer.task, "num_examples") else len(trainer.task.data["train"]),
+        "num-examples": trainer.task.num_examples("train"),
         "partition-id": pid,
         "personal-accuracy": personal_eval["accuracy"],
         "personal-loss": personal_eval["loss"],
@@ -120,6 +116,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     trainer, _, pid, _ = local_trainer(msg, context)
     result = trainer.evaluate()
-    metrics = {"num-examples": trainer.task.num_examples("val") if hasattr(trainer.task, "num_examples") else len(trainer.task.data["val"]),
+    metrics = {"num-examples": trainer.task.num_examples("val"),
                "partition-id": pid, "global-accuracy": result["accuracy"], "global-loss": result["loss"]}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

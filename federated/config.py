@@ -8,20 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from routerlab.config import Config, apply_overrides, make_config, read_config_file
-from routerlab.errors import ConfigError
-from routerlab.routers.registry import format_validation_error
+from routerlab.config import Config, Strict, apply_overrides, make_config, read_config_file
+from routerlab.errors import ConfigError, format_validation_error
+from routerlab.tasks.base import task_entry
 
 STRATEGIES = ("fedavg", "expert_weighted", "personal_router")
 PARTITIONS = ("iid", "dirichlet", "classes", "contiguous")
 DEFAULT_CONFIG = Path(__file__).with_name("digits.yaml")
 
 
-class FederatedParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FederatedParams(Strict):
     strategy: str = "expert_weighted"
     num_clients: int = Field(10, ge=1)
     rounds: int = Field(5, ge=1)
@@ -91,9 +89,9 @@ def make_setup(data: dict[str, Any]) -> FederatedSetup:
 
 
 def check_setup(config: Config, fed: FederatedParams) -> None:
-    lm = config.task["name"] == "chars"
+    lm = task_entry(config.task.name).obj.kind == "lm"
     if lm and fed.partition != "contiguous":
-        raise ConfigError(f"task 'chars' is split into contiguous slices of the corpus; set federated.partition=contiguous (got {fed.partition!r})")
+        raise ConfigError(f"task {config.task.name!r} is split into contiguous slices of the corpus; set federated.partition=contiguous (got {fed.partition!r})")
 
 
 def load_setup(path: str | Path | None, overrides: list[str] = ()) -> FederatedSetup:

@@ -107,7 +107,5 @@ def client_task(task: Task, setup, partition_id: int) -> Task:
     parts = split_indices(targets, fed.num_clients, fed.partition, alpha=fed.alpha, classes_per_client=fed.classes_per_client,
                           seed=seed, min_examples=fed.min_examples)
     mine = parts[partition_id]
-    part.restrict("train", torch.as_tensor(mine, dtype=torch.long))
     val = client_eval_indices(targets[mine], task.data["val"][1].numpy(), seed * 1000 + partition_id)
-    part.restrict("val", torch.as_tensor(val, dtype=torch.long))
-    return part
+    return task.subset("train", torch.as_tensor(mine, dtype=torch.long)).subset("val", torch.as_tensor(val, dtype=torch.long))

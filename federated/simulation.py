@@ -26,7 +26,7 @@ def offline_env() -> None:
 
 def run_dir_for(setup: FederatedSetup) -> Path:
     c, f = setup.config, setup.fed
-    name = c.run.name or f"fed-{c.task['name']}-{f.strategy}-{f.partition}{f.alpha if f.partition == 'dirichlet' else ''}-n{f.num_clients}-s{c.seed}-{c.fingerprint()}"
+    name = c.run.name or f"fed-{c.task.name}-{f.strategy}-{f.partition}{f.alpha if f.partition == 'dirichlet' else ''}-n{f.num_clients}-s{c.seed}-{c.fingerprint()}"
     return Path(c.run.dir) / name
 
 

@@ -1,37 +1,72 @@
 """The `routerlab` command line. Bad input ends with one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import os
 import sys
 from functools import wraps
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from routerlab.errors import ConfigError
+from routerlab.errors import ConfigError, RunStopped
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="routerlab: a playground for Mixture-of-Experts routing policies.")
-console = Console()
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="routerlab: a playground for Mixture-of-Experts routing policies.")
+# Piped output (logs, CI, `| tee`) is not cut at 80 columns: a wrapped checkpoint path cannot be copied.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
     from rich.markup import escape  # messages hold brackets ('.[all]', 'cuda[:N]'); they are not markup
 
     Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def write_error_log(err: BaseException) -> str:
+    """Write the traceback of an internal error to a log file; return its path."""
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(tempfile.gettempdir()) / "routerlab-errors"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(f"routerlab {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(err)), encoding="utf-8")
+    return str(path)
+
+
+def one_line(err: BaseException) -> None:
+    """Every exception that escapes a command ends as one line: 2 for bad input, 1 otherwise (with a log)."""
+    if isinstance(err, ConfigError):
+        fail(str(err))
+    if isinstance(err, RunStopped):
+        fail(str(err), 1)
+    if isinstance(err, KeyboardInterrupt):
+        fail("interrupted; finished work is kept, rerun the same command to continue", 130)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    try:
+        where = f"; traceback in {write_error_log(err)}"
+    except OSError:
+        where = ""
+    fail(f"internal error: {type(err).__name__}: {first}{where}", 1)
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn ConfigError (bad input) into one line and exit code 2, without a traceback."""
+    """Turn every exception into one line without a traceback: ConfigError (bad input) exits 2, others 1."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ConfigError as err:
-            fail(str(err))
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except (Exception, KeyboardInterrupt) as err:
+            one_line(err)
 
     return wrapper
 
@@ -145,7 +180,13 @@ register_analysis(app)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except (Exception, KeyboardInterrupt) as err:  # outside any command (registration, argument parsing)
+        try:
+            one_line(err)
+        except typer.Exit as exit_:
+            sys.exit(exit_.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,27 @@
 """Run configuration: plain data (YAML), validated by pydantic.
 
-A config has five parts: task, model, router, train, run. `task` and `router` are
-`{"name": ..., **params}` dicts checked against the registered component's own parameters.
+A config has five parts: task, model, router, train, run. `task` and `router` are written as
+`{"name": ..., **params}` mappings and parsed once, when the config is read, into typed `Spec`s
+(`routerlab.registry`) checked against the registered component's own parameters.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator, model_validator
 
-from routerlab.errors import ConfigError
-from routerlab.routers.registry import format_validation_error, load_plugin, parse_router_params
-from routerlab.tasks.base import parse_task_params
+from routerlab.errors import ConfigError, format_validation_error
+from routerlab.moe.experts import ACTIVATIONS
+from routerlab.registry import Registry, Spec, load_plugin
+from routerlab.routers.registry import ROUTERS
+from routerlab.tasks.base import TASKS
 
 
 DEFAULT_TASK = "chars"
@@ -25,7 +29,25 @@ DEFAULT_ROUTER = "softmax_topk"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr=inf or .nan trains to NaN: refuse at parse time
+
+
+def spec_field(registry: Registry, default: str) -> Any:
+    """A config section `{"name": ..., **params}` parsed into a typed Spec (name defaults to `default`);
+    dumped back to the same mapping, so YAML, fingerprints and checkpoints see plain data."""
+
+    def parse(value: Any) -> Spec:
+        if isinstance(value, Spec):
+            return registry.parse(value)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"must be a mapping of name and parameters (for example {{name: {default}}}), got {value!r}")
+        return registry.parse({"name": default, **value})
+
+    return Annotated[Spec, PlainValidator(parse), PlainSerializer(Spec.as_dict, return_type=dict[str, Any])]
+
+
+TaskSpec = spec_field(TASKS, DEFAULT_TASK)
+RouterSpec = spec_field(ROUTERS, DEFAULT_ROUTER)
 
 
 class ModelConfig(Strict):
@@ -36,7 +58,7 @@ class ModelConfig(Strict):
     num_experts: int = Field(8, ge=1)
     expert_hidden: int = Field(128, ge=1)
     dense_hidden: int | None = Field(None, ge=1)  # hidden size of dense FFN layers; default expert_hidden
-    activation: Literal["swiglu", "gelu"] = "swiglu"
+    activation: Literal[ACTIVATIONS] = "swiglu"
     capacity_factor: float | None = Field(None, gt=0)  # None = dropless
     eval_capacity_factor: Annotated[float, Field(gt=0)] | Literal["train"] | None = "train"  # at evaluation: "train" = capacity_factor, None = dropless
     min_capacity: int = Field(1, ge=1)  # slots per expert never below this (when capacity_factor is set)
@@ -68,6 +90,7 @@ class TrainConfig(Strict):
     eval_batches: int = Field(4, ge=1)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that update
     device: str = "cpu"
     # fp32: everything float32 (TF32 matmuls on CUDA unless tf32=false); bf16-mixed: float32 master weights and
     # optimizer state, forward and backward in bfloat16 (torch.autocast), learned gates in float32;
@@ -102,7 +125,8 @@ class TrainConfig(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v.split(":")[0] not in ("cpu", "cuda"):
+        kind, _, index = v.partition(":")
+        if kind not in ("cpu", "cuda") or (":" in v and not index.isdigit()):  # N is a GPU index
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {v!r}")
         return v
 
@@ -119,48 +143,54 @@ class RunConfig(Strict):
 
 class Config(Strict):
     seed: int = 0
-    task: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_TASK})
+    task: TaskSpec = Field(default_factory=lambda: TASKS.parse({"name": DEFAULT_TASK}))
     model: ModelConfig = Field(default_factory=ModelConfig)
-    router: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_ROUTER})
+    router: RouterSpec = Field(default_factory=lambda: ROUTERS.parse({"name": DEFAULT_ROUTER}))
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    plugins: list[str] = Field(default_factory=list)  # Python files that register routers or tasks
+    plugins: list[str] = Field(default_factory=list)  # Python files that register components (routers, tasks, ...)
 
     @model_validator(mode="before")
     @classmethod
     def _plugins_first(cls, data: Any) -> Any:
-        # plugin files register routers and tasks, so they load before those sections are checked
+        # plugin files register components, so they load before those sections are checked
         if isinstance(data, dict):
             for path in data.get("plugins") or []:
                 load_plugin(path)
         return data
 
-    @field_validator("task")
-    @classmethod
-    def _task(cls, v: dict[str, Any]) -> dict[str, Any]:
-        v = {"name": DEFAULT_TASK, **v}
-        params = parse_task_params(v)
-        return {"name": v["name"], **params.model_dump()}
-
-    @field_validator("router")
-    @classmethod
-    def _router(cls, v: dict[str, Any]) -> dict[str, Any]:
-        v = {"name": DEFAULT_ROUTER, **v}
-        params = parse_router_params(v)
-        return {"name": v["name"], **dataclasses.asdict(params)}
-
     def fingerprint(self) -> str:
         """Hash of what determines the trained weights' meaning (not run length, logging or paths)."""
         data = self.model_dump(mode="json")
+        for section, registry in (("task", TASKS), ("router", ROUTERS)):
+            # name plus the parameters that differ from the component's defaults: a section left out, written
+            # out in full, or dumped and read back hashes the same (a default section hashes by name alone, as before)
+            spec = getattr(self, section)
+            defaults = json.loads(json.dumps(registry.fields(spec.name), default=str))
+            data[section] = {k: v for k, v in data[section].items() if k == "name" or defaults.get(k, object()) != v}
+            source = plugin_source_hash(registry.entry(spec.name).obj)
+            if source:  # a component from a plugin file: its code decides what the weights mean
+                data[section]["plugin_source"] = source
         data.pop("run")
         data.pop("parallel")  # checkpoints move between rank counts
-        for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device"):
+        for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device", "on_nonfinite"):
             data["train"].pop(key)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+        return content_hash(data)
 
     def run_name(self) -> str:
-        return self.run.name or f"{self.task['name']}-{self.router['name']}-s{self.seed}-{self.fingerprint()}"
+        return self.run.name or f"{self.task.name}-{self.router.name}-s{self.seed}-{self.fingerprint()}"
+
+
+def plugin_source_hash(obj: Any) -> str | None:
+    """sha256 of the plugin file that defines `obj`, or None for a built-in component."""
+    import sys
+
+    module = sys.modules.get(getattr(obj, "__module__", ""))
+    path = getattr(module, "__file__", None)
+    if module is None or not module.__name__.startswith("routerlab_plugin_") or not path:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def parse_value(text: str) -> Any:
@@ -178,23 +208,53 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"--set expects key=value (for example train.steps=100), got {item!r}")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-        if parts[-1] == "name" and len(parts) == 2 and parts[0] in ("router", "task") and node.get("name") != value:
-            node.clear()
-        node[parts[-1]] = parse_value(value)
+        key = key.strip()
+        section = data.get(key.split(".")[0])
+        if key in ("router.name", "task.name") and isinstance(section, dict) and section.get("name") != value:
+            section.clear()  # a new component starts from its own defaults
+        set_key(data, key, parse_value(value), where="--set ")
     return data
+
+
+def non_finite_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is a float inf or nan, at any depth."""
+    if isinstance(data, dict):
+        return [k for key, v in data.items() for k in non_finite_keys(v, f"{prefix}{key}.")]
+    if isinstance(data, (list, tuple)):
+        return [k for i, v in enumerate(data) for k in non_finite_keys(v, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(data, float) and not math.isfinite(data) else []
+def set_key(data: dict[str, Any], key: str, value: Any, where: str = "") -> None:
+    """Set a dotted key (`train.lr`, `router.k`) in nested plain data, in place, making sections as needed.
+    The one implementation of dotted overrides (--set, ablation axes, study parameters)."""
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}{key}: {part!r} is not a section")
+    node[last] = value
+
+
+def content_hash(data: Any) -> str:
+    """Short sha256 of JSON-able data (keys sorted): config fingerprints, ablation cell ids, spec hashes."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def make_config(data: dict[str, Any]) -> Config:
     try:
-        return Config(**data)
+        config = Config(**data)
     except ValidationError as err:
         raise ConfigError(f"invalid config: {format_validation_error(err)}") from None
+    bad = non_finite_keys(config.model_dump())  # router and task params are parsed by their own registries
+    if bad:
+        raise ConfigError(f"invalid config: {bad[0]}: must be a finite number, got {dict_get(config.model_dump(), bad[0])}")
+    return config
+
+
+def dict_get(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return data
 
 
 def read_config_file(path: str | Path, sections: str = "task, model, router, train, run", what: str = "config file") -> dict[str, Any]:
@@ -205,10 +265,17 @@ def read_config_file(path: str | Path, sections: str = "task, model, router, tra
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {yaml_error_text(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {str(p)!r} must hold a mapping of sections ({sections})")
     return data
+
+
+def yaml_error_text(err: Exception) -> str:
+    """The problem and where it is: 'mapping values are not allowed here (line 3, column 8)'."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -70,8 +70,8 @@ class SingleProcess:
     def sync_grads(self, model: nn.Module) -> None:
         pass
 
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def reduce_step(self, layers, loss: Tensor) -> float:
         return loss.item()
@@ -194,7 +194,7 @@ class ExpertParallel(SingleProcess):
             self._all_reduce_grads(expert, self.replica_group)()
         finish_dense()
 
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> None:
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
         """torch's clip_grad_norm_ over the whole (sharded) model: expert squares summed over the expert group."""
         dense, expert = _split(model)
         device = next(model.parameters()).device
@@ -207,6 +207,7 @@ class ExpertParallel(SingleProcess):
         for p in dense + expert:
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.dtype))
+        return total
 
     # ---- routing statistics and router state ------------------------------------------------------
     def reduce_step(self, layers, loss: Tensor) -> float:

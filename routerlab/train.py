@@ -1,5 +1,5 @@
 """The one trainer. The CLI, ablations, Optuna objectives, Flower clients and the RL environment all
-train through `Trainer`; nobody writes a second loop.
+train through `Trainer`; nobody writes a second loop. Its public interface is in the class docstring.
 
     trainer = Trainer(config)          # builds task, model, optimizer; seeds everything
     metrics = trainer.fit()            # trains to config.train.steps, evaluates, logs, checkpoints
@@ -21,8 +21,9 @@ from routerlab.checkpoint import load_checkpoint, save_checkpoint
 from routerlab.compile import compile_model, resolve_compile, set_tf32
 from routerlab.config import Config
 from routerlab.distributed import setup_parallel
-from routerlab.errors import ConfigError
+from routerlab.errors import ConfigError, RunStopped
 from routerlab.models import build_model
+from routerlab.outputs import check_writable, lock_output_dir
 from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization
 from routerlab.routers.base import Router
 from routerlab.tasks import Batch, Task, build_task
@@ -42,12 +43,13 @@ KNOWN_PEAKS = {
 
 def check_compatible(model, task: Task, config: Config) -> None:
     """Refuse router/task pairs that cannot work, with the reason and the way out."""
+    name = config.router.name
     for layer in model.moe_layers():
         router = layer.router
         if router.needs_token_ids and not task.has_token_ids:
-            raise ConfigError(f"router {config.router['name']!r} routes by token id, but task {task.name!r} has no token ids; use a task with tokens (chars) or a router that reads hidden states (for example lsh)")
-        if task.kind == "lm" and not router.causal and not config.router.get("allow_noncausal", False):
-            raise ConfigError(f"router {config.router['name']!r} is not causal (a token's routing depends on later tokens), so it would leak the future in the causal LM task {task.name!r}; set router.allow_noncausal=true to run it anyway")
+            raise ConfigError(f"router {name!r} routes by token id, but task {task.name!r} has no token ids; use a task with tokens (chars) or a router that reads hidden states (for example lsh)")
+        if task.kind == "lm" and not router.causal and not getattr(router.params, "allow_noncausal", False):
+            raise ConfigError(f"router {name!r} is not causal (a token's routing depends on later tokens), so it would leak the future in the causal LM task {task.name!r}; set router.allow_noncausal=true to run it anyway")
 
 
 def lr_lambda(config: Config) -> Callable[[int], float]:
@@ -65,6 +67,39 @@ def lr_lambda(config: Config) -> Callable[[int], float]:
 
 
 class Trainer:
+    """Trains one model on one task; the only training loop of the project.
+
+    Public interface (apps use this and nothing else):
+
+    Build and run
+      Trainer(config, *, task=None, run_dir=None, log=True, progress=False, resume=None)
+          task: a Task to use instead of building config.task (a federated client's partition, a wrapped
+          task); resume: a checkpoint to continue from (its config fingerprint must match).
+      fit(until=None, on_eval=None) -> metrics   train to step `until` (default config.train.steps)
+      train_step(batch=None) -> loss             one optimizer step; batch=None draws from the data source
+      evaluate() -> metrics                      task and routing metrics on the fixed evaluation batches
+      save(path=None) -> path, load(path), close()
+
+    Hooks (each registration returns the function, so they work as decorators)
+      on_step(fn)            fn(step, loss) after every optimizer step
+      on_eval(fn)            fn(step, metrics) after every evaluation inside fit (Optuna reports and
+                             prunes here; fit's own on_eval argument is one more such hook)
+      add_loss_term(name, fn) fn() -> scalar tensor added to the training loss before backward on every
+                             step (FedProx's proximal term); logged as train/aux/<name>
+      set_data_source(fn)    fn(batch_size, generator) -> Batch replaces task.batch("train", ...) as the
+                             source of training batches; None restores the task
+      reseed_data(seed)      restart the training-batch stream from seed (one stream per client and round)
+
+    Read
+      config, task (the Task protocol: kind, batch, num_examples, subset), step, losses (train loss of
+      every step), last_eval, last_loads, tokens_per_s
+      model                  the nn.Module: forward(inputs, token_ids) -> logits; run it, do not replace it
+      layers                 the model's MoE layers (router, experts, stats of the last forward)
+      weights() / load_weights(state)   the model's state dict; load_weights accepts a partial dict
+                             (keys not given keep their values)
+      log_hparams(metrics)   record hyperparameters with these metrics (a run that ends early)
+    """
+
     def __init__(
         self,
         config: Config,
@@ -83,6 +118,10 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
         self.dtype, self.autocast_dtype = PRECISIONS[config.train.precision]
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
+        writes = log and self.parallel.is_main
+        if writes:  # before any work: an unwritable run.dir fails now, not after the task and model are built
+            check_writable(self.run_dir, "run.dir")
         self.task = task if task is not None else build_task(config.task)
         self.data_info = self.task.data_info()  # checksum, sizes, unigram baseline: recorded with the run
         with self.parallel.building():  # expert parallelism: each rank builds its own experts only
@@ -110,12 +149,58 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_loads: list[list[float]] = []  # token-slots per expert of each MoE layer in the last evaluation
         self.step_log: list[tuple[float, int]] = []  # (seconds, tokens) of every training step of this process
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
+        self.skipped_steps = 0  # updates dropped for a non-finite loss or gradient (train.on_nonfinite=skip)
         if resume is not None:
             self.load(resume)
+        self._lock = lock_output_dir(self.run_dir, "run.dir") if writes else None  # one process per run folder
         self.board = Board(self.run_dir, purge_step=self.step) if log and self.parallel.is_main else None
         if self.board and self.data_info:
             self.board.text("data", self.data_info, self.step)
+        self._step_hooks: list[Callable[[int, float], None]] = []
+        self._eval_hooks: list[Callable[[int, dict[str, float]], None]] = []
+        self._loss_terms: dict[str, Callable[[], torch.Tensor]] = {}
+        self._data_source: Callable[[int, torch.Generator], Batch] | None = None
+
+    # ---- the public hooks -------------------------------------------------------------------------
+    def on_step(self, fn: Callable[[int, float], None]) -> Callable[[int, float], None]:
+        self._step_hooks.append(fn)
+        return fn
+
+    def on_eval(self, fn: Callable[[int, dict[str, float]], None]) -> Callable[[int, dict[str, float]], None]:
+        self._eval_hooks.append(fn)
+        return fn
+
+    def add_loss_term(self, name: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        self._loss_terms[name] = fn
+        return fn
+
+    def set_data_source(self, fn: Callable[[int, torch.Generator], Batch] | None) -> None:
+        self._data_source = fn
+
+    def reseed_data(self, seed: int) -> None:
+        self.data_rng.manual_seed(seed)
+
+    def next_batch(self) -> Batch:
+        """The next training batch (all micro-batches of a step) from the data source (default: the task's train split)."""
+        size = self.config.train.batch_size * self.config.train.micro_batches
+        if self._data_source is not None:
+            return self._data_source(size, self.data_rng)
+        return self.task.batch("train", size, self.data_rng)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        full = self.model.state_dict()
+        unknown = set(state) - set(full)
+        if unknown:
+            raise ConfigError(f"weights for {len(unknown)} unknown parameter(s) (for example {sorted(unknown)[0]!r}); this model has {len(full)}")
+        full.update(state)
+        self.model.load_state_dict(full)
+
+    def log_hparams(self, metrics: dict[str, float]) -> None:
+        if self.board:
+            self.board.hparams(self.config, metrics)
 
     # ---- one step -------------------------------------------------------------------------------
     def token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +230,7 @@ class Trainer:
         aux = self.model.aux_losses()
         for i, layer in enumerate(self.layers):  # routers rewarded per token (REINFORCE) add their losses here
             aux.update({f"layer{i}/{k}": v for k, v in layer.router.observe_token_loss(token_loss.detach()).items()})
+        aux.update({name: fn() for name, fn in self._loss_terms.items()})
         total = loss + sum(aux.values()) if aux else loss
         self.parallel.backward(total * weight if weight != 1 else total)
         return loss.detach(), {k: v.detach() for k, v in aux.items()}
@@ -154,7 +240,7 @@ class Trainer:
         split, so N micro-batches of B see exactly the data of one batch of N*B)."""
         self.model.train()
         t = self.config.train
-        batch = batch or self.task.batch("train", t.batch_size * t.micro_batches, self.data_rng)
+        batch = batch or self.next_batch()
         global_tokens = batch.num_tokens
         micro = batch.chunks(t.micro_batches)
         self._synchronize()
@@ -178,23 +264,40 @@ class Trainer:
         self.parallel.sync_grads(self.model)
         for layer in self.layers:
             layer.router.before_step()
-        if t.grad_clip is not None:
-            self.parallel.clip_grad_norm_(self.model, t.grad_clip)
-        self.optimizer.step()
+        # max_norm=inf leaves the gradients as they are but still returns their (global) norm
+        norm = self.parallel.clip_grad_norm_(self.model, self.config.train.grad_clip or math.inf)
+        total = loss.detach() + sum(float(v.detach()) for v in aux.values())  # task loss plus aux losses
+        finite = bool(torch.isfinite(total)) and (norm is None or bool(torch.isfinite(norm)))
+        if not finite and self.config.train.on_nonfinite == "stop":  # before the update: weights stay good
+            raise RunStopped(
+                f"step {self.step + 1}: the loss ({float(total):.4g}) or gradient norm ({float(norm) if norm is not None else float('nan'):.4g}) "
+                "is not finite; stopped without saving, the last good checkpoint is kept; lower train.lr, set train.grad_clip, "
+                "or set train.on_nonfinite=skip to skip such updates")
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
         self.scheduler.step()
         value = self.parallel.reduce_step(self.layers, loss)  # stats summed over ranks before routers see them
         for layer, uses_stats in zip(self.layers, self._router_uses_stats):
-            if uses_stats:
+            if uses_stats and finite:  # a router does not learn from the statistics of a skipped, non-finite step
                 layer.router.after_step(layer.stats)
         self.parallel.sync_buffers(self.model)
         self._synchronize()
         self.step_log.append((time.perf_counter() - start, global_tokens))
         self.step += 1
+        if not finite:
+            if self.board:
+                self.board.scalars({"train/skipped_steps": self.skipped_steps}, self.step)
+            return value
         self.losses.append(value)
         # training routing metrics: the logged step's batch. Stats are computed only then (and for routers
         # that read them after every step): 15% of an E=64 step on an H200 when computed every step (docs/benchmarks.md)
         if self.board and self.step % t.log_every == 0:
             self._log_train(aux)
+        for hook in self._step_hooks:
+            hook(self.step, value)
         return value
 
     def _synchronize(self) -> None:
@@ -210,6 +313,16 @@ class Trainer:
             values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
         self.board.scalars(values, self.step)
         self.board.routing("routing", [routing_metrics(layer.stats, self.config.parallel.expert) for layer in self.layers], self.step)
+
+    @property
+    def train_tokens(self) -> int:
+        """Training tokens of the steps this process ran (all of them, warm-up included)."""
+        return sum(n for _, n in self.step_log)
+
+    @property
+    def train_time(self) -> float:
+        """Seconds in training steps this process ran (evaluation excluded, warm-up included)."""
+        return sum(s for s, _ in self.step_log)
 
     def steady_steps(self) -> list[tuple[float, int]]:
         """(seconds, tokens) of the steps after the first train.timing_skip (all steps while there are no more)."""
@@ -329,7 +442,7 @@ class Trainer:
     def fit(self, until: int | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
         """Train to step `until` (default: config.train.steps), evaluating every eval_every steps and at the end.
 
-        on_eval(step, metrics) is called after each evaluation (Optuna reports and prunes from it).
+        on_eval(step, metrics) is called after each evaluation, after the hooks registered with on_eval().
         Returns the last evaluation's metrics (plus train_loss, the mean of the last log window).
         """
         t = self.config.train
@@ -343,8 +456,8 @@ class Trainer:
                 self.train_step()
                 if self.step % t.eval_every == 0 or self.step == t.steps:
                     metrics = self.evaluate()
-                    if on_eval is not None:
-                        on_eval(self.step, metrics)
+                    for hook in self._eval_hooks + ([on_eval] if on_eval is not None else []):
+                        hook(self.step, metrics)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.config.run.checkpoint:
                     self.save()
                 if self.step % t.log_every == 0 or self.step == until:
@@ -368,6 +481,9 @@ class Trainer:
         if self.board:
             self.board.close()
             self.board = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         self.parallel.close()
 
     # ---- checkpoints ----------------------------------------------------------------------------

@@ -9,15 +9,17 @@ import typer
 
 from routerlab.errors import ConfigError
 
+STORAGE_ENV = "ROUTERLAB_STUDY_STORAGE"  # how a storage URL (and its password) reaches worker processes
+
 
 def register(app: typer.Typer) -> None:
-    from routerlab.cli import console, user_errors
+    from routerlab.cli import console, fail, user_errors
 
     @app.command()
     @user_errors
     def study(
         name: str = typer.Argument(..., help="a study in studies/defs (for example clusters_softmax_topk) or a path to a study .yaml"),
-        storage: Optional[str] = typer.Option(None, "--storage", help="sqlite:///f.db | journal:f.log | postgresql://user:pw@host/db; default: sqlite file under run.dir/studies/NAME"),
+        storage: Optional[str] = typer.Option(None, "--storage", envvar=STORAGE_ENV, show_envvar=True, help="sqlite:///f.db | journal:f.log | postgresql://user:pw@host/db (give a URL with a password through the environment variable, not the command line); default: sqlite file under run.dir/studies/NAME"),
         n_trials: Optional[int] = typer.Option(None, "--n-trials", min=0, help="finished trials the study should hold (default: the definition's n_trials); reruns continue to it"),
         workers: int = typer.Option(1, "--workers", min=1, help="worker processes on this machine (on CUDA spread over its GPUs)"),
         per_gpu: Optional[int] = typer.Option(None, "--per-gpu", min=1, help="CUDA studies: workers = GPUs x this, each on its GPU"),
@@ -28,9 +30,9 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Run (or continue) an Optuna study; every trial trains with the one trainer and logs to TensorBoard."""
-        from studies.runner import count_finished, open_study, run_study, run_worker, worker_devices
+        from studies.runner import count_finished, fail_orphaned_trials, open_study, run_study, run_worker, worker_devices
         from studies.space import load_study
-        from studies.storage import default_url
+        from studies.storage import default_url, redact
 
         spec = load_study(name, set_)
         url = storage or default_url(spec.run_dir)
@@ -48,19 +50,21 @@ def register(app: typer.Typer) -> None:
             if count_finished(with_storage) >= target:
                 workers = 1  # nothing left to run: no processes to start
         if workers > 1:
-            args = [name, "--storage", url, "--n-trials", str(target), "--heartbeat", str(heartbeat)]
+            args = [name, "--n-trials", str(target), "--heartbeat", str(heartbeat)]  # the storage URL goes by environment
             args += [f"--set={s}" for s in set_] + (["--timeout", str(timeout)] if timeout is not None else [])
-            code = run_study(args, workers, worker_devices(device, workers, cuda_count))
-            if code:
-                raise typer.Exit(code)
+            code, worker_ids = run_study(args, workers, url, worker_devices(device, workers, cuda_count))
             study_obj = open_study(spec, url, heartbeat)
+            lost = fail_orphaned_trials(study_obj, worker_ids)
+            if code or lost:
+                what = f"trials {', '.join(map(str, lost))} were left RUNNING by a dead worker and are now FAIL (queued again)" if lost else "a worker failed"
+                fail(f"study {spec.name}: {what}; rerun the same command to continue", 1)
         else:
             study_obj = run_worker(spec, url, target, timeout, heartbeat, worker_index, progress and sys.stderr.isatty())
         states = {}
         for t in study_obj.get_trials(deepcopy=False):
             states[t.state.name] = states.get(t.state.name, 0) + 1
         console.print(f"study {spec.name}: {count_finished(study_obj)} finished of {target} ({', '.join(f'{k.lower()} {v}' for k, v in sorted(states.items()))})")
-        console.print(f"storage: {url}   TensorBoard: tensorboard --logdir {spec.run_dir}   report: routerlab study-report {name}" + (f" --storage {url}" if storage else ""))
+        console.print(f"storage: {redact(url)}   TensorBoard: tensorboard --logdir {spec.run_dir}   report: routerlab study-report {name}" + (f" --storage {redact(url)}" if storage else ""))
 
     @app.command("study-report")
     @user_errors

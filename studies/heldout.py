@@ -23,7 +23,7 @@ def heldout_loss(config_path: str, seed: int, samples: int) -> dict[str, float]:
     data["seed"] = seed
     data["run"]["checkpoint"] = False
     config = make_config(data)
-    if config.task["name"] != "clusters":
+    if config.task.name != "clusters":
         raise ConfigError("studies.heldout draws fresh samples of the clusters task only")
     trainer = Trainer(config, log=False)
     trainer.fit()

@@ -15,7 +15,7 @@ import sys
 import time
 
 from routerlab.config import make_config
-from routerlab.errors import ConfigError
+from routerlab.errors import ConfigError, RunStopped
 from studies.space import StudySpec
 from studies.storage import default_url, open_storage
 
@@ -109,8 +109,7 @@ class Objective:
             try:
                 result = trainer.fit(on_eval=report)
             except optuna.TrialPruned:
-                if trainer.board:
-                    trainer.board.hparams(config, trainer.last_eval)  # pruned runs keep their hparams too
+                trainer.log_hparams(trainer.last_eval)  # pruned runs keep their hparams too
                 raise
         finally:
             trainer.close()
@@ -119,7 +118,7 @@ class Objective:
                 trial.set_user_attr(key, float(result[key]))
         missing = [o.metric for o in spec.objectives if o.metric not in result]
         if missing:
-            raise ConfigError(f"metric {missing} is not reported for task {config.task['name']!r}")
+            raise ConfigError(f"metric {missing} is not reported for task {config.task.name!r}")
         out = [float(result[o.metric]) for o in spec.objectives]
         return out if spec.multi_objective else out[0]
 
@@ -177,7 +176,7 @@ def run_worker(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
         try:
             # n_trials bounds this worker (failing trials cannot loop forever); MaxTrialsCallback the study
             study.optimize(Objective(spec), n_trials=remaining, timeout=timeout, callbacks=callbacks,
-                           catch=(ConfigError,), gc_after_trial=True)
+                           catch=(ConfigError, RunStopped), gc_after_trial=True)
         finally:
             board.close()
     return study
@@ -194,19 +193,40 @@ def worker_devices(device: str, workers: int, cuda_count: int) -> list[str | Non
     return slots[:workers]
 
 
-def run_study(args: list[str], workers: int, devices: list[str | None] | None = None) -> int:
+def run_study(args: list[str], workers: int, storage_url: str, devices: list[str | None] | None = None) -> tuple[int, set[str]]:
     """Start `workers` worker processes (the same command with --workers 1) and wait for them.
 
     Open the study first (open_study), so the workers do not race to create its tables. devices[i] (if not
-    None) is worker i's train.device.
+    None) is worker i's train.device. The storage URL (it may hold a password) goes through the environment,
+    never the command line that `ps` shows. The workers die with this process. Returns (0 only if every worker
+    exited 0, else 1; the workers' "host:pid").
     """
+    from routerlab.procs import set_parent_death_signal
+    from studies.cli import STORAGE_ENV
+
+    env = {**os.environ, STORAGE_ENV: storage_url, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     procs = []
     for i in range(workers):
         cmd = [sys.executable, "-m", "routerlab", "study", *args, "--workers", "1", "--worker-index", str(i), "--no-progress"]
         device = (devices or [None] * workers)[i]
         if device is not None:
             cmd.append(f"--set=train.device={device}")
-        procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}))
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=set_parent_death_signal))
     codes = [p.wait() for p in procs]
-    return max(codes)
+    return (0 if all(c == 0 for c in codes) else 1), {f"{socket.gethostname()}:{p.pid}" for p in procs}
+
+
+def fail_orphaned_trials(study, workers: set[str]) -> list[int]:
+    """Mark FAIL the trials still RUNNING whose worker ("host:pid") is one of `workers`, all exited (killed
+    mid-trial), and queue their parameters again; returns their numbers. Other machines' trials are left alone."""
+    from optuna.trial import TrialState
+
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("worker") not in workers:
+            continue
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        lost.append(t.number)
+    return lost
 

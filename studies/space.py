@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from routerlab.config import ModelConfig, TrainConfig, make_config
-from routerlab.errors import ConfigError
-from routerlab.routers.registry import format_validation_error, param_fields, router_entry
+from routerlab.config import ModelConfig, Strict, TrainConfig, make_config, set_key
+from routerlab.errors import ConfigError, format_validation_error
+from routerlab.routers.registry import param_fields, router_entry
 
 HERE = Path(__file__).parent
 DEFS_DIR = HERE / "defs"
@@ -41,10 +41,6 @@ METRICS = (
     "router_entropy", "usage_entropy", "z_value", "max_logit", "switch_balance", "specialization",
     "params_total", "params_active", "tokens_per_s",
 )
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Dist(Strict):
@@ -164,15 +160,9 @@ class StudySpec(Strict):
         family = values.get("router.name", router.get("name", "softmax_topk"))
         if family != router.get("name", "softmax_topk"):
             router = {"name": family}
-        for key, value in values.items():
-            section, _, field = key.partition(".")
-            if section == "router":
-                router[field] = value
-            elif section == "seed":
-                data["seed"] = value
-            else:
-                data.setdefault(section, {})[field] = value
         data["router"] = router
+        for key, value in values.items():
+            set_key(data, key, value)
         return data
 
     def baseline_params(self) -> dict[str, Any]:
@@ -184,13 +174,13 @@ class StudySpec(Strict):
             section, _, field = key.partition(".")
             params[key] = dump["seed"] if section == "seed" else dump[section][field]
         if self.families:
-            family = config.router["name"]
+            family = config.router.name
             if family not in self.families:
                 raise ConfigError(f"study {self.name!r}: baseline: the base router {family!r} is not among routers {list(self.families)}")
             if len(self.families) > 1:
                 params["router.name"] = family
             for param in self.families[family]:
-                params[self.param_name(family, param)] = config.router[param]
+                params[self.param_name(family, param)] = getattr(config.router.params, param)
         return params
 
     # ---- validation ------------------------------------------------------------------------------

@@ -116,17 +116,17 @@ def test_round_metrics():
 
 
 def test_proximal_term_gradient():
-    from federated.client_app import add_proximal_term
+    from federated.client_app import proximal_term
 
     model = torch.nn.Linear(3, 1)
     with torch.no_grad():
         anchor = [p.clone() for p in model.parameters()]
-    add_proximal_term(model, mu=0.5, skip_routers=False)
+    term = proximal_term(model, mu=0.5, skip_routers=False)  # the trainer adds it with add_loss_term
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     x = torch.ones(2, 3)
-    model(x).sum().backward()
+    (model(x).sum() + term()).backward()
     hooked = [p.grad.clone() for p in model.parameters()]
     plain = torch.nn.Linear(3, 1)
     with torch.no_grad():

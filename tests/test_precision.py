@@ -86,6 +86,7 @@ def test_throughput_fields_count_steady_steps_and_active_flops(tmp_path):
     trainer.close()
     steady = trainer.step_log[2:]  # (seconds, tokens) of steps 3..5; the first two and evaluation are left out
     assert len(trainer.step_log) == 5 and all(n == 2 * 16 for _, n in trainer.step_log)
+    assert trainer.train_tokens == 5 * 2 * 16  # every step counts here (the ablation tables' train_tokens)
     tps = sum(n for _, n in steady) / sum(s for s, _ in steady)
     assert metrics["tokens_per_s"] == pytest.approx(tps)
     assert metrics["step_time_ms"] == pytest.approx(1e3 * sum(s for s, _ in steady) / 3)

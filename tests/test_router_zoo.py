@@ -238,7 +238,7 @@ def test_sparse_gate_respects_k_max():
 
 def test_gshard_second_expert_frequency_matches_gate():
     torch.manual_seed(1234)
-    r = build_router({"name": "gshard_top2", "capacity_factor": 0.0}, D, E).train()
+    r = build_router({"name": "gshard_top2", "capacity_factor": None}, D, E).train()  # no router-level capacity
     with torch.no_grad():
         r.gate.weight.mul_(6.0)
         out = r(torch.randn(20000, D))

@@ -223,7 +223,7 @@ def provenance(plan: Plan, results: dict[str, dict[str, Any]]) -> dict[str, str]
     commit = f"{named} (copied tree; named by ROUTERLAB_COMMIT)" if named else _git_commit()
     checksums: dict[str, str] = {}
     for cell in plan.cells:
-        task = cell.labels.get("task", cell.config.task["name"])
+        task = cell.labels.get("task", cell.config.task.name)
         checksums.setdefault(task, cell.data_checksum)
     cards = sorted({f"{r.get('device_name', '?')} ({r.get('device', '?')}) on {r.get('host', '?')}" for r in results.values()})
     return {

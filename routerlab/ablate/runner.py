@@ -18,12 +18,15 @@ import shutil
 import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from routerlab.ablate.spec import Cell, Plan
 from routerlab.checkpoint import atomic_write_text
+from routerlab.procs import init_worker  # workers die with this process: a kill -9 leaves none behind
 
+WORKER_DIED = "a worker process died (killed, or out of memory) while this cell ran; rerun the same command to continue"
 CURVE_POINTS = 100  # training-loss points kept per cell for the curve plot
 
 
@@ -251,14 +254,19 @@ def run_plan(
         done[cell.id] = result
 
     def on_error(cell: Cell, err: BaseException) -> None:
-        errors[cell.id] = describe_error(err)
+        errors[cell.id] = WORKER_DIED if isinstance(err, BrokenProcessPool) else describe_error(err)
 
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
+                             initargs=(os.getpid(), "routerlab.ablate.runner:_init_worker", threads)) as pool:
         try:
             schedule(
                 todo, lambda cell, device: pool.submit(run_cell, *payload(cell, out), device, cell.data_checksum), workers,
                 device_pool, on_done, on_error, lambda running, left: update(len(done), running, left),
             )
+        except BrokenProcessPool:  # a worker died (kill, out of memory): report every unfinished cell, exit non-zero
+            for cell in todo:
+                if cell.id not in done and cell.id not in errors:
+                    errors[cell.id] = "not run: " + WORKER_DIED
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             for process in list(getattr(pool, "_processes", {}).values()):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 
-from routerlab.config import Config, make_config, read_config_file
+from routerlab.config import Config, content_hash, make_config, read_config_file, set_key
 from routerlab.errors import ConfigError
 
 DEFAULT_METRICS = [
@@ -83,7 +83,7 @@ class AblationSpec:
     def config_hash(self) -> str:
         """Hash of everything that decides the results (the resolved base, axes, exclude list)."""
         data = {"base": self.base, "axes": self.axes, "exclude": self.exclude}  # baseline changes the report only
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return content_hash(data)
 
 
 def load_spec(path: str | Path) -> AblationSpec:
@@ -189,11 +189,7 @@ def _axis_entries(spec: AblationSpec, axis: str) -> list[tuple[str, dict[str, An
 
 def _set_key(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     data = copy.deepcopy(data)
-    node = data
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = copy.deepcopy(value)
+    set_key(data, key, copy.deepcopy(value))
     return data
 
 
@@ -238,7 +234,7 @@ def cell_id(config: Config, labels: dict[str, str], checksum: str = "") -> str:
     if checksum:
         data["task"] = {k: v for k, v in data["task"].items() if not (isinstance(v, str) and _is_path(v))}
         data["data_checksum"] = checksum
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+    digest = content_hash(data)
     parts = [v if k in SPECIAL_AXES else f"{k.split('.')[-1]}={v}" for k, v in labels.items()]
     return _slug("-".join(parts))[:64] + f"-s{config.seed}-{digest}"
 
@@ -301,7 +297,7 @@ def expand(spec: AblationSpec, runs_dir: str | Path) -> Plan:
                     break
                 raise ConfigError(f"cell {' / '.join(labels.values()) or 'base'} (seed {seed}): {err}") from None
             try:
-                key = json.dumps(config.task, sort_keys=True)
+                key = json.dumps(config.task.as_dict(), sort_keys=True)
                 if key not in task_cache:
                     task = build_task(config.task)
                     task_cache[key] = (task, data_checksum(task))

@@ -1,6 +1,7 @@
 """One ablation from file to report: plan, run what is not done, assemble CSV, summary and plots."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -9,6 +10,8 @@ from routerlab.ablate import plots, report
 from routerlab.ablate.runner import run_plan
 from routerlab.ablate.spec import Plan, expand, load_spec
 from routerlab.checkpoint import atomic_write_text
+from routerlab.config import apply_overrides
+from routerlab.outputs import check_writable, lock_output_dir
 
 
 @dataclass
@@ -29,8 +32,11 @@ def resolve_paths(spec, out: str | Path | None, runs: str | Path | None) -> tupl
     return out, runs
 
 
-def plan_ablation(path: str | Path, out: str | Path | None = None, runs: str | Path | None = None) -> tuple[Plan, Path]:
+def plan_ablation(path: str | Path, out: str | Path | None = None, runs: str | Path | None = None,
+                  overrides: list[str] = ()) -> tuple[Plan, Path]:
     spec = load_spec(path)
+    if overrides:  # `--set key=value` changes the base config of every cell
+        spec = dataclasses.replace(spec, base=apply_overrides(spec.base, list(overrides)))
     out, runs_dir = resolve_paths(spec, out, runs)
     return expand(spec, runs_dir), out
 
@@ -47,10 +53,17 @@ def run_ablation(
     command: str | None = None,
     on_plan: Callable[[Plan, int], None] | None = None,
     on_update: Callable[[int, int, int], None] | None = None,
+    overrides: list[str] = (),
 ) -> AblationReport:
     """Validate every cell, run the unfinished ones (here, or as Ray tasks on the cluster at `ray`), then write
-    results.csv, summary.csv, summary.md and the plots."""
-    plan, out = plan_ablation(path, out, runs)
+    results.csv, summary.csv, summary.md and the plots.
+
+    The results folder is checked and locked before any cell runs: a second ablation on the same --out
+    stops with "already in use by PID N" instead of running every cell again."""
+    plan, out = plan_ablation(path, out, runs, overrides)
+    for runs_dir in sorted({c.config.run.dir for c in plan.cells}):
+        check_writable(runs_dir, "ablate --runs")  # each cell's run folder is locked by its own Trainer
+    held = lock_output_dir(out, "ablate --out")  # noqa: F841  held until this function returns (FolderLock.__del__)
     if on_plan is not None:
         on_plan(plan, len(plan.cells))
     before = sum(1 for c in plan.cells if (out / "cells" / f"{c.id}.json").is_file())

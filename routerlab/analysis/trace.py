@@ -90,8 +90,7 @@ def model_place(model) -> tuple[torch.device, torch.dtype]:
 
 
 def router_name(config) -> str:
-    router = config.router
-    return router["name"] if isinstance(router, dict) else router.name
+    return config.router.name
 
 
 @torch.no_grad()
@@ -143,7 +142,7 @@ def record_trace(trainer, batches, *, logits: bool = False) -> Trace:
     cfg = trainer.config
     meta = {
         "run": str(trainer.run_dir), "step": int(trainer.step), "fingerprint": cfg.fingerprint(),
-        "router": router_name(cfg), "task": cfg.task["name"], "label_name": trainer.task.label_name,
+        "router": router_name(cfg), "task": cfg.task.name, "label_name": trainer.task.label_name,
         "num_labels": int(trainer.task.num_labels), "num_experts": int(cfg.model.num_experts),
         "num_layers": len(layers), "probe": probe_checksum(batches), "probe_batches": len(batches),
     }

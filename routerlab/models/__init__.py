@@ -2,9 +2,11 @@
 from routerlab.models.common import DenseFFN, MoEModel
 from routerlab.models.mlp import MoEClassifier
 from routerlab.models.transformer import MoETransformerLM
+from routerlab.registry import Spec
 
 
-def build_model(model_cfg, router_spec: dict, task) -> MoEModel:
+def build_model(model_cfg, router_spec: Spec, task) -> MoEModel:
+    """The model for a task's kind; every MoE layer gets a router built from `router_spec`."""
     if task.kind == "lm":
         if model_cfg.d_model % model_cfg.n_heads:
             from routerlab.errors import ConfigError

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from routerlab.moe import ExpertBank, MoELayer
 from routerlab.moe.shared import SharedExperts
+from routerlab.registry import Spec
 from routerlab.routers import build_router
 from routerlab.routers.balancing import pooled_balance
 
@@ -25,7 +26,7 @@ class DenseFFN(nn.Module):
         return self.w2(h)
 
 
-def make_ffn(cfg, layer_index: int, router_spec: dict) -> nn.Module:
+def make_ffn(cfg, layer_index: int, router_spec: Spec) -> nn.Module:
     """MoE in every `moe_every`-th layer (counting from the last), a dense FFN elsewhere; moe_every=0: all dense."""
     is_moe = cfg.moe_every > 0 and (cfg.n_layers - 1 - layer_index) % cfg.moe_every == 0
     if not is_moe:

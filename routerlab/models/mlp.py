@@ -4,10 +4,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from routerlab.models.common import MoEModel, make_ffn
+from routerlab.registry import Spec
 
 
 class MoEClassifier(MoEModel):
-    def __init__(self, cfg, router_spec: dict, input_dim: int, num_classes: int) -> None:
+    def __init__(self, cfg, router_spec: Spec, input_dim: int, num_classes: int) -> None:
         super().__init__()
         self.embed = nn.Linear(input_dim, cfg.d_model)
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(cfg.n_layers))

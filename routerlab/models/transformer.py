@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routerlab.models.common import MoEModel, make_ffn
+from routerlab.registry import Spec
 
 
 class CausalSelfAttention(nn.Module):
@@ -23,7 +24,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, layer_index: int, router_spec: dict) -> None:
+    def __init__(self, cfg, layer_index: int, router_spec: Spec) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads)
@@ -36,7 +37,7 @@ class Block(nn.Module):
 
 
 class MoETransformerLM(MoEModel):
-    def __init__(self, cfg, router_spec: dict, vocab_size: int, block_size: int) -> None:
+    def __init__(self, cfg, router_spec: Spec, vocab_size: int, block_size: int) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab_size, cfg.d_model)
         self.pos = nn.Embedding(block_size, cfg.d_model)

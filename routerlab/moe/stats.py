@@ -1,13 +1,14 @@
 """RoutingStats: what the core records about one routing step, and the metrics derived from it.
 
 Every field is a sum (or a max), so stats of several batches, layers' evaluations or ranks merge by
-addition. Definitions follow DESIGN.md: load_i counts token-slots the router sent to expert i.
+addition. Definitions follow docs/design.md and docs/metrics.md: load_i counts token-slots the router sent to expert i.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -94,7 +95,7 @@ def rank_overload(load: Tensor, ranks: int) -> float:
 
 
 def routing_metrics(stats: RoutingStats, ranks: int = 1) -> dict[str, float]:
-    """Scalar metrics of DESIGN.md from (possibly merged) stats; rank_overload when ranks > 1 (expert parallel).
+    """Scalar metrics of docs/metrics.md from (possibly merged) stats; rank_overload when ranks > 1 (expert parallel).
 
     max_vio is over every token the stats hold (merged micro-batches, ranks: the global batch);
     max_vio_batch the mean of each micro-batch's own, max_vio_seq the mean of each sequence's own."""
@@ -132,15 +133,25 @@ def specialization(labels: Tensor, experts: Tensor, num_labels: int, num_experts
     mask = experts >= 0
     table = torch.zeros(num_labels, num_experts, dtype=torch.float64)
     table.index_put_((labels[mask].long().cpu(), experts[mask].long().cpu()), torch.ones(int(mask.sum()), dtype=torch.float64), accumulate=True)
+    return normalized_mutual_information(table.numpy())
+
+
+def normalized_mutual_information(table) -> float:
+    """I(row; column) / min(H(row), log columns) of a [rows, columns] count table, in [0, 1]; 0 when empty.
+
+    The one implementation behind specialization (label x expert), the RL environment's episode
+    specialization and the federated client x expert measure.
+    """
+    table = np.asarray(table, dtype=np.float64)
     total = table.sum()
     if total == 0:
         return 0.0
     joint = table / total
-    pl, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    p_row, p_col = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
     nz = joint > 0
-    mi = float((joint[nz] * (joint[nz] / (pl @ pe)[nz]).log()).sum())
-    h_label = float(-(pl[pl > 0] * pl[pl > 0].log()).sum())
-    norm = min(h_label, math.log(num_experts))
+    mi = float((joint[nz] * np.log(joint[nz] / (p_row @ p_col)[nz])).sum())
+    h_row = float(-(p_row[p_row > 0] * np.log(p_row[p_row > 0])).sum())
+    norm = min(h_row, math.log(table.shape[1]))
     return mi / norm if norm > 0 else 0.0
 
 

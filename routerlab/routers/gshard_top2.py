@@ -25,7 +25,7 @@ from routerlab.routers.registry import register_router, require
 class GShardTop2Params(GateParams):
     alpha: float = 1e-2  # GShard aux loss coefficient
     groups: int = 1  # G: capacity and aux loss are computed per group of consecutive tokens
-    capacity_factor: float = 1.0  # per-group expert capacity ceil(cf * (T/G) * 2 / E); 0 = no router-level capacity
+    capacity_factor: float | None = 1.0  # per-group expert capacity ceil(cf * (T/G) * 2 / E); None = no router-level capacity
     random_routing: bool = True  # drop the second expert with probability 1 - min(1, 2 g2) in training
     random_routing_eval: bool = False  # also at evaluation (default: keep both experts at evaluation)
 
@@ -33,7 +33,8 @@ class GShardTop2Params(GateParams):
         super().__post_init__()
         require(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
         require(self.groups >= 1, f"groups must be >= 1, got {self.groups}")
-        require(self.capacity_factor >= 0, f"capacity_factor must be >= 0 (0 = off), got {self.capacity_factor}")
+        require(self.capacity_factor is None or self.capacity_factor > 0,
+                f"capacity_factor must be > 0, or null for no router-level capacity, got {self.capacity_factor}")
 
 
 @register_router("gshard_top2", GShardTop2Params)
@@ -61,7 +62,7 @@ class GShardTop2(GatedRouter):
             lo, hi = bounds[g], bounds[g + 1]
             if hi == lo:
                 continue
-            if p.capacity_factor > 0:
+            if p.capacity_factor is not None:
                 capacity = math.ceil(p.capacity_factor * (hi - lo) * 2 / E)
                 experts[lo:hi] = _apply_capacity(experts[lo:hi], E, capacity)
             if p.alpha > 0 and self.training:

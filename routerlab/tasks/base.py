@@ -1,24 +1,32 @@
 """The task contract and registry. A task makes batches; it never downloads anything.
 
+Tasks are one file each in this package, registered with `@register_task(name, Params)` (a frozen
+dataclass, the parameter style of every component kind) and found automatically (`routerlab.registry`).
+
 Every batch carries, besides inputs and targets, the token ids the MoE layers may hash on (or None)
 and a `labels` tensor: one label per MoE token, used for the specialization metric
 (cluster id, class, or character category).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
-from routerlab.errors import ConfigError
-from routerlab.routers.registry import format_validation_error
+from routerlab.registry import Params, Registry, Spec
+
+@dataclasses.dataclass(frozen=True)
+class TaskParams(Params):
+    """Parameters of a task: subclass as a frozen dataclass, every field with a default; range checks in
+    `__post_init__` with `routerlab.registry.require`."""
 
 
-class TaskParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+TASKS = Registry("task", package="routerlab.tasks", skip=("base",), params=TaskParams, name_attribute="name")
 
 
 @dataclass
@@ -47,7 +55,14 @@ class Batch:
 
 
 class Task:
-    """Base class. Subclasses fill the attributes below and implement `batch`."""
+    """Base class. Subclasses fill the attributes below and implement `batch`, `num_examples`, `subset`.
+
+    The protocol apps use (trainer, federated clients, RL environments, studies); nothing else:
+      kind                      "classification" (one target per example) or "lm" (a target per token)
+      batch(split, n, generator) a Batch drawn from split ("train", "val")
+      num_examples(split)       examples in split (tokens of the text for a language model)
+      subset(split, indices)    a copy whose split holds only those examples; the task itself is untouched
+    """
 
     name: str = ""
     kind: Literal["classification", "lm"] = "classification"
@@ -60,6 +75,12 @@ class Task:
     has_token_ids: bool = False
 
     def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:  # pragma: no cover
+        raise NotImplementedError
+
+    def num_examples(self, split: str) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def subset(self, split: str, indices: Tensor) -> Task:  # pragma: no cover
         raise NotImplementedError
 
     def data_info(self) -> dict:
@@ -83,65 +104,45 @@ class ClassificationTask(Task):
     def num_examples(self, split: str) -> int:
         return len(self.data[split][1])
 
+    def examples(self, split: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(inputs, targets, labels) of every example of split."""
+        return self.data[split]
+
+    def subset(self, split: str, indices: Tensor) -> ClassificationTask:
+        part = copy.copy(self)
+        part.data = dict(self.data)
+        part.restrict(split, indices)
+        return part
+
     def restrict(self, split: str, indices: Tensor) -> None:
-        """Keep only these examples of a split (federated partitions)."""
+        """Keep only these examples of a split, in place (federated partitions)."""
         self.data[split] = tuple(t[indices] for t in self.data[split])
 
 
-_TASKS: dict[str, tuple[Callable[..., Task], type[TaskParams]]] = {}
-
-
-def register_task(name: str, params: type[TaskParams] = TaskParams):
-    def decorate(cls):
-        _TASKS[name] = (cls, params)
-        cls.name = name
-        return cls
-
-    return decorate
-
-
-def _discover() -> None:
-    from routerlab.tasks import chars, clusters, digits, owndata, stdlib  # noqa: F401  (registration side effect)
+register_task = TASKS.register
+"""Class decorator: `@register_task("my_task", MyParams)`; the class is built as `cls(params)`."""
 
 
 def task_names() -> list[str]:
-    _discover()
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def task_entry(name: str):
-    _discover()
-    if name not in _TASKS:
-        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(_TASKS))}")
-    return _TASKS[name]
+    """(task class, parameter dataclass) of a registered task."""
+    return TASKS.entry(name)
 
 
-def parse_task_params(spec: dict[str, Any]) -> TaskParams:
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if name is None:
-        raise ConfigError(f"task needs a 'name'; valid tasks: {', '.join(task_names())}")
-    _, params_model = task_entry(name)
-    unknown = set(spec) - set(params_model.model_fields)
-    if unknown:
-        valid = ", ".join(sorted(params_model.model_fields)) or "(none)"
-        raise ConfigError(f"task {name!r} has no parameter {', '.join(sorted(unknown))}; valid: {valid}")
-    try:
-        return params_model(**spec)
-    except ValidationError as err:
-        raise ConfigError(f"task {name!r}: {format_validation_error(err)}") from None
+def parse_task(spec: Mapping[str, Any] | Spec) -> Spec:
+    return TASKS.parse(spec)
 
 
-def build_task(spec: dict[str, Any]) -> Task:
-    params = parse_task_params(spec)
-    cls, _ = task_entry(spec["name"])
-    return cls(params)
+def parse_task_params(spec: Mapping[str, Any] | Spec) -> TaskParams:
+    return TASKS.parse(spec).params
+
+
+def build_task(spec: Mapping[str, Any] | Spec) -> Task:
+    return TASKS.build(spec)
 
 
 def describe_tasks() -> list[tuple[str, str, dict[str, Any]]]:
-    rows = []
-    for name in task_names():
-        cls, params_model = _TASKS[name]
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        rows.append((name, doc, {f: "(required)" if info.is_required() else info.default for f, info in params_model.model_fields.items()}))
-    return rows
+    return TASKS.describe()

@@ -9,20 +9,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import copy
+import dataclasses
+
 import torch
-from pydantic import Field
+from torch import Tensor
 
 from routerlab.errors import ConfigError
+from routerlab.registry import require
 from routerlab.tasks.base import Batch, Task, TaskParams, register_task
 
 CATEGORIES = ("lower", "upper", "digit", "space", "punct", "other")
 
 
+@dataclasses.dataclass(frozen=True)
 class CharsParams(TaskParams):
-    block_size: int = Field(64, ge=2)
+    block_size: int = 64
     corpus: str | None = None  # path of a UTF-8 text file; None = pydoc_data.topics
-    val_frac: float = Field(0.1, gt=0, lt=1)
-    test_frac: float = Field(0.0, ge=0, lt=1)  # > 0: a held-out `test` split cut from the end of the training text
+    val_frac: float = 0.1
+    test_frac: float = 0.0  # > 0: a held-out `test` split cut from the end of the training text
+
+    def __post_init__(self) -> None:
+        require(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}")
+        require(0 < self.val_frac < 1, f"val_frac must be in (0, 1), got {self.val_frac}")
+        require(0 <= self.test_frac < 1, f"test_frac must be in [0, 1), got {self.test_frac}")
 
 
 def default_corpus() -> str:
@@ -96,6 +106,14 @@ class Chars(Task):
         window = torch.stack([ids[s : s + self.block_size + 1] for s in starts.tolist()])
         inputs = window[:, :-1]
         return Batch(inputs, window[:, 1:], self.category_of_id[inputs], token_ids=inputs)
+
+    def num_examples(self, split: str) -> int:
+        return len(self.data[split])
+
+    def subset(self, split: str, indices: Tensor) -> Chars:
+        part = copy.copy(self)
+        part.data = {**self.data, split: self.data[split][indices]}
+        return part
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)

@@ -6,22 +6,31 @@ good router learns cluster -> expert. `zipf` skews cluster frequencies (p_i prop
 """
 from __future__ import annotations
 
-import torch
-from pydantic import Field
+import dataclasses
 
+import torch
+
+from routerlab.registry import require
 from routerlab.tasks.base import ClassificationTask, TaskParams, register_task
 
 
+@dataclasses.dataclass(frozen=True)
 class ClustersParams(TaskParams):
-    num_clusters: int = Field(8, ge=1)
-    input_dim: int = Field(32, ge=2)
-    num_classes: int = Field(4, ge=2)
-    train_size: int = Field(16384, ge=1)
-    val_size: int = Field(2048, ge=1)
-    test_size: int = Field(0, ge=0)  # > 0: a held-out `test` split, drawn after train and val (which stay as they were)
-    spread: float = Field(0.5, gt=0)  # within-cluster std, relative to unit-norm-scaled centers
-    zipf: float = Field(0.0, ge=0)
+    num_clusters: int = 8
+    input_dim: int = 32
+    num_classes: int = 4
+    train_size: int = 16384
+    val_size: int = 2048
+    test_size: int = 0  # > 0: a held-out `test` split, drawn after train and val (which stay as they were)
+    spread: float = 0.5  # within-cluster std, relative to unit-norm-scaled centers
+    zipf: float = 0.0
     seed: int = 0  # data seed, independent of the training seed
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_clusters", 1), ("input_dim", 2), ("num_classes", 2), ("train_size", 1), ("val_size", 1), ("test_size", 0)):
+            require(getattr(self, name) >= low, f"{name} must be >= {low}, got {getattr(self, name)}")
+        require(self.spread > 0, f"spread must be > 0, got {self.spread}")
+        require(self.zipf >= 0, f"zipf must be >= 0, got {self.zipf}")
 
 
 @register_task("clusters", ClustersParams)

@@ -15,15 +15,16 @@ import json
 import os
 import shutil
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from routerlab.errors import ConfigError
+from routerlab.registry import require
 from routerlab.tasks.base import Batch, Task, TaskParams
 from routerlab.tasks.tokenizer import BPETokenizer, ByteTokenizer, _import_tokenizers, bpe_path, make_tokenizer
 
@@ -36,13 +37,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ROUTERLAB_CACHE") or Path.home() / ".cache" / "routerlab")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CorpusParams(TaskParams):
-    block_size: int = Field(256, ge=2)
+    block_size: int = 256
     tokenizer: Literal["bytes", "bpe"] = "bytes"
-    vocab_size: int = Field(8192, ge=300, le=1 << 20)  # BPE only
-    val_frac: float = Field(0.05, gt=0, lt=0.5)  # share of documents (by path hash) in val
-    test_frac: float = Field(0.05, ge=0, lt=0.5)
+    vocab_size: int = 8192  # BPE only
+    val_frac: float = 0.05  # share of documents (by path hash) in val
+    test_frac: float = 0.05
     cache_dir: str | None = None  # default $ROUTERLAB_CACHE or ~/.cache/routerlab
+
+    def __post_init__(self) -> None:
+        require(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}")
+        require(300 <= self.vocab_size <= 1 << 20, f"vocab_size must be in [300, {1 << 20}], got {self.vocab_size}")
+        require(0 < self.val_frac < 0.5, f"val_frac must be in (0, 0.5), got {self.val_frac}")
+        require(0 <= self.test_frac < 0.5, f"test_frac must be in [0, 0.5), got {self.test_frac}")
 
 
 @dataclass(frozen=True)

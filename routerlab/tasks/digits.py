@@ -1,15 +1,21 @@
 """`digits`: scikit-learn's bundled 8x8 digit images (1797 images, 10 classes), no download."""
 from __future__ import annotations
 
-import torch
-from pydantic import Field
+import dataclasses
 
+import torch
+
+from routerlab.registry import require
 from routerlab.tasks.base import ClassificationTask, TaskParams, register_task
 
 
+@dataclasses.dataclass(frozen=True)
 class DigitsParams(TaskParams):
-    val_frac: float = Field(0.2, gt=0, lt=1)
+    val_frac: float = 0.2
     seed: int = 0  # split seed
+
+    def __post_init__(self) -> None:
+        require(0 < self.val_frac < 1, f"val_frac must be in (0, 1), got {self.val_frac}")
 
 
 @register_task("digits", DigitsParams)

@@ -10,20 +10,22 @@ tokens  the layout nanoGPT's prepare.py writes: a folder with train.bin and val.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
 
 from routerlab.errors import ConfigError
+from routerlab.registry import require
 from routerlab.tasks.base import TaskParams, register_task
 from routerlab.tasks.corpus import SPLITS, CorpusParams, Document, DocumentLM, TokenLM
 
 ROOT_DOMAIN = "(root)"
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TextParams(CorpusParams):
     path: str  # a UTF-8 text file or a folder of text files
     pattern: str = "*"  # which files of a folder (glob, matched recursively)
@@ -68,13 +70,20 @@ class Text(DocumentLM):
         return {s: [Document(f"{docs[0].path}#{s}", piece, ROOT_DOMAIN)] if piece else [] for s, piece in zip(SPLITS, pieces)}
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TokensParams(TaskParams):
     path: str  # a folder with train.bin and val.bin, or one .bin file
     dtype: Literal["uint16", "uint32"] = "uint16"
-    vocab_size: int | None = Field(None, ge=2)  # default: largest id + 1
-    block_size: int = Field(256, ge=2)
-    val_frac: float = Field(0.05, gt=0, lt=0.5)  # one .bin file only: its last part is val
-    label_buckets: int = Field(16, ge=1, le=255)
+    vocab_size: int | None = None  # default: largest id + 1
+    block_size: int = 256
+    val_frac: float = 0.05  # one .bin file only: its last part is val
+    label_buckets: int = 16
+
+    def __post_init__(self) -> None:
+        require(self.vocab_size is None or self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        require(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}")
+        require(0 < self.val_frac < 0.5, f"val_frac must be in (0, 0.5), got {self.val_frac}")
+        require(1 <= self.label_buckets <= 255, f"label_buckets must be in [1, 255], got {self.label_buckets}")
 
 
 def file_sha256(path: Path) -> str:

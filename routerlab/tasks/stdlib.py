@@ -9,6 +9,7 @@ relative to the stdlib folder, so a file falls in the same split on every machin
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 import sysconfig
@@ -23,6 +24,7 @@ TEST_DIRS = {"test", "tests", "idle_test"}
 TOP_LEVEL = "(modules)"
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StdlibParams(CorpusParams):
     root: str | None = None  # the stdlib folder; default sysconfig.get_paths()["stdlib"]
     include: list[str] | None = None  # glob patterns of relative paths to keep (e.g. ["json/*", "email/*"]); None = all
