@@ -47,10 +47,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp/analysis-demo")
     parser.add_argument("--docs", default="", help="copy the first run's PNGs here as analysis-<name>.png")
+    parser.add_argument("--routers", default=",".join(ROUTERS), help="which runs (separate processes can share --out)")
+    parser.add_argument("--table", action="store_true", help="only print the table of the runs already analyzed under --out")
     args = parser.parse_args()
     out = Path(args.out)
     rows = {}
     for i, (name, extra) in enumerate(ROUTERS.items()):
+        if args.table:
+            path = out / name / "analysis" / "summary.json"
+            if path.is_file():
+                rows[name] = json.loads(path.read_text())
+            continue
+        if name not in args.routers.split(","):
+            continue
         start = time.perf_counter()
         summary = run(out, name, extra, trace=i == 0)
         rows[name] = summary

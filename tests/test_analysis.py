@@ -140,8 +140,12 @@ def test_analyze_a_finished_run_writes_figures_and_a_summary(tmp_path):
 
     runner = CliRunner()
     args = [a for s in TINY + ["model.n_layers=2", f"run.dir={tmp_path}", "run.name=x", "train.steps=12"] for a in ("--set", s)]
-    assert runner.invoke(app, ["train", "--no-progress", *args]).exit_code == 0
+    result = runner.invoke(app, ["train", "--no-progress", *args, "--trace-steps", "x"])
+    assert result.exit_code == 2 and "--trace-steps" in result.output and not (tmp_path / "x").exists()
+    result = runner.invoke(app, ["train", "--no-progress", *args, "--trace-steps", "0,6,12"])
+    assert result.exit_code == 0, result.output
     run = tmp_path / "x"
+    assert sorted(p.name for p in (run / "traces").iterdir()) == ["step0000000.npz", "step0000006.npz", "step0000012.npz"]
     result = runner.invoke(app, ["trace", str(run), "--out", str(tmp_path / "t12.npz")])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["analyze", str(run), "--against", str(tmp_path / "t12.npz"), "--ranks", "2,4"])
@@ -150,6 +154,11 @@ def test_analyze_a_finished_run_writes_figures_and_a_summary(tmp_path):
     for name in ("coactivation", "domain_expert", "margin", "regret", "expert_loss", "placement"):
         assert (run / "analysis" / f"{name}.png").stat().st_size > 1000
     assert [row["changed_vs_t12"] for row in summary["layers"]] == [0.0, 0.0]  # the same checkpoint traced twice
+    during, after = load_trace(run / "traces" / "step0000012.npz"), load_trace(tmp_path / "t12.npz")
+    assert all(np.array_equal(a.weights, b.weights) for a, b in zip(during.layers, after.layers))  # recorded in training = traced from the checkpoint
+    first = load_trace(run / "traces" / "step0000000.npz")
+    assert [row["changed_since_step0"] for row in summary["layers"]] == structure.set_change(first, after)
+    assert (run / "analysis" / "drift.png").is_file()
     assert {p["ranks"] for p in summary["placement"]} == {2, 4}
     assert "| layer | regret | mrr |" in (run / "analysis" / "summary.md").read_text()
     oracle = load_trace(run / "analysis" / "oracle.npz")
@@ -158,6 +167,7 @@ def test_analyze_a_finished_run_writes_figures_and_a_summary(tmp_path):
 
     events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0}).Reload()
     assert "analysis/regret/layer1" in events.Tags()["scalars"] and "analysis/coactivation" in events.Tags()["images"]
+    assert {6, 12} <= {e.step for e in events.Scalars("analysis/mrr/layer1")}  # logged at each evaluation while training
     # bad input: one line, exit 2, nothing written
     for bad, message in ([str(tmp_path / "nope")], "does not exist"), ([str(run), "--against", str(tmp_path / "none.npz")], "does not exist"), ([str(run), "--ranks", "x"], "--ranks"):
         result = runner.invoke(app, ["analyze", *bad])

@@ -73,9 +73,9 @@ class TraceRecorder:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run_dir))
-        for key, value in values.items():
-            name, _, layer = key.partition("/")
-            self._writer.add_scalar(f"analysis/{layer or 'mean'}/{name}" if layer else f"analysis/{name}", value, step)
+        for key, value in values.items():  # 'layer0/regret' -> analysis/regret/layer0; 'regret' (mean) -> analysis/regret
+            layer, _, metric = key.rpartition("/")
+            self._writer.add_scalar(f"analysis/{metric}/{layer}" if layer else f"analysis/{metric}", value, step)
         self._writer.flush()
 
     def close(self) -> None:
