@@ -156,6 +156,23 @@ class Parity(ClassificationTask):
         x = torch.randint(0, 2, (256, params.bits), generator=g)
         ones = x.sum(1)
         self.data = {split: (x.float(), ones % 2, ones) for split in ("train", "val")}
+
+
+from routerlab.moe.backends import EXPERT_BACKENDS, Loop
+
+
+class CountingLoop(Loop):
+    """The loop backend, counting its calls."""
+
+    name = "counting_loop"
+    calls = 0
+
+    def __call__(self, bank, x, counts):
+        CountingLoop.calls += 1
+        return super().__call__(bank, x, counts)
+
+
+EXPERT_BACKENDS[CountingLoop.name] = CountingLoop()
 '''
 
 PLUGIN_CHECK = '''
@@ -164,12 +181,22 @@ from routerlab.config import make_config
 from routerlab.train import Trainer
 
 out = {}
-config = make_config({"plugins": [sys.argv[1]], "task": {"name": "parity", "bits": "5"}, "router": {"name": "switch"},
-                      "model": {"d_model": 8, "num_experts": 2, "expert_hidden": 8, "n_layers": 1},
-                      "train": {"steps": 2, "batch_size": 8, "eval_batches": 1}, "run": {"checkpoint": False}})
-trainer = Trainer(config, log=False)
+
+
+def config(backend):
+    return make_config({"plugins": [sys.argv[1]], "task": {"name": "parity", "bits": "5"}, "router": {"name": "switch"},
+                        "model": {"d_model": 8, "num_experts": 2, "expert_hidden": 8, "n_layers": 1, "backend": backend},
+                        "train": {"steps": 2, "batch_size": 8, "eval_batches": 1}, "run": {"checkpoint": False}})
+
+
+trainer = Trainer(config("counting_loop"), log=False)
 metrics = trainer.fit()
-out["task"] = [config.task.name, config.task.params.bits, type(trainer.task).__name__, trainer.task.num_examples("train"), metrics["step"]]
+c = trainer.config
+out["task"] = [c.task.name, c.task.params.bits, type(trainer.task).__name__, trainer.task.num_examples("train"), metrics["step"]]
+reference = Trainer(config("loop"), log=False)
+reference.fit()
+plugin_backend = sys.modules[type(trainer.task).__module__].CountingLoop
+out["backend"] = [c.model.backend, plugin_backend.calls > 0, trainer.losses == reference.losses]
 try:
     make_config({"plugins": [sys.argv[1]], "task": {"name": "parity", "bits": 1}})
 except Exception as err:
@@ -179,7 +206,8 @@ print(json.dumps(out))
 
 
 def test_one_plugin_file_adds_components_found_by_name(tmp_path):
-    """Done-when of issue 20: a task (and the other kinds) added by one file, found by name, no other edits."""
+    """Done-when of issue 20: a task and an expert backend added by one file, each found by name in a config,
+    no other edits."""
     plugin = tmp_path / "my_components.py"
     plugin.write_text(PLUGIN, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -189,6 +217,7 @@ def test_one_plugin_file_adds_components_found_by_name(tmp_path):
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["task"] == ["parity", 5, "Parity", 256, 2]  # "5" typed to the int 5 by the registry
     assert "task 'parity': bits must be >= 2, got 1" in found["task_error"]
+    assert found["backend"] == ["counting_loop", True, True]  # used, and the same numbers as the loop it wraps
 
 
 def test_every_library_module_imports_in_a_fresh_interpreter_dependents_first():
