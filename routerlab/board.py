@@ -22,13 +22,19 @@ ROUTING_METRICS = (
 )
 
 
-def custom_layout() -> dict:
-    def charts(prefix: str) -> dict:
-        return {m: ["Multiline", [rf"{prefix}/{m}/.*"]] for m in ROUTING_METRICS}
+EVAL_ONLY_METRICS = ("specialization", "fluctuation")  # need labels / a fixed probe set: evaluation only
+HPARAM_METRICS = ("loss", "accuracy", "perplexity", "load_cv", "max_vio", "dropped_frac", "dead_experts",
+                  "specialization", "router_entropy", "tokens_per_s", "train_loss")  # the HParams table's columns
 
-    return {
-        "task": {"loss": ["Multiline", [r"train/loss", r"eval/loss"]], "quality": ["Multiline", [r"eval/accuracy", r"eval/perplexity"]]},
-        "routing (training batches)": charts("routing"),
+
+def custom_layout() -> dict:
+    def charts(prefix: str, skip: tuple[str, ...] = ()) -> dict:
+        return {m: ["Multiline", [rf"{prefix}/{m}/.*"]] for m in ROUTING_METRICS if m not in skip}
+
+    return {  # accuracy (0-1) and perplexity (1-vocab) on separate charts: one axis would flatten accuracy
+        "task": {"loss": ["Multiline", [r"train/loss", r"eval/loss"]], "accuracy": ["Multiline", [r"eval/accuracy"]],
+                 "perplexity": ["Multiline", [r"eval/perplexity"]]},
+        "routing (training batches)": charts("routing", EVAL_ONLY_METRICS),
         "routing (evaluation)": charts("eval_routing"),
         "auxiliary losses": {"aux": ["Multiline", [r"train/aux/.*"]]},
     }
@@ -45,6 +51,7 @@ def load_heatmap(loads: list[np.ndarray], title: str = "expert load (share of to
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * shares.shape[1] + 2), 0.6 * shares.shape[0] + 1.5))
     im = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
     ax.set_xlabel("expert")
+    ax.set_xticks(range(shares.shape[1]))  # integer expert indices
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(shares.shape[0]))
     ax.set_title(title, fontsize=9)
@@ -54,8 +61,9 @@ def load_heatmap(loads: list[np.ndarray], title: str = "expert load (share of to
 
 
 def flat_hparams(config) -> dict[str, Any]:
-    """Config as the flat scalar dict TensorBoard's hparams plugin wants."""
-    out: dict[str, Any] = {"seed": config.seed}
+    """Config as the flat scalar dict TensorBoard's hparams plugin wants; router.name and task.name first,
+    so the table's leading columns say which router a row is."""
+    out: dict[str, Any] = {"router.name": config.router["name"], "task.name": config.task["name"], "seed": config.seed}
     for section in ("task", "router"):
         for key, value in getattr(config, section).items():
             out[f"{section}.{key}"] = value
@@ -103,7 +111,9 @@ class Board:
             self.writer.add_figure("load/heatmap", load_heatmap(loads), step)
 
     def hparams(self, config, metrics: dict[str, float]) -> None:
-        final = {f"hparam/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+        # a few whole-model metrics, not one column per layer (layer<i>/...) and per counter
+        final = {f"hparam/{k}": metrics[k] for k in HPARAM_METRICS
+                 if isinstance(metrics.get(k), (int, float)) and np.isfinite(metrics[k])}
         self.writer.add_hparams(flat_hparams(config), final, run_name=".")
 
     def close(self) -> None:

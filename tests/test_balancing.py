@@ -375,3 +375,14 @@ def fixed_or_gated(spec, E):
     from routerlab.moe import ExpertBank, MoELayer
 
     return MoELayer(build_router(spec, D, E), ExpertBank(E, D, 8), backend="loop")
+
+
+def test_quantile_balanced_eval_prices_are_the_ema_of_batch_prices():
+    torch.manual_seed(10)
+    r = build_router({"name": "quantile_balanced", "k": 1, "eval_ema": 0.5}, D, 4).train()
+    shift = 2 * torch.randn(1, D)
+    r(torch.randn(64, D) + shift)
+    q1 = r.prices.clone()
+    r(torch.randn(64, D) + shift)
+    q2 = r.prices.clone()
+    assert torch.allclose(r.eval_prices, 0.5 * (0.5 * q1) + 0.5 * q2)

@@ -416,3 +416,23 @@ def test_the_fingerprint_covers_the_plugin_source(tmp_path):
     plain = load_config(None, ["router.name=softmax_topk"]).fingerprint()
     spelled_out = load_config(None, ["router.name=softmax_topk", "router.k=2", "router.z_loss=0.0"]).fingerprint()
     assert spelled_out == plain  # default parameters written out hash as the defaults
+
+
+# ---- TensorBoard reading -------------------------------------------------------------------------------
+def test_tensorboard_layout_and_hparams_read_well(tmp_path):
+    from routerlab.board import Board, custom_layout, flat_hparams
+
+    layout = custom_layout()
+    training = layout["routing (training batches)"]
+    assert "specialization" not in training and "fluctuation" not in training  # they exist only at evaluation
+    assert "specialization" in layout["routing (evaluation)"]
+    assert layout["task"]["accuracy"][1] == [r"eval/accuracy"] and layout["task"]["perplexity"][1] == [r"eval/perplexity"]
+    config = load_config(None, ["router.name=switch"])
+    assert list(flat_hparams(config))[:2] == ["router.name", "task.name"] and flat_hparams(config)["router.name"] == "switch"
+    board = Board(tmp_path / "tb")
+    seen = {}
+    board.writer.add_hparams = lambda hp, metrics, run_name: seen.update(metrics)
+    metrics = {"loss": 1.0, "accuracy": 0.5, "load_cv": 0.2, **{f"layer{i}/load_cv": 0.1 for i in range(8)}, "step": 3}
+    board.hparams(config, metrics)
+    board.close()
+    assert set(seen) == {"hparam/loss", "hparam/accuracy", "hparam/load_cv"}

@@ -8,8 +8,9 @@ Token t chooses e iff s_{t,e} - q_e > r_{t,e}, r_{t,e} = the k-th largest s_{t,e
     q_e = max(0, a value between the C-th and (C+1)-th largest of s_{t,e} - r_{t,e} over tokens)
 (a quantile of the margins: hence the name; the midpoint, so no token ties with the price)
 `sweeps` sweeps over the experts per training forward (default 2), warm-started from the previous prices; the
-prices are a buffer, and evaluation routes with the stored prices (a token's routing then depends on it
-alone: causal at evaluation; in training the prices come from the batch, like BASE layers).
+prices are a buffer, and evaluation routes with the stored prices, or with their EMA over training steps
+(`eval_ema`); a token's routing then depends on it alone: causal at evaluation (in training the prices come
+from the batch, like BASE layers).
 Combine weights are the unbiased scores of the chosen experts, so the gate learns through them; there is
 no balance loss and no coefficient (the balance options of the gate still apply). Megatron-Core calls
 its version of this quantile balancing (`qb_dual_update`); the BIP-based balancing of Sun et al. 2024
@@ -34,12 +35,14 @@ class QuantileBalancedParams(GateParams):
     renormalize: bool = True  # chosen weights sum to 1 (at k > 1)
     capacity: float = 1.0  # C = ceil(capacity * T k / E) slots per expert in the batch's assignment problem
     sweeps: int = 2  # coordinate-descent sweeps over the experts per training forward (warm-started)
+    eval_ema: float = 0.0  # evaluation routes with an EMA (this decay) of the batch prices; 0 = the last batch's
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.k >= 1, f"k must be >= 1, got {self.k}")
         require(self.capacity >= 1, f"capacity must be >= 1 (1 = exactly balanced), got {self.capacity}")
         require(self.sweeps >= 1, f"sweeps must be >= 1, got {self.sweeps}")
+        require(0 <= self.eval_ema < 1, f"eval_ema must be in [0, 1), got {self.eval_ema}")
         require(self.null_experts == 0, "quantile_balanced takes no null_experts")
 
 
@@ -70,6 +73,7 @@ class QuantileBalanced(GatedRouter):
     def __init__(self, d_model: int, num_experts: int, params: QuantileBalancedParams) -> None:
         super().__init__(d_model, num_experts, params)
         self.register_buffer("prices", torch.zeros(num_experts))
+        self.register_buffer("eval_prices", torch.zeros(num_experts))
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         p = self.params
@@ -80,7 +84,9 @@ class QuantileBalanced(GatedRouter):
                 scores = score_fn(p.score, self.gate_logits(x)).float()  # the same scores route_topk selects on
                 C = math.ceil(p.capacity * x.shape[0] * p.k / self.num_experts)
                 self.prices.copy_(dual_prices(scores, self.prices.float(), p.k, C, p.sweeps))
-        return self.route_topk(x, p.k, p.renormalize, selection_bias=-self.prices).routing
+                self.eval_prices.mul_(p.eval_ema).add_((1 - p.eval_ema) * self.prices)
+        prices = self.prices if self.training else self.eval_prices
+        return self.route_topk(x, p.k, p.renormalize, selection_bias=-prices).routing
 
     def extra_metrics(self) -> dict[str, float]:
         return {"price_max": float(self.prices.max()), "price_mean": float(self.prices.mean())}
