@@ -4,8 +4,9 @@
 
 Task `clusters` (8 latent clusters, each with its own labelling function: the ground truth for
 specialization), 8 experts, softmax top-2, 2 MoE layers, 600 steps of 64 examples, seed 0. Traces of the
-probe set at steps 0, 50, 100, 200, 400, 600 (the drift figure), then `routerlab analyze`. A second and third
-run (switch top-1, and the fixed `random` router) give the regret/MRR comparison of the docs' table.
+probe set at steps 0, 50, 100, 200, 400, 600 (the drift figure), then `routerlab analyze`. `--routers` adds
+runs of switch top-1 and the fixed `random` router for a regret/MRR comparison (not in the docs yet: they
+did not finish on the shared CPU in the session that wrote docs/analysis.md).
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@
   auto   off, for now. Measured on one H200 (2026-12-02, docs/benchmarks.md, issue 19): `moe` made the E=64, k=6
          preset 3.2x SLOWER (69k vs 221k tokens/s): the preset router's balance loss broke the graph at a
          data-dependent mask and dynamo recompiled the resumed frame every step until its limit. That break
-         (and the router's two host syncs) is gone since, but the fixed path is not yet re-measured, so auto
-         does not switch it on. The layer alone compiled (softmax_topk, no balance loss) ran 1.2x / 1.7x / 1.1x /
+         (and the router's two host syncs) is gone since, yet it measured 85k vs 285k eager after that fix; two
+         more causes were removed afterwards without a GPU to measure them (a graph break in the SwiGLU
+         backward's fallback, the device-capability query), so auto does not switch it on. The layer alone compiled (softmax_topk, no balance loss) ran 1.2x / 1.7x / 1.1x /
          0.98x eager at issue 19's four shapes.
 
 Modules are compiled in place (`nn.Module.compile`), so parameter names, state dicts and checkpoints are
@@ -46,6 +47,10 @@ def compile_model(model: nn.Module, mode: str, backend: str = "inductor") -> lis
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True  # a part that fails to compile runs eagerly
+    from routerlab.moe.kernels import cuda_capability
+
+    for device in {p.device for p in model.parameters() if p.is_cuda}:  # read outside the graph (auto backend's choice)
+        cuda_capability(device)
     # one compiled graph serves every block of the same shape; leave room for train/eval and several shapes
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     compiled: list[str] = []

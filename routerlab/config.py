@@ -71,10 +71,10 @@ class ModelConfig(Strict):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        from routerlab.moe.backends import EXPERT_BACKENDS
+        from routerlab.moe.backends import BACKEND_REGISTRY
 
-        if v not in EXPERT_BACKENDS:
-            raise ValueError(f"unknown expert backend {v!r}; valid: {', '.join(EXPERT_BACKENDS)}")
+        if v not in BACKEND_REGISTRY:  # plugin files (config `plugins`) are loaded before this section is checked
+            raise ValueError(f"unknown expert backend {v!r}; valid: {', '.join(BACKEND_REGISTRY.names())}")
         return v
 
 

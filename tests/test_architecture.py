@@ -158,21 +158,18 @@ class Parity(ClassificationTask):
         self.data = {split: (x.float(), ones % 2, ones) for split in ("train", "val")}
 
 
-from routerlab.moe.backends import EXPERT_BACKENDS, Loop
+from routerlab.moe.backends import Loop, register_backend
 
 
+@register_backend("counting_loop")
 class CountingLoop(Loop):
     """The loop backend, counting its calls."""
 
-    name = "counting_loop"
     calls = 0
 
     def __call__(self, bank, x, counts):
         CountingLoop.calls += 1
         return super().__call__(bank, x, counts)
-
-
-EXPERT_BACKENDS[CountingLoop.name] = CountingLoop()
 '''
 
 PLUGIN_CHECK = '''

@@ -184,6 +184,7 @@ def test_missing_corpus_is_one_line_exit_2(task_args, message, tmp_path):
 
 
 def test_trainer_records_data_checksum(small_root, tmp_path, tiny_overrides):
+    from routerlab.checkpoint import load_checkpoint, save_checkpoint
     from routerlab.config import load_config
     from routerlab.train import Trainer
 
@@ -195,10 +196,10 @@ def test_trainer_records_data_checksum(small_root, tmp_path, tiny_overrides):
     trainer.close()
     info = trainer.data_info
     assert info["data_checksum"] == trainer.task.data_checksum and info["tokens"]["train"] > 10000
-    state = torch.load(trainer.checkpoint_path, weights_only=True)
+    state = load_checkpoint(trainer.checkpoint_path)
     assert state["data_checksum"] == info["data_checksum"]
     assert np.isfinite(metrics["loss"])
     with pytest.raises(ConfigError, match="was trained on data"):  # resuming on other data is refused
         state["data_checksum"] = "0" * 64
-        torch.save(state, tmp_path / "other.pt")
+        save_checkpoint(tmp_path / "other.pt", state)
         Trainer(load_config(None, overrides), resume=tmp_path / "other.pt", log=False)

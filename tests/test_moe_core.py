@@ -216,30 +216,29 @@ def test_a_sharded_bank_refuses_the_local_dispatcher():
 
 
 def test_an_expert_backend_is_one_class_registered_by_name(tmp_path):
-    """A new backend: one class with a name, added to EXPERT_BACKENDS (from any file); model.backend finds it."""
+    """A new backend: one class in one (plugin) file, registered by name; model.backend finds it, no other edits."""
     from routerlab.config import make_config
-    from routerlab.moe.backends import EXPERT_BACKENDS, Loop
+    from routerlab.errors import ConfigError
     from routerlab.train import Trainer
 
-    class CountingLoop(Loop):
-        name = "counting_loop"
-        calls = 0
+    plugin = tmp_path / "counting_backend.py"
+    plugin.write_text(
+        "from routerlab.moe.backends import Loop, register_backend\n\n"
+        "@register_backend('counting_loop')\n"
+        "class CountingLoop(Loop):\n"
+        "    calls = 0\n\n"
+        "    def __call__(self, bank, x, counts):\n"
+        "        CountingLoop.calls += 1\n"
+        "        return super().__call__(bank, x, counts)\n", encoding="utf-8")
 
-        def __call__(self, bank, x, counts):
-            CountingLoop.calls += 1
-            return super().__call__(bank, x, counts)
-
-    def trainer(backend):
-        return Trainer(make_config({"seed": 1, "task": {"name": "clusters"}, "model": {"d_model": 8, "n_layers": 1, "num_experts": 4, "expert_hidden": 8, "backend": backend},
+    def trainer(backend, plugins=()):
+        return Trainer(make_config({"seed": 1, "plugins": list(plugins), "task": {"name": "clusters"},
+                                    "model": {"d_model": 8, "n_layers": 1, "num_experts": 4, "expert_hidden": 8, "backend": backend},
                                     "train": {"steps": 2, "batch_size": 8, "eval_batches": 1}, "run": {"dir": str(tmp_path), "checkpoint": False}}), log=False)
-
-    EXPERT_BACKENDS[CountingLoop.name] = CountingLoop()
-    try:
-        assert trainer("counting_loop").train_step() == trainer("loop").train_step()
-        assert CountingLoop.calls == 1  # one MoE layer, one forward (its backward goes through autograd)
-    finally:
-        del EXPERT_BACKENDS[CountingLoop.name]
-    from routerlab.errors import ConfigError
 
     with pytest.raises((ConfigError, ValueError), match="unknown expert backend 'counting_loop'"):
         trainer("counting_loop")
+    assert trainer("counting_loop", [str(plugin)]).train_step() == trainer("loop").train_step()
+    from routerlab.moe.backends import expert_backend
+
+    assert type(expert_backend("counting_loop")).calls == 1  # one MoE layer, one forward (backward: autograd)

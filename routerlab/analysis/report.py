@@ -105,9 +105,13 @@ def analyze_run(run_dir: str | Path, *, probe: int = 1, against: list[str] = (),
         save_trace(own, trace)
     save_trace(out / "oracle.npz", oracle_trace(trace, regrets))
 
-    history = [load_trace(p) for p in run_traces(run_dir)]
-    history = [t for t in history if t.meta["probe"] == trace.meta["probe"]]
-    first = min(history, key=lambda t: t.meta["step"]) if history else trace
+    traces = [load_trace(p) for p in run_traces(run_dir)]
+    same_probe = [t for t in traces if t.meta["probe"] == trace.meta["probe"]]
+    first = min(same_probe, key=lambda t: t.meta["step"]) if same_probe else trace
+    by_probe: dict[str, list[Trace]] = {}
+    for t in traces:
+        by_probe.setdefault(t.meta["probe"], []).append(t)
+    history = max(by_probe.values(), key=len) if by_probe else []  # the drift figure: the largest series of one probe set
     drift = structure.set_change(first, trace)
     against_change = [structure.set_change(t, trace) for t in others]
 
@@ -122,7 +126,7 @@ def analyze_run(run_dir: str | Path, *, probe: int = 1, against: list[str] = (),
     for i, r in enumerate(regrets):
         m = r.metrics()
         layers.append({"layer": i, **m, "margin": float(np.nanmean(margins[i])) if np.isfinite(margins[i]).any() else float("nan"),
-                       f"changed_since_step{first.meta['step']}": drift[i],
+                       **({f"changed_since_step{first.meta['step']}": drift[i]} if first is not trace else {}),
                        **{f"changed_vs_{Path(p).stem}": c[i] for p, c in zip(against, against_change)},
                        "load_cv": float(loads[i].std() / loads[i].mean()) if loads[i].mean() > 0 else 0.0})
     summary = {"run": str(run_dir), "step": step, "router": trace.meta["router"], "task": trace.meta["task"],

@@ -8,8 +8,8 @@
   grouped  torch grouped matmul over the sorted rows (CUDA sm90+ bf16/fp16; CPU bf16/fp16); no host sync
   padded   rows scattered into an [E, C, d] buffer, C = largest count, then batched matmul
   auto     grouped where it runs, else loop (which beat padded in every idle-CPU run, docs/benchmarks.md)
-Every backend equals `loop` forward and backward (tests/test_moe_core.py). A new backend is one class with a
-`name` here or in its own file, added to EXPERT_BACKENDS (by the generic registry's decorator once it exists).
+Every backend equals `loop` forward and backward (tests/test_moe_core.py). A new backend is one class in any
+file (a plugin file too, routerlab/registry.py) decorated `@register_backend("name")`; `model.backend=name` finds it.
 """
 from __future__ import annotations
 
@@ -19,10 +19,15 @@ import torch
 from torch import Tensor
 
 from routerlab.moe.kernels import GroupedSwiGLUFFN, grouped_mm, grouped_mm_supported
+from routerlab.registry import Registry
+
+# classes registered by name (stateless: one instance each, made on first use); no parameters
+BACKEND_REGISTRY = Registry("expert backend", name_attribute="name")
+register_backend = BACKEND_REGISTRY.register
 
 
 class ExpertBackend(Protocol):
-    name: str
+    name: str  # set by register_backend
 
     def supports(self, x: Tensor) -> bool: ...
 
@@ -33,8 +38,8 @@ def _pad_rows(y: Tensor, rows: int) -> Tensor:
     return y if y.shape[0] == rows else torch.cat([y, y.new_zeros(rows - y.shape[0], y.shape[1])])
 
 
+@register_backend("loop")
 class Loop:
-    name = "loop"
 
     def supports(self, x: Tensor) -> bool:
         return True
@@ -51,8 +56,8 @@ class Loop:
         return _pad_rows(y, x.shape[0])
 
 
+@register_backend("grouped")
 class Grouped:
-    name = "grouped"
 
     def supports(self, x: Tensor) -> bool:
         return grouped_mm_supported(x)
@@ -66,8 +71,8 @@ class Grouped:
         return grouped_mm(bank.act(grouped_mm(x, bank.w_in, offs=offs)), bank.w_out, offs=offs)
 
 
+@register_backend("padded")
 class Padded:
-    name = "padded"
 
     def supports(self, x: Tensor) -> bool:
         return True
@@ -84,14 +89,13 @@ class Padded:
         return _pad_rows(y.reshape(E * capacity, -1)[slot], x.shape[0])
 
 
+@register_backend("auto")
 class Auto:
     """grouped where it runs; else the per-expert loop, which beat `padded` in every run of `routerlab bench`
     on an idle 2-core CPU (fp32; docs/benchmarks.md)."""
 
-    name = "auto"
-
     def choose(self, x: Tensor) -> ExpertBackend:
-        return EXPERT_BACKENDS["grouped"] if EXPERT_BACKENDS["grouped"].supports(x) else EXPERT_BACKENDS["loop"]
+        return expert_backend("grouped") if expert_backend("grouped").supports(x) else expert_backend("loop")
 
     def supports(self, x: Tensor) -> bool:
         return True
@@ -100,15 +104,16 @@ class Auto:
         return self.choose(x)(bank, x, counts)
 
 
-EXPERT_BACKENDS: dict[str, ExpertBackend] = {b.name: b for b in (Auto(), Loop(), Grouped(), Padded())}
-BACKENDS = tuple(EXPERT_BACKENDS)
+BACKENDS = ("auto", "loop", "grouped", "padded")  # the built-in ones
+_INSTANCES: dict[type, ExpertBackend] = {}
 
 
 def expert_backend(name: str) -> ExpertBackend:
-    try:
-        return EXPERT_BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown expert backend {name!r}; valid: {', '.join(EXPERT_BACKENDS)}") from None
+    """The backend registered as `name` (ConfigError naming the valid ones otherwise)."""
+    cls = BACKEND_REGISTRY.entry(name).obj
+    if cls not in _INSTANCES:
+        _INSTANCES[cls] = cls()
+    return _INSTANCES[cls]
 
 
 def choose_backend(backend: str, x: Tensor) -> str:

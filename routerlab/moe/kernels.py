@@ -39,12 +39,24 @@ def uses_triton(t: Tensor) -> bool:
     return (t.is_cuda or _INTERPRET) and t.dtype in KERNEL_DTYPES and triton_available()
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}  # CUDA device index -> compute capability, read once per device
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The device's compute capability, cached: a plain dict read on later calls (also inside torch.compile,
+    where the driver query would break the graph)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
 def grouped_mm_supported(x: Tensor) -> bool:
     """grouped_mm needs bf16/fp16 (its fp32 backward fails on CPU) and, on CUDA, a Hopper-class GPU."""
     if grouped_mm is None or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device)[0] >= 9
+        return cuda_capability(x.device)[0] >= 9
     return x.device.type == "cpu"
 
 
@@ -73,9 +85,13 @@ def swiglu_backward(h13: Tensor, grad: Tensor, n_rows: Tensor | None = None) -> 
         width = h13.shape[-1]
         out = triton_swiglu.backward(h13.reshape(-1, width).contiguous(), grad.reshape(-1, width // 2), n_rows)
         return out.view(h13.shape)
-    with torch.enable_grad():
-        h = h13.detach().requires_grad_(True)
-        return torch.autograd.grad(swiglu_reference(h), h, grad)[0]
+    # the kernels' formula in PyTorch (fp32 math for 16-bit inputs, like the kernels): no autograd.grad inside a
+    # backward, which torch.compile cannot trace
+    math_dtype = torch.promote_types(h13.dtype, torch.float32)
+    a, b = h13.to(math_dtype).chunk(2, dim=-1)
+    g = grad.to(math_dtype)
+    s = torch.sigmoid(a)
+    return torch.cat([g * b * s * (1 + a * (1 - s)), g * a * s], dim=-1).to(h13.dtype)
 
 
 class _SwiGLU(torch.autograd.Function):

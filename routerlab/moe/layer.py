@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from routerlab.moe.experts import ExpertBank
 from routerlab.moe.kernels import uses_triton
 from routerlab.moe.stats import RoutingStats, stats_from_routing
+from routerlab.registry import Registry
 from routerlab.routers.base import Router, Routing
 
 
@@ -221,10 +222,15 @@ def flatten_tokens(x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, Tensor 
     return x.reshape(-1, x.shape[-1]), None if token_ids is None else token_ids.reshape(-1)
 
 
+# dispatchers registered by name: `@register_dispatcher("name")` on a class built as cls(group, chunks) for the
+# expert-parallel ones (routerlab/moe/parallel.py), cls() for the local one
+DISPATCHERS = Registry("dispatcher", name_attribute="name")
+register_dispatcher = DISPATCHERS.register
+
+
+@register_dispatcher("local")
 class LocalDispatch:
     """Every expert in this process: plan -> permute -> experts -> combine (moe_compute)."""
-
-    name = "local"
 
     def __call__(self, layer: MoELayer, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         if layer.experts.sharded:

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from routerlab.moe.layer import DispatchPlan, MoELayer, combine, permute, plan_dispatch
+from routerlab.moe.layer import DISPATCHERS, DispatchPlan, MoELayer, combine, permute, plan_dispatch, register_dispatcher
 from routerlab.routers.base import Routing
 
 EXCHANGES = ("variable", "fixed", "auto")
@@ -296,10 +296,9 @@ class _ExpertParallelDispatch:
         return [T // C + (c < T % C) for c in range(C)]
 
 
+@register_dispatcher("all_to_all")
 class AllToAllDispatch(_ExpertParallelDispatch):
     """Variable splits (steps 1-5 of the module docstring): any token counts, one host sync per layer."""
-
-    name = "all_to_all"
 
     def __call__(self, layer: MoELayer, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         experts, weights = routing.experts, routing.weights
@@ -372,11 +371,10 @@ class AllToAllDispatch(_ExpertParallelDispatch):
         return combine(y, recv_meta[:, :k_max], local)
 
 
+@register_dispatcher("all_gather")
 class AllGatherDispatch(_ExpertParallelDispatch):
     """Fixed splits (the module docstring): static sizes, no host sync; every rank of the group must pass
     the same number of tokens."""
-
-    name = "all_gather"
 
     def __call__(self, layer: MoELayer, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         """Every rank's tokens go to every rank (an all_gather of each chunk's Tc tokens and their metadata:
@@ -412,8 +410,7 @@ class AllGatherDispatch(_ExpertParallelDispatch):
         return combine(y, recv_meta[:, :k], plan)
 
 
-DISPATCHERS = {d.name: d for d in (AllToAllDispatch, AllGatherDispatch)}  # the local one is layer.LocalDispatch
-EXCHANGE_DISPATCHERS = {"variable": AllToAllDispatch, "fixed": AllGatherDispatch}
+EXCHANGE_DISPATCHERS = {"variable": "all_to_all", "fixed": "all_gather"}  # shard_experts' exchange -> dispatcher name
 
 
 def first_rows(plan: DispatchPlan, n_kept: int) -> DispatchPlan:
@@ -448,5 +445,5 @@ def shard_experts(model: torch.nn.Module, group=None, chunks: int = 1, exchange:
             module.experts = bank.block(rank, size)
         elif bank.num_experts * size != bank.total_experts or bank.first_expert != rank * bank.num_experts:
             raise ValueError(f"this bank holds experts {bank.first_expert}..{bank.first_expert + bank.num_experts - 1} of {bank.total_experts}, not block {rank} of {size}")
-        module.dispatcher = EXCHANGE_DISPATCHERS[exchange](group, chunks)
+        module.dispatcher = DISPATCHERS.entry(EXCHANGE_DISPATCHERS[exchange]).obj(group, chunks)
     return model
