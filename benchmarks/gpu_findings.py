@@ -41,10 +41,16 @@ def log(text: str, sink) -> None:
     sink.flush()
 
 
+RUN = ("import sys; from routerlab.ablate.study import run_ablation; "
+       "r = run_ablation(sys.argv[1], out=sys.argv[2], per_gpu=int(sys.argv[3]), report_only=sys.argv[4] == '1', "
+       "command='routerlab ablate ' + sys.argv[1] + ' --per-gpu ' + sys.argv[3]); "
+       "print('cells done', len(r.results), 'failed', r.errors)")  # no entry points needed (a copied tree)
+
+
 def ablate(file: Path, out: Path, per_gpu: int, timeout: float, sink) -> tuple[float, bool]:
-    cmd = [sys.executable, "-m", "routerlab", "ablate", str(file), "--out", str(out), "--per-gpu", str(per_gpu)]
+    cmd = [sys.executable, "-c", RUN, str(file), str(out), str(per_gpu)]
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd + ["0"], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         proc.wait(timeout=max(1.0, timeout))
         finished = True
@@ -52,7 +58,7 @@ def ablate(file: Path, out: Path, per_gpu: int, timeout: float, sink) -> tuple[f
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         finished = False
-        subprocess.run(cmd + ["--report-only"], stdout=sink, stderr=subprocess.STDOUT)
+        subprocess.run(cmd + ["1"], stdout=sink, stderr=subprocess.STDOUT)
     return time.time() - start, finished
 
 
@@ -108,6 +114,9 @@ def main() -> None:
     aggregate = sum(rates)
     log(f"probe: 6 runs x 60 steps at once in {wall:.1f}s wall; tokens/s per run {[round(r) for r in rates]}; "
         f"aggregate {aggregate:,.0f} tokens/s while training; {tokens / wall:,.0f} tokens/s over the wall time", sink)
+    if aggregate <= 0:
+        log("probe trained nothing: stopping (see the log above)", sink)
+        return
     plan = {"probe_aggregate_tokens_per_s": aggregate, "probe_wall_s": wall, "grids": {}}
 
     # 2. the grids in priority order

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         if workers > 1:
             args = [name, "--n-trials", str(target), "--heartbeat", str(heartbeat)]  # the storage URL goes by environment
             args += [f"--set={s}" for s in set_] + (["--timeout", str(timeout)] if timeout is not None else [])
-            code, worker_ids = run_study(args, workers, url, worker_devices(device, workers, cuda_count))
+            code, worker_ids = run_study(args, workers, url, worker_devices(device, workers, cuda_count), worker_index)
             study_obj = open_study(spec, url, heartbeat)
             lost = fail_orphaned_trials(study_obj, worker_ids)
             if code or lost:

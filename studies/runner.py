@@ -193,13 +193,15 @@ def worker_devices(device: str, workers: int, cuda_count: int) -> list[str | Non
     return slots[:workers]
 
 
-def run_study(args: list[str], workers: int, storage_url: str, devices: list[str | None] | None = None) -> tuple[int, set[str]]:
+def run_study(args: list[str], workers: int, storage_url: str, devices: list[str | None] | None = None,
+              machine_index: int = 0) -> tuple[int, set[str]]:
     """Start `workers` worker processes (the same command with --workers 1) and wait for them.
 
     Open the study first (open_study), so the workers do not race to create its tables. devices[i] (if not
-    None) is worker i's train.device. The storage URL (it may hold a password) goes through the environment,
-    never the command line that `ps` shows. The workers die with this process. Returns (0 only if every worker
-    exited 0, else 1; the workers' "host:pid").
+    None) is worker i's train.device. Worker i's index (its sampler seed offset) is machine_index x 1000 + i,
+    so the workers of machines started with distinct --worker-index never share a seed. The storage URL (it
+    may hold a password) goes through the environment, never the command line that `ps` shows. The workers
+    die with this process. Returns (0 only if every worker exited 0, else 1; the workers' "host:pid").
     """
     from routerlab.procs import set_parent_death_signal
     from studies.cli import STORAGE_ENV
@@ -207,7 +209,7 @@ def run_study(args: list[str], workers: int, storage_url: str, devices: list[str
     env = {**os.environ, STORAGE_ENV: storage_url, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     procs = []
     for i in range(workers):
-        cmd = [sys.executable, "-m", "routerlab", "study", *args, "--workers", "1", "--worker-index", str(i), "--no-progress"]
+        cmd = [sys.executable, "-m", "routerlab", "study", *args, "--workers", "1", "--worker-index", str(machine_index * 1000 + i), "--no-progress"]
         device = (devices or [None] * workers)[i]
         if device is not None:
             cmd.append(f"--set=train.device={device}")
