@@ -101,3 +101,25 @@ def test_summary_mean_std_and_t_interval():
     assert s.half == pytest.approx(scipy_stats.t.ppf(0.975, 3) * std / 2)
     one = summarize([5.0])
     assert one.mean == 5.0 and one.std == 0.0 and math.isnan(one.half)
+
+
+def test_edge_cases_of_the_metrics():
+    E = 4
+    nothing = torch.full((6, 2), -1)
+    m = routing_metrics(stats_from_routing(nothing, torch.zeros(6, E), torch.zeros(6, 2, dtype=torch.bool), E))
+    assert (m["load_cv"], m["max_vio"], m["usage_entropy"], m["max_vio_batch"], m["dropped_frac"], m["dead_experts"]) == (0.0, 0.0, 0.0, 0.0, 1.0, 4.0)
+    one = torch.tensor([[2, -1]] + [[-1, -1]] * 3)  # a single routed slot
+    logits = torch.zeros(4, E)
+    m = routing_metrics(stats_from_routing(one, logits, one >= 0, E))
+    assert m["switch_balance"] == pytest.approx(E * 1.0 * 0.25)  # f = [0, 0, 1, 0], P uniform
+    assert m["max_vio_seq"] == pytest.approx(m["max_vio"]) == pytest.approx(3.0)  # one sequence: its own MaxVio
+    assert normalized_mutual_information(np.array([[5, 0], [0, 0], [0, 5]])) == pytest.approx(1.0)  # an empty label row
+
+
+def test_summary_of_two_values_has_an_interval():
+    from scipy import stats as scipy_stats
+
+    from routerlab.ablate.report import summarize
+
+    s = summarize([1.0, 3.0])
+    assert s.half == pytest.approx(scipy_stats.t.ppf(0.975, 1) * math.sqrt(2) / math.sqrt(2))

@@ -436,3 +436,28 @@ def test_tensorboard_layout_and_hparams_read_well(tmp_path):
     board.hparams(config, metrics)
     board.close()
     assert set(seen) == {"hparam/loss", "hparam/accuracy", "hparam/load_cv"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc")
+def test_study_workers_die_with_a_killed_parent(tmp_path):
+    """The mechanism run_study gives its workers (preexec_fn=set_parent_death_signal): kill -9 the parent,
+    the child follows at once."""
+    parent_code = ("import subprocess, sys, time; from routerlab.procs import set_parent_death_signal; "
+                   "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=set_parent_death_signal); "
+                   "print(c.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and alive(child):
+            time.sleep(0.1)
+        assert not alive(child)
+    finally:
+        try:
+            os.killpg(parent.pid, 9)
+        except ProcessLookupError:
+            pass
