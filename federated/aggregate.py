@@ -1,18 +1,19 @@
-"""The aggregation strategies (pure torch, no flwr) and the per-round federation metrics.
+"""Aggregation and expert selection (pure torch and numpy, no flwr) and the per-round federation metrics.
 
-  fedavg           every parameter averaged with weights = the client's number of training examples.
-  expert_weighted  shared parameters as fedavg; the slice [e] of each expert tensor (ExpertBank stacks
-                   experts on dim 0) averaged with weights = tokens each client routed to expert e
-                   in that layer during the round. An expert no client used keeps its global value,
-                   so clients that never used an expert do not dilute it.
-  personal_router  router parameters never leave the clients (they are absent from the updates and
-                   the global router is left alone); experts and shared layers as expert_weighted.
-Parameter names decide the role: '.router.' = router, '.experts.' = expert (docs/design.md, tagging).
+A client update carries the shared parameters whole and, for every MoE layer, only the rows of the
+stacked expert tensors (ExpertBank stacks experts on dim 0) that the client held this round (`held`;
+absent = all experts). `merge` averages:
+  - every shared parameter over the clients that sent it, weighted by their training examples;
+  - row e of each expert tensor over the clients that held expert e, weighted by what the strategy
+    says (examples for fedavg, tokens routed to e for expert_weighted); an expert that no client held,
+    or whose weights are all zero, keeps its global value.
+Parameter names decide the role: '.router.' = router, '.experts.' = expert (DESIGN.md tagging).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,49 +35,84 @@ def expert_layer(key: str) -> str:
     return f".{key}".split(".experts.")[0][1:]
 
 
-def shared_keys(state: dict[str, Tensor], strategy: str) -> list[str]:
-    """The keys that travel between server and clients under `strategy`."""
-    return [k for k in state if not (strategy == "personal_router" and is_router(k))]
+def is_local(key: str, local: list[str] | tuple[str, ...]) -> bool:
+    """Whether `key` stays on the client: it contains one of the `local` patterns ('' matches every key)."""
+    return any(p in f".{key}" for p in local)
 
 
 @dataclass
 class ClientUpdate:
-    state: dict[str, Tensor]  # the parameters the client sent back
+    state: dict[str, Tensor]  # the parameters the client sent back (expert tensors: only the held rows, in `held` order)
     num_examples: int
     tokens: dict[str, Tensor] = field(default_factory=dict)  # MoE layer name -> [E] token-slots routed this round
+    held: dict[str, list[int]] = field(default_factory=dict)  # MoE layer name -> expert ids held (absent = all)
 
 
-def _weighted(tensors: list[Tensor], weights: Tensor) -> Tensor:
-    """sum_i w_i t_i / sum_i w_i along a new leading client axis; weights broadcast from the left."""
-    stacked = torch.stack([t.double() for t in tensors])
-    w = weights.double().reshape(weights.shape + (1,) * (stacked.dim() - weights.dim()))
-    return (stacked * w).sum(0) / w.sum(0)
+ExpertWeights = Callable[[ClientUpdate, str], "Tensor | None"]  # (update, layer) -> [E] weights, None = examples
+
+
+def full_rows(update: ClientUpdate, key: str, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The update's expert tensor scattered into the global shape (double), and the [E] mask of rows it holds."""
+    rows = update.held.get(expert_layer(key))
+    value = update.state[key].double()
+    if rows is None:
+        return value, torch.ones(like.shape[0], dtype=torch.bool)
+    full = torch.zeros(like.shape, dtype=torch.float64)
+    full[torch.as_tensor(rows, dtype=torch.long)] = value
+    mask = torch.zeros(like.shape[0], dtype=torch.bool)
+    mask[torch.as_tensor(rows, dtype=torch.long)] = True
+    return full, mask
+
+
+def merge(global_state: dict[str, Tensor], updates: list[ClientUpdate], expert_weights: ExpertWeights) -> dict[str, Tensor]:
+    """The new global state (see the module docstring). Keys no client sent and integer buffers keep their value."""
+    out = dict(global_state)
+    for key, current in global_state.items():
+        senders = [u for u in updates if key in u.state]
+        if not senders or not current.is_floating_point():
+            continue
+        if not is_expert(key):
+            w = torch.tensor([float(u.num_examples) for u in senders], dtype=torch.float64)
+            stacked = torch.stack([u.state[key].double() for u in senders])
+            out[key] = ((stacked * w.reshape((-1,) + (1,) * current.dim())).sum(0) / w.sum()).to(current.dtype)
+            continue
+        layer, num = expert_layer(key), current.shape[0]
+        values, weights = [], []
+        for u in senders:
+            full, mask = full_rows(u, key, current)
+            given = expert_weights(u, layer)
+            w = torch.full((num,), float(u.num_examples), dtype=torch.float64) if given is None else given.double().reshape(num)
+            values.append(full)
+            weights.append(torch.where(mask, w, torch.zeros_like(w)))
+        w = torch.stack(weights)  # [clients, E]
+        used = w.sum(0) > 0
+        w = torch.where(used, w, torch.ones_like(w))  # avoid 0/0 on rows that keep their global value
+        stacked = torch.stack(values)
+        merged = (stacked * w.reshape(w.shape + (1,) * (current.dim() - 1))).sum(0) / w.sum(0).reshape((num,) + (1,) * (current.dim() - 1))
+        keep = used.reshape((-1,) + (1,) * (current.dim() - 1))
+        out[key] = torch.where(keep, merged, current.double()).to(current.dtype)
+    return out
 
 
 def aggregate(strategy: str, global_state: dict[str, Tensor], updates: list[ClientUpdate]) -> dict[str, Tensor]:
-    """The new global state. Keys no client sent (local routers) and integer buffers keep their global value."""
-    if not updates:
-        return dict(global_state)
-    examples = torch.tensor([float(u.num_examples) for u in updates])
-    out = dict(global_state)
-    for key, current in global_state.items():
-        if not all(key in u.state for u in updates) or not current.is_floating_point():
-            continue
-        tensors = [u.state[key] for u in updates]
-        layer = expert_layer(key) if is_expert(key) else None
-        per_expert = (
-            strategy != "fedavg" and layer is not None and all(layer in u.tokens for u in updates)
-            and current.shape[0] == updates[0].tokens[layer].numel()
-        )
-        if per_expert:
-            tokens = torch.stack([u.tokens[layer].double() for u in updates])  # [clients, E]
-            used = tokens.sum(0) > 0
-            merged = _weighted(tensors, torch.where(used, tokens, torch.ones_like(tokens)))
-            keep = used.reshape((-1,) + (1,) * (current.dim() - 1))
-            out[key] = torch.where(keep, merged, current.double()).to(current.dtype)
-        else:
-            out[key] = _weighted(tensors, examples).to(current.dtype)
-    return out
+    """`merge` with the expert weights of the registered strategy `strategy`."""
+    from federated.strategies import strategy_class
+
+    return merge(global_state, updates, strategy_class(strategy).expert_weights)
+
+
+def choose_experts(last_tokens: Tensor | None, num_experts: int, keep: int, explore: int, rng: np.random.Generator) -> list[int]:
+    """The `keep` experts a client is sent: its most used ones last round (by token-slots, ties and unused
+    slots filled at random) minus `explore` slots given to experts it did not use most. No history: `keep` at random."""
+    keep = min(keep, num_experts)
+    order = rng.permutation(num_experts)  # the random tie-break and the random fill
+    if last_tokens is None:
+        return sorted(order[:keep].tolist())
+    explore = min(explore, keep - 1) if keep > 1 else 0
+    tokens = np.asarray(last_tokens, dtype=np.float64)
+    ranked = [int(e) for e in sorted(order, key=lambda e: -tokens[e]) if tokens[e] > 0][: keep - explore]
+    rest = [int(e) for e in order if e not in ranked]
+    return sorted(ranked + rest[: keep - len(ranked)])
 
 
 def worst_decile(values: list[float]) -> float:

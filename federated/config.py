@@ -14,8 +14,7 @@ from routerlab.config import Config, Strict, apply_overrides, make_config, read_
 from routerlab.errors import ConfigError, format_validation_error
 from routerlab.tasks.base import task_entry
 
-STRATEGIES = ("fedavg", "expert_weighted", "personal_router")
-PARTITIONS = ("iid", "dirichlet", "classes", "contiguous")
+PARTITIONS = ("iid", "dirichlet", "classes", "contiguous", "domains")
 DEFAULT_CONFIG = Path(__file__).with_name("digits.yaml")
 
 
@@ -36,12 +35,25 @@ class FederatedParams(Strict):
     target_accuracy: float = Field(0.8, gt=0, le=1)  # for "rounds to target"
     client_eval: bool = True  # evaluate the new global model on every client after each round
     sim_cpus: int = Field(2, ge=1)  # Ray simulation: CPUs (one client per CPU at a time)
+    node_wait: float = Field(120.0, gt=0)  # seconds the ServerApp waits for all SuperNodes to connect
+    # expert-sparse communication: each client is sent (and returns) only `send_experts` experts per layer
+    send_experts: int = Field(0, ge=0)  # 0 = every expert
+    explore_experts: int = Field(1, ge=0)  # of those, slots for experts the client did not use most last round
+    # unequal clients: the first `small_clients` partitions hold at most small_experts experts and route with small_k
+    small_clients: int = Field(0, ge=0)
+    small_experts: int = Field(0, ge=0)  # 0 = as the others
+    small_k: int = Field(0, ge=0)  # 0 = the router's k
+    # clients that never train: evaluated on the final model after 0 and adapt_steps local steps
+    unseen_clients: int = Field(0, ge=0)
+    adapt_steps: int = Field(0, ge=0)  # final evaluation: also after this many router-only / full fine-tuning steps
 
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
-        if v not in STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; valid strategies: {', '.join(STRATEGIES)}")
+        from federated.strategies import strategy_names
+
+        if v not in strategy_names():
+            raise ValueError(f"unknown strategy {v!r}; valid strategies: {', '.join(strategy_names())}")
         return v
 
     @field_validator("partition")
@@ -90,8 +102,19 @@ def make_setup(data: dict[str, Any]) -> FederatedSetup:
 
 def check_setup(config: Config, fed: FederatedParams) -> None:
     lm = task_entry(config.task.name).obj.kind == "lm"
-    if lm and fed.partition != "contiguous":
-        raise ConfigError(f"task {config.task.name!r} is split into contiguous slices of the corpus; set federated.partition=contiguous (got {fed.partition!r})")
+    if lm and fed.partition not in ("contiguous", "domains"):  # domains: corpus tasks with domain labels (stdlib)
+        raise ConfigError(f"task {config.task.name!r} is split into contiguous slices of the corpus; set federated.partition=contiguous (or domains for a corpus with domain labels, e.g. stdlib; got {fed.partition!r})")
+    k = int(config.router.get("k", 1))
+    num = config.model.num_experts
+    for name, m, kk in (("send_experts", fed.send_experts, k), ("small_experts", fed.small_experts, fed.small_k or k)):
+        if m and not kk <= m <= num:
+            raise ConfigError(f"federated.{name}={m} must lie between the top-k ({kk}) and num_experts ({num}), or be 0 (= every expert)")
+    if fed.small_k and fed.small_k > k:
+        raise ConfigError(f"federated.small_k={fed.small_k} must be at most the router's k={k} (or 0 = the same)")
+    if fed.small_k and "k" not in config.router:
+        raise ConfigError(f"federated.small_k needs a router with a k parameter; router {config.router['name']!r} has none set")
+    if fed.small_clients > fed.num_clients:
+        raise ConfigError(f"federated.small_clients={fed.small_clients} exceeds federated.num_clients={fed.num_clients}")
 
 
 def load_setup(path: str | Path | None, overrides: list[str] = ()) -> FederatedSetup:

@@ -1,13 +1,23 @@
 """Flower's deployment engine on one machine: a `flower-superlink` and N `flower-supernode` processes
 on 127.0.0.1, the app started against them with `flwr run`, everything stopped afterwards.
 
-This is what users do when clients are real machines (there each SuperNode runs on its own host with
-`--superlink <host>:<fleet port>`). Used by the deployment test and documented in docs/federated.md.
+Secure by default, as a deployment that is not open to anyone (Flower 1.42's documented way):
+  TLS             the SuperLink serves HTTPS with a certificate signed by a CA (`--ssl-ca-certfile`,
+                  `--ssl-certfile`, `--ssl-keyfile`); SuperNodes and `flwr` trust that CA
+                  (`--root-certificates`, `root-certificates` in the connection's config.toml);
+  authentication  the SuperLink runs with `--enable-supernode-auth`; each SuperNode has its own EC key
+                  pair, the public key is registered with `flwr supernode register <key.pub>` before the
+                  node starts with `--auth-supernode-private-key`. An unregistered SuperNode is refused
+                  (it exits with Flower's exit code 305).
+`insecure=True` (plain HTTP, no authentication) is only for trying things on one's own machine.
+Certificates and keys come from `federated.credentials.make_credentials` (made on the fly).
 All Flower state goes to a private FLWR_HOME, so ~/.flwr and the repository's pyproject.toml are not touched.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +31,7 @@ from typing import Iterator
 from federated.simulation import OFFLINE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -43,15 +54,15 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ, **OFFLINE_ENV, FLWR_HOME=str(flwr_home))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flwr-serverapp / flwr-clientapp
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # flwr-serverapp / flwr-clientapp
     return env
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Stop a process we started and the processes it spawned (its own session / process group)."""
     if proc.poll() is None:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
             proc.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
@@ -74,49 +85,112 @@ def copy_app(dest: Path) -> Path:
     return dest
 
 
+class Deployment:
+    """A running SuperLink and its SuperNodes (from `local_deployment`)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], port: int, insecure: bool, credentials: dict[str, Path]) -> None:
+        self.workdir, self.env, self.port, self.insecure, self.credentials = workdir, env, port, insecure, credentials
+        self.connection = "local-deployment"
+        self.procs: list[subprocess.Popen] = []
+        self.nodes: list[subprocess.Popen] = []
+        self._logs = []
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "wb")
+        self._logs.append(log)
+        proc = subprocess.Popen(args, env=self.env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
+
+    def register(self, name: str) -> None:
+        """`flwr supernode register <name>.pub`: the SuperLink will accept the SuperNode holding <name>.key."""
+        result = self.flwr("supernode", "register", str(self.credentials[f"{name}.pub"]), self.connection)
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr supernode register failed: {result.stdout}{result.stderr}")
+
+    def start_node(self, name: str, node_config: str, key: str | None = None) -> subprocess.Popen:
+        """A SuperNode; in a secure deployment it authenticates with the key `key` (default: its own name's)."""
+        node_port = free_port()
+        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(node_port),
+                "--node-config", node_config]
+        if self.insecure:
+            args.insert(1, "--insecure")
+        else:
+            args[1:1] = ["--root-certificates", str(self.credentials["ca"]), "--auth-supernode-private-key", str(self.credentials[f"{key or name}.key"])]
+        proc = self.start(name, args)
+        proc.node_port = node_port
+        self.nodes.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+        for log in self._logs:
+            log.close()
+
+
 @contextmanager
-def local_deployment(workdir: Path, num_nodes: int = 2) -> Iterator[dict]:
-    """Start a SuperLink and `num_nodes` SuperNodes on 127.0.0.1; yields {"env", "connection", "procs"}."""
+def local_deployment(workdir: Path, num_nodes: int = 2, insecure: bool = False, node_config: str = "") -> Iterator[Deployment]:
+    """Start a SuperLink and `num_nodes` SuperNodes on 127.0.0.1 (TLS and SuperNode authentication
+    unless `insecure`); node i gets `partition-id=i num-partitions=num_nodes` plus `node_config`."""
+    from federated.credentials import make_credentials
+
     workdir = Path(workdir)
     flwr_home = workdir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = flower_env(flwr_home)
     port = free_port()  # Flower 1.42 serves the Fleet, Control and Runtime APIs over one HTTP port
+    names = [f"node{i}" for i in range(num_nodes)]
+    credentials = {} if insecure else make_credentials(workdir / "credentials", names + ["stranger"])
+    security = "insecure = true" if insecure else f'root-certificates = "{credentials["ca"]}"'
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\naddress = "127.0.0.1:{port}"\n{security}\n'
     )
-    procs: list[subprocess.Popen] = []
-    logs = []
+    deployment = Deployment(workdir, env, port, insecure, credentials)
     try:
-        def start(name: str, args: list[str]) -> subprocess.Popen:
-            log = open(workdir / f"{name}.log", "wb")
-            logs.append(log)
-            proc = subprocess.Popen(args, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            procs.append(proc)
-            return proc
-
-        bin_dir = Path(sys.executable).parent
-        link = start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                                   "--disable-runtime-dependency-installation"])
+        args = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
+        if insecure:
+            args.append("--insecure")
+        else:
+            args += ["--ssl-ca-certfile", str(credentials["ca"]), "--ssl-certfile", str(credentials["server_cert"]),
+                     "--ssl-keyfile", str(credentials["server_key"]), "--enable-supernode-auth"]
+        link = deployment.start("superlink", args)
         wait_for_port(port, link)
-        nodes = []
-        for i in range(num_nodes):  # start them all, then wait: they come up in parallel
-            node_port = free_port()
-            nodes.append((node_port, start(f"supernode{i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                            "--host", "127.0.0.1", "--port", str(node_port),
-                                            "--node-config", f"partition-id={i} num-partitions={num_nodes}"])))
-        for node_port, node in nodes:
-            wait_for_port(node_port, node)
-        yield {"env": env, "connection": "local-deployment", "procs": procs, "workdir": workdir}
+        for name in names if not insecure else []:
+            deployment.register(name)
+        for i, name in enumerate(names):  # start them all, then wait: they come up in parallel
+            deployment.start_node(name, f"partition-id={i} num-partitions={num_nodes} {node_config}".strip())
+        for node in deployment.nodes:
+            wait_for_port(node.node_port, node)
+        yield deployment
     finally:
-        for proc in reversed(procs):
-            stop(proc)
-        for log in logs:
-            log.close()
+        deployment.close()
 
 
-def flwr_run(app_dir: Path, deployment: dict, run_config: dict[str, str], timeout: float = 300.0) -> subprocess.CompletedProcess:
-    """`flwr run <app_dir> <connection> --run-config ... --stream` (returns when the run has finished)."""
+def flwr_run(app_dir: Path, deployment: Deployment, run_config: dict[str, str], timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """`flwr run <app_dir> <connection> --run-config ... --stream`, returning when the run has finished.
+
+    `flwr run` exits 0 even when the ServerApp fails (Flower 1.42); this asks the SuperLink for the run's
+    status (`flwr ls --run-id <id> --format json`) and returns exit code 1 unless it is finished:completed.
+    """
     config = " ".join(f'{k}="{v}"' for k, v in run_config.items())
-    args = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), deployment["connection"], "--run-config", config, "--stream"]
-    return subprocess.run(args, env=deployment["env"], cwd=deployment["workdir"], capture_output=True, text=True, timeout=timeout)
+    result = deployment.flwr("run", str(app_dir), deployment.connection, "--run-config", config, "--stream", timeout=timeout)
+    found = re.search(r"started run (\d+)", result.stdout + result.stderr)
+    status = run_status(deployment, int(found.group(1))) if found else "unknown (no run id)"
+    result.run_status = status
+    if result.returncode == 0 and status != "finished:completed":
+        result.returncode = 1
+    return result
+
+
+def run_status(deployment: Deployment, run_id: int) -> str:
+    """'finished:completed', 'finished:failed', 'running', ... as the SuperLink reports it."""
+    result = deployment.flwr("ls", deployment.connection, "--run-id", str(run_id), "--format", "json")
+    try:
+        runs = json.loads(result.stdout[result.stdout.index("{"):])["runs"]
+        return str(runs[0]["status"])
+    except (ValueError, KeyError, IndexError):
+        return f"unknown ({result.stdout.strip()[:200]}{result.stderr.strip()[:200]})"

@@ -30,6 +30,12 @@ def run_dir_for(setup: FederatedSetup) -> Path:
     return Path(c.run.dir) / name
 
 
+def default_run_dir(setup: FederatedSetup) -> Path:
+    """runs/fed-...-<time>: one folder per run under the caller's directory, so a run never overwrites the last."""
+    base = run_dir_for(setup)
+    return base.with_name(f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def simulate(setup: FederatedSetup, run_dir: str | Path | None = None, verbose: bool = False) -> dict:
     """Run the federation with `num_clients` simulated SuperNodes; return summary.json's content
     plus `wall_s` (whole call) and `startup_s` (call start to the first round: Ray, actors, global model)."""
@@ -41,7 +47,7 @@ def simulate(setup: FederatedSetup, run_dir: str | Path | None = None, verbose: 
     from federated.client_app import app as client_app
     from federated.server_app import make_server_app
 
-    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(setup)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(setup)
     run_dir = run_dir.resolve()
     summary_path = run_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
@@ -52,10 +58,12 @@ def simulate(setup: FederatedSetup, run_dir: str | Path | None = None, verbose: 
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": setup.fed.sim_cpus, "num_gpus": 0, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
     }
-    run_simulation(server_app=make_server_app(setup, run_dir), client_app=client_app, num_supernodes=setup.fed.num_clients,
+    run_simulation(server_app=make_server_app(setup, run_dir), client_app=client_app, num_supernodes=setup.fed.num_clients + setup.fed.unseen_clients,
                    backend_config=backend_config, verbose_logging=verbose)
     if not summary_path.is_file():
-        raise RuntimeError(f"the federation did not finish (no {summary_path}); run with --verbose to see Flower's log")
+        failed = run_dir / "failed.json"
+        reason = json.loads(failed.read_text())["error"] if failed.is_file() else "no summary.json"
+        raise RuntimeError(f"the federation failed: {reason}; run with --verbose to see Flower's log")
     summary = json.loads(summary_path.read_text())
     summary["wall_s"] = time.time() - started
     summary["startup_s"] = summary["first_round_at"] - started

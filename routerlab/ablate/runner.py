@@ -57,9 +57,9 @@ def train_cell(cell_id: str, config_data: dict[str, Any], labels: dict[str, str]
     trainer = Trainer(config, run_dir=run_dir, progress=False)
     try:
         metrics = trainer.fit(on_eval=lambda step, m: evals.append((step, m["loss"])))
-        bad = next((i + 1 for i, v in enumerate(trainer.losses) if not math.isfinite(v)), None)
-        if bad is not None or not math.isfinite(metrics["loss"]):
-            raise CellFailed(f"non-finite loss (training loss first NaN/inf at step {bad})" if bad else "non-finite evaluation loss")
+        if not math.isfinite(metrics["loss"]):  # (a non-finite training step already stopped the run, unless skipped)
+            bad = next((i + 1 for i, v in enumerate(trainer.losses) if not math.isfinite(v)), None)
+            raise CellFailed("non-finite evaluation loss" + (f" (training loss first NaN/inf at step {bad})" if bad else ""))
         metrics.update(routing_as_trained(trainer))
         metrics.update(probe_regret(trainer))  # routerlab.analysis: regret / MRR against the single-expert oracle
         if has_split(trainer.task, "test"):
