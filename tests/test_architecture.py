@@ -170,6 +170,17 @@ class CountingLoop(Loop):
     def __call__(self, bank, x, counts):
         CountingLoop.calls += 1
         return super().__call__(bank, x, counts)
+
+
+from federated.strategies import register_strategy
+from federated.strategies.fedavg import FedAvg
+
+
+@register_strategy("fedavg_local_routers")
+class FedAvgLocalRouters(FedAvg):
+    """FedAvg whose routers never leave the clients."""
+
+    local = (".router.",)
 '''
 
 PLUGIN_CHECK = '''
@@ -194,6 +205,21 @@ reference = Trainer(config("loop"), log=False)
 reference.fit()
 plugin_backend = sys.modules[type(trainer.task).__module__].CountingLoop
 out["backend"] = [c.model.backend, plugin_backend.calls > 0, trainer.losses == reference.losses]
+
+from federated.config import make_setup
+from federated.strategies import strategy_class, strategy_names
+
+setup = make_setup({**config("loop").model_dump(mode="json"),
+                    "federated": {"strategy": "fedavg_local_routers", "num_clients": 2, "partition": "iid"}})
+cls = strategy_class(setup.fed.strategy)
+out["strategy"] = [setup.fed.strategy, cls.__name__, list(cls.local), "fedavg_local_routers" in strategy_names()]
+from federated.inprocess import run_inprocess  # one round of 2 clients on the plugin's task, in this process
+
+setup = make_setup({**config("loop").model_dump(mode="json"), "federated": {
+    "strategy": "fedavg_local_routers", "num_clients": 2, "rounds": 1, "local_steps": 2, "partition": "iid"}})
+summary = run_inprocess(setup, sys.argv[2])
+out["federation"] = [summary["strategy"], summary["final"]["replied"], any(".router." in k for k in summary["keys_sent"]),
+                     any(".experts." in k for k in summary["keys_sent"])]
 try:
     make_config({"plugins": [sys.argv[1]], "task": {"name": "parity", "bits": 1}})
 except Exception as err:
@@ -203,18 +229,20 @@ print(json.dumps(out))
 
 
 def test_one_plugin_file_adds_components_found_by_name(tmp_path):
-    """Done-when of issue 20: a task and an expert backend added by one file, each found by name in a config,
-    no other edits."""
+    """Done-when of issue 20: a task, an expert backend and a federated strategy added by one file, each
+    found by name in a config, no other edits."""
     plugin = tmp_path / "my_components.py"
     plugin.write_text(PLUGIN, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("ROUTERLAB_PLUGINS", None)
-    out = subprocess.run([sys.executable, "-c", PLUGIN_CHECK, str(plugin)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", PLUGIN_CHECK, str(plugin), str(tmp_path / "federation")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["task"] == ["parity", 5, "Parity", 256, 2]  # "5" typed to the int 5 by the registry
     assert "task 'parity': bits must be >= 2, got 1" in found["task_error"]
     assert found["backend"] == ["counting_loop", True, True]  # used, and the same numbers as the loop it wraps
+    assert found["strategy"] == ["fedavg_local_routers", "FedAvgLocalRouters", [".router."], True]
+    assert found["federation"] == ["fedavg_local_routers", 2, False, True]  # both replied; routers stayed home
 
 
 def test_every_library_module_imports_in_a_fresh_interpreter_dependents_first():
