@@ -103,47 +103,36 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{s.mean:.{digits}f}" if s.half != s.half else f"{s.mean:.{digits}f} ± {s.half:.{digits}f}"
 
 
+# (column title, result key) of each table; the last column is the paired worst-decile difference from the baseline
+ACCURACY_COLUMNS = [("seen global acc", "seen_global_acc_mean"), ("seen worst decile", "seen_global_acc_worst10"),
+                    ("personal acc", "personal_acc_mean"), ("personal worst decile", "personal_acc_worst10"),
+                    ("seen after FT", "seen_full_ft_acc_mean"), ("seen FT worst decile", "seen_full_ft_acc_worst10"),
+                    ("unseen 0 steps", "unseen_global_acc_mean"), ("unseen router FT", "unseen_router_ft_acc_mean"),
+                    ("unseen full FT", "unseen_full_ft_acc_mean")]
+PERPLEXITY_COLUMNS = [("seen ppl", "seen_global_ppl_mean"), ("seen worst decile", "seen_global_ppl_worst10"),
+                      ("seen after FT", "seen_full_ft_ppl_mean"), ("unseen 0 steps", "unseen_global_ppl_mean"),
+                      ("unseen router FT", "unseen_router_ft_ppl_mean"), ("unseen full FT", "unseen_full_ft_ppl_mean")]
+
+
 def table(rows: list[dict], baseline: str = "fedavg") -> str:
-    lm = rows and rows[0].get("task") in ("chars", "stdlib", "owndata")
-    if lm:
-        return lm_table(rows, baseline)
-    head = ("| variant | seeds | MB/round (down+up) | x fewer than fedavg | seen global acc | seen worst decile | personal acc | "
-            "personal worst decile | seen after FT | seen FT worst decile | unseen 0 steps | unseen router FT | unseen full FT | "
-            f"seen worst decile - {baseline} (paired) |")
+    """Markdown table of every variant: accuracy for classification, per-client perplexity (lower is better;
+    the worst decile is the highest 10%) for language modelling."""
+    lm = bool(rows) and "seen_global_ppl_mean" in rows[0]
+    columns, worst, digits = (PERPLEXITY_COLUMNS, "seen_global_ppl_worst10", 2) if lm else (ACCURACY_COLUMNS, "seen_global_acc_worst10", 3)
+    head = ("| variant | seeds | MB/round (down+up) | x fewer than fedavg | " + " | ".join(title for title, _ in columns)
+            + f" | seen worst decile - {baseline} (paired) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     base_rows = {r["seed"]: r for r in rows if r["variant"] == baseline}
     dense = np.mean([r["mb_per_round"] for r in base_rows.values()]) if base_rows else float("nan")
     order = [v for v in VARIANTS if any(r["variant"] == v for r in rows)] + sorted({r["variant"] for r in rows} - set(VARIANTS))
     for name in order:
         rs = [r for r in rows if r["variant"] == name]
-        col = lambda key, d=3: fmt([r[key] for r in rs], d)  # noqa: E731
         mb = np.mean([r["mb_per_round"] for r in rs])
         ratio = f"{dense / mb:.2f}" if mb > 0 and dense == dense else "-"
-        paired = [r["seen_global_acc_worst10"] - base_rows[r["seed"]]["seen_global_acc_worst10"] for r in rs if r["seed"] in base_rows]
-        lines.append(f"| {name} | {len(rs)} | {mb:.3f} | {ratio} | {col('seen_global_acc_mean')} | {col('seen_global_acc_worst10')} | "
-                     f"{col('personal_acc_mean')} | {col('personal_acc_worst10')} | {col('seen_full_ft_acc_mean')} | {col('seen_full_ft_acc_worst10')} | "
-                     f"{col('unseen_global_acc_mean')} | {col('unseen_router_ft_acc_mean')} | {col('unseen_full_ft_acc_mean')} | "
-                     f"{fmt(paired) if name != baseline else '(baseline)'} |")
-    return "\n".join(lines) + "\n"
-
-
-def lm_table(rows: list[dict], baseline: str) -> str:
-    """Per-client perplexity (lower is better; the worst decile is the highest 10%)."""
-    head = ("| variant | seeds | MB/round (down+up) | x fewer than fedavg | seen ppl | seen worst decile | seen after FT | "
-            f"unseen 0 steps | unseen router FT | unseen full FT | seen worst decile - {baseline} (paired) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    base_rows = {r["seed"]: r for r in rows if r["variant"] == baseline}
-    dense = np.mean([r["mb_per_round"] for r in base_rows.values()]) if base_rows else float("nan")
-    order = [v for v in VARIANTS if any(r["variant"] == v for r in rows)] + sorted({r["variant"] for r in rows} - set(VARIANTS))
-    for name in order:
-        rs = [r for r in rows if r["variant"] == name]
-        col = lambda key: fmt([r[key] for r in rs], 2)  # noqa: E731
-        mb = np.mean([r["mb_per_round"] for r in rs])
-        ratio = f"{dense / mb:.2f}" if mb > 0 and dense == dense else "-"
-        paired = [r["seen_global_ppl_worst10"] - base_rows[r["seed"]]["seen_global_ppl_worst10"] for r in rs if r["seed"] in base_rows]
-        lines.append(f"| {name} | {len(rs)} | {mb:.3f} | {ratio} | {col('seen_global_ppl_mean')} | {col('seen_global_ppl_worst10')} | "
-                     f"{col('seen_full_ft_ppl_mean')} | {col('unseen_global_ppl_mean')} | {col('unseen_router_ft_ppl_mean')} | "
-                     f"{col('unseen_full_ft_ppl_mean')} | {fmt(paired, 2) if name != baseline else '(baseline)'} |")
+        paired = [r[worst] - base_rows[r["seed"]][worst] for r in rs if r["seed"] in base_rows]
+        cells = [fmt([r[key] for r in rs], digits) for _, key in columns]
+        lines.append(f"| {name} | {len(rs)} | {mb:.3f} | {ratio} | " + " | ".join(cells)
+                     + f" | {fmt(paired, digits) if name != baseline else '(baseline)'} |")
     return "\n".join(lines) + "\n"
 
 
