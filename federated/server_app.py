@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from federated.aggregate import client_expert_mi, is_local, worst_decile
 from federated.config import FederatedSetup, load_setup
 from federated.strategies import strategy_class
-from federated.strategies.base import ExpertStrategy, array_bytes
+from federated.strategies.base import ExpertStrategy
 from routerlab.checkpoint import atomic_write, atomic_write_text
 from routerlab.train import Trainer
 

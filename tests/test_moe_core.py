@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from routerlab.moe import ExpertBank, MoELayer, capacity_for, plan_dispatch
-from routerlab.moe.experts import grouped_mm_supported, swiglu_reference
+from routerlab.moe.kernels import grouped_mm_supported, swiglu_reference
 from routerlab.routers.base import Router, Routing
 
 

@@ -59,7 +59,7 @@ def test_kernel_compiles_for_hopper(fn, arg_types, constants):
 
 def check_kernels() -> None:
     from routerlab.moe import triton_combine, triton_swiglu
-    from routerlab.moe.experts import swiglu_reference
+    from routerlab.moe.kernels import swiglu_reference
     from routerlab.moe.layer import plan_dispatch
 
     triton_swiglu.PROGRAMS = triton_combine.ROW_PROGRAMS = 3

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routerlab.moe.backends import BACKENDS, choose_backend, expert_backend  # noqa: F401  (re-exported)
-from routerlab.moe.kernels import grouped_mm_supported, swiglu, swiglu_reference  # noqa: F401  (re-exported)
+from routerlab.moe.backends import expert_backend
+from routerlab.moe.kernels import swiglu
 
 ACTIVATIONS = ("swiglu", "gelu")
 

@@ -5,7 +5,7 @@ backward reads h13 and the output gradient once and writes the input gradient [N
 `n_rows` (optional, a 1-element int tensor on the device, e.g. the grouped offsets' last entry): rows
 at or past it are padding, neither read nor written (their outputs are unspecified), so a plan with
 many padding rows, such as the fixed-exchange receiver's (parallel.py), costs only its real rows.
-The pure-PyTorch `experts.swiglu_reference` is the fallback and the reference.
+The pure-PyTorch `kernels.swiglu_reference` is the fallback and the reference.
 """
 from __future__ import annotations
 
