@@ -6,7 +6,7 @@ Tags:  train/loss, train/aux/<layer>/<name>, train/lr,
        data (text: the corpus tasks' checksum, token counts and val unigram entropy),
        eval/loss, eval/accuracy | eval/perplexity,
        routing/<metric>/layer<i> (training batches), eval_routing/<metric>/layer<i> (evaluation),
-       load/layer<i> (histogram over expert index), load/heatmap (figure).
+       load/layer<i> (histogram: bucket e = expert e, centred on e), load/heatmap (figure).
 """
 from __future__ import annotations
 
@@ -60,6 +60,22 @@ def load_heatmap(loads: list[np.ndarray], title: str = "expert load (share of to
     return fig
 
 
+def expert_histogram(tag: str, load: np.ndarray):
+    """A TensorBoard histogram whose bucket e is [e - 0.5, e + 0.5) with count load[e], every expert included.
+
+    Written directly as the histogram plugin's [left, right, count] tensor: an old-style HistogramProto
+    loses its empty end buckets (a dead expert 0 or E-1) and stretches its outer buckets to min/max on
+    reading, which put expert mass at fractional indices."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.histogram import metadata
+    from tensorboard.util import tensor_util
+
+    idx = np.arange(len(load), dtype=np.float64)
+    buckets = np.stack([idx - 0.5, idx + 0.5, np.asarray(load, dtype=np.float64)], 1)
+    meta = metadata.create_summary_metadata(display_name=tag, description="token-slots per expert (bucket e is expert e)")
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=tensor_util.make_tensor_proto(buckets))])
+
+
 def flat_hparams(config) -> dict[str, Any]:
     """Config as the flat scalar dict TensorBoard's hparams plugin wants; router.name and task.name first,
     so the table's leading columns say which router a row is."""
@@ -100,13 +116,7 @@ class Board:
 
     def loads(self, loads: list[np.ndarray], step: int) -> None:
         for i, load in enumerate(loads):
-            edges = np.arange(len(load), dtype=np.float64) + 0.5  # bucket e covers (e - 0.5, e + 0.5]
-            idx = np.arange(len(load), dtype=np.float64)
-            total = float(load.sum())
-            self.writer.add_histogram_raw(
-                f"load/layer{i}", min=0.0, max=float(len(load) - 1), num=total, sum=float((idx * load).sum()),
-                sum_squares=float((idx**2 * load).sum()), bucket_limits=edges.tolist(), bucket_counts=load.tolist(), global_step=step,
-            )
+            self.writer._get_file_writer().add_summary(expert_histogram(f"load/layer{i}", load), step)
         if loads:
             self.writer.add_figure("load/heatmap", load_heatmap(loads), step)
 

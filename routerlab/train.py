@@ -117,6 +117,9 @@ class Trainer:
         self.device = self.parallel.device(config.train.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
+        if self.device.type == "cuda" and (self.device.index or 0) >= (count := torch.cuda.device_count()):
+            raise ConfigError(f"train.device is {str(self.device)!r} but this machine has {count} CUDA GPU{'s' * (count != 1)} "
+                              f"(cuda:0 .. cuda:{count - 1}); choose one of them")
         self.dtype, self.autocast_dtype = PRECISIONS[config.train.precision]
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config.run.dir) / config.run_name()
         writes = log and self.parallel.is_main

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -253,6 +254,21 @@ def test_ablate_refuses_an_unwritable_or_busy_out_before_any_cell(tmp_path):
         holder.wait()
 
 
+def test_two_ablations_sharing_one_runs_folder_are_refused(tmp_path):
+    """A cell clears its run folder before it trains: a second ablation writing to the same --runs (another
+    --out) would delete the first one's live TensorBoard folders, so it stops before any cell."""
+    holder = hold_lock(tmp_path / "shared-runs")  # the --runs lock of a live ablation
+    try:
+        code, out = cli("ablate", ablation_file(tmp_path), "--out", tmp_path / "out2", "--runs", tmp_path / "shared-runs", "--workers", "1")
+        assert code == 2 and one_line(out), out
+        assert f"ablate --runs '{tmp_path / 'shared-runs'}' is already in use by PID {holder.pid}" in out, out
+        assert not (tmp_path / "out2" / "cells").exists()  # no cell ran
+        assert [p.name for p in (tmp_path / "shared-runs").iterdir()] == [".routerlab.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def children(pid: int) -> set[int]:
     found = set()
     for stat_file in os.listdir("/proc"):
@@ -345,6 +361,34 @@ def test_environment_arguments_are_checked(kwargs, message):
 
     with pytest.raises(ConfigError, match=message):
         TokenRoutingEnv(**kwargs)
+
+
+def test_environment_reset_refuses_options_and_accepts_none():
+    pytest.importorskip("gymnasium")
+    from environments.token_routing import TokenRoutingEnv
+
+    env = TokenRoutingEnv(num_experts=4, tokens=8, pretrain_steps=1)
+    first, _ = env.reset(seed=3)
+    for empty in (None, {}):  # what gymnasium's wrappers and vector envs pass
+        obs, info = env.reset(seed=3, options=empty)
+        assert np.array_equal(obs, first) and info == {}
+    with pytest.raises(ConfigError, match=r"reset\(options=\.\.\.\) takes no options \(got \['tokens'\]\)"):
+        env.reset(options={"tokens": 16})
+    assert env.tokens == 8
+
+
+def test_a_cuda_index_this_machine_lacks_is_bad_input(tmp_path, monkeypatch):
+    """cuda:N past the machine's GPUs is refused before anything is built or written (a GPU machine is
+    simulated: one GPU). Without any GPU, every cuda device is refused the same way."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, out = cli(*train_args(tmp_path, "train.device=cuda:3"))
+    assert code == 2 and one_line(out), out
+    assert "train.device is 'cuda:3' but this machine has 1 CUDA GPU (cuda:0 .. cuda:0)" in out, out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out = cli(*train_args(tmp_path, "train.device=cuda:0"))
+    assert code == 2 and one_line(out) and "no CUDA GPU is available" in out, out
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_study_storage_url_is_not_on_worker_command_lines(tmp_path, monkeypatch):
@@ -461,3 +505,22 @@ def test_study_workers_die_with_a_killed_parent(tmp_path):
             os.killpg(parent.pid, 9)
         except ProcessLookupError:
             pass
+
+
+def test_load_histograms_put_each_expert_on_its_integer_index(tmp_path):
+    """TensorBoard reads bucket e of load/layer<i> as [e - 0.5, e + 0.5) with expert e's load, dead experts at
+    either end included (an old-style histogram dropped those and stretched the outer buckets)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    from routerlab.board import Board
+
+    board = Board(tmp_path)
+    board.loads([np.array([0.0, 3.0, 5.0, 0.0])], step=7)
+    board.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0}).Reload()
+    (event,) = acc.Tensors("load/layer0")
+    buckets = tensor_util.make_ndarray(event.tensor_proto)
+    assert event.step == 7
+    assert buckets.tolist() == [[-0.5, 0.5, 0.0], [0.5, 1.5, 3.0], [1.5, 2.5, 5.0], [2.5, 3.5, 0.0]]
+    assert acc.summary_metadata["load/layer0"].plugin_data.plugin_name == "histograms"

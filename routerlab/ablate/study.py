@@ -58,12 +58,16 @@ def run_ablation(
     """Validate every cell, run the unfinished ones (here, or as Ray tasks on the cluster at `ray`), then write
     results.csv, summary.csv, summary.md and the plots.
 
-    The results folder is checked and locked before any cell runs: a second ablation on the same --out
-    stops with "already in use by PID N" instead of running every cell again."""
+    The results folder and the TensorBoard folder (--runs) are checked and locked before any cell runs: a
+    second ablation on the same --out or --runs stops with "already in use by PID N" instead of running
+    every cell again or clearing the other's live run folders."""
     plan, out = plan_ablation(path, out, runs, overrides)
-    for runs_dir in sorted({c.config.run.dir for c in plan.cells}):
-        check_writable(runs_dir, "ablate --runs")  # each cell's run folder is locked by its own Trainer
-    held = lock_output_dir(out, "ablate --out")  # noqa: F841  held until this function returns (FolderLock.__del__)
+    runs_dirs = sorted({c.config.run.dir for c in plan.cells})
+    for runs_dir in runs_dirs:
+        check_writable(runs_dir, "ablate --runs")
+    held = [lock_output_dir(out, "ablate --out")]  # held until this function returns (FolderLock.__del__)
+    if not report_only:  # a cell clears its run folder before it trains: two ablations must not share --runs
+        held += [lock_output_dir(runs_dir, "ablate --runs") for runs_dir in runs_dirs]
     if on_plan is not None:
         on_plan(plan, len(plan.cells))
     before = sum(1 for c in plan.cells if (out / "cells" / f"{c.id}.json").is_file())
