@@ -50,7 +50,7 @@ class Adversarial(GatedRouter):
         super().__init__(d_model, num_experts, params)
         self.register_buffer("prices", torch.zeros(num_experts))
 
-    supports_selection_options = True
+    finishes_weights = True  # route_topk normalizes and scales
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         out = self.route_topk(x, self.params.k, self.params.renormalize)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from routerlab.routers.base import Routing, topk_routing
+from routerlab.routers.base import Routing
 from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
 
@@ -92,11 +92,14 @@ class AdversarialCritic(GatedRouter):
         freq = F.one_hot(picks, self.num_experts).float().sum(1).view(groups, n, -1).mean(1) / self.params.k
         return (self.num_experts * freq).sort(-1, descending=True).values
 
+    finishes_weights = True  # route_topk normalizes and scales
+    refuses = {"null_experts": "the critic compares usage with uniform random routing over the E real experts; a null "
+                               "expert has no load to judge"}
+
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
-        logits = self.gate_logits(x)
-        probs = logits.float().softmax(-1)
-        experts, weights = topk_routing(probs, self.params.k, self.params.renormalize)
-        aux = self.stability_losses(logits)
+        out = self.route_topk(x, self.params.k, self.params.renormalize)
+        experts, aux = out.routing.experts, out.routing.aux
+        probs = self.balance_probs(out.logits)  # softmax (or the normalized `score`)
         if probs.shape[0] > 0:
             usage = self.group_usage(probs, experts)
             if self.training:
@@ -104,7 +107,7 @@ class AdversarialCritic(GatedRouter):
                 self._group_n = min(self.params.group_size, probs.shape[0])
             # non-saturating generator loss: the router wants its usage called balanced (D logit low)
             aux["critic"] = self.params.weight * F.softplus(critic_logit(self.critic.float(), usage, self.params.hidden)).mean()
-        return Routing(experts, weights.to(x.dtype), logits, aux)
+        return out.routing
 
     def after_step(self, stats) -> None:
         if self._usage is None:

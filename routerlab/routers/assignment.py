@@ -17,6 +17,14 @@ import math
 import torch
 from torch import Tensor
 
+# the gate's selection options that the balanced top-1 assignment of `sinkhorn` and `base` cannot honour
+_LOADS = "the balanced assignment fixes every expert's load at T/E"
+BALANCED_ASSIGNMENT_REFUSES = {
+    "expert_groups": f"{_LOADS}; limiting each token to its top groups can make those loads infeasible",
+    "top_groups": f"{_LOADS}; limiting each token to its top groups can make those loads infeasible",
+    "null_experts": f"{_LOADS}, so null experts would skip a fixed share of tokens, not the easy ones",
+}
+
 
 def sinkhorn_log(logits: Tensor, iters: int) -> Tensor:
     """Log of the Sinkhorn plan of exp(logits): rows sum to 1, columns to T/E (approximately after `iters`)."""

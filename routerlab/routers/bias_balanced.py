@@ -34,7 +34,8 @@ class BiasBalancedParams(GateParams):
 class BiasBalanced(GatedRouter):
     """Sigmoid scores, top-k of score + bias; bias nudged toward balance after every step."""
 
-    supports_selection_options = True
+    finishes_weights = True  # route_topk normalizes and scales
+    refuses = {"normalize_k1": "its own `normalize` already applies at every k, k=1 included"}
 
     def __init__(self, d_model: int, num_experts: int, params: BiasBalancedParams) -> None:
         super().__init__(d_model, num_experts, params)

@@ -7,7 +7,8 @@ Gate q(x) = sum_i softmax(A x)_i r_i(x). q has exact zeros once the steps satura
 reach more than k experts (the number of non-zero q entries, capped by k_max if set). Aux loss:
 entropy_reg * mean_x sum_i H(r_i(x)), which pushes selectors to binary (the paper's regularizer).
 Routing logits: log q (clamped at 1e-9). Temperature divides the selector logits; the z-loss acts on the
-selector-weight logits A x; gate smoothing is not applied (it would make the gate dense).
+selector-weight logits A x; gate smoothing is not applied (it would make the gate dense). Of the selection
+options only route_scale applies (see `refuses`).
 """
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ def smooth_step(t: Tensor, gamma: float) -> Tensor:
 @register_router("dselect_k", DSelectKParams)
 class DSelectK(GatedRouter):
     """k binary-code selectors with smooth steps, mixed by a softmax; sparse once the steps saturate."""
+
+    refuses = {"score": "its gate is a softmax mixture of binary-code selectors, not a score of per-expert logits",
+               "normalize_k1": "its gate q sums to 1 for every token, one expert included",
+               "expert_groups": "its selectors pick experts by binary code, not by ranking per-expert scores",
+               "top_groups": "its selectors pick experts by binary code, not by ranking per-expert scores",
+               "null_experts": "its E = 2^m binary codes are the experts; there is no code for a null expert"}
 
     def __init__(self, d_model: int, num_experts: int, params: DSelectKParams) -> None:
         bits = round(math.log2(num_experts)) if num_experts >= 1 else 0

@@ -4,6 +4,9 @@ S = softmax(W x) over experts, [T, E]. Each expert e takes the C = ceil(c * T / 
 S[:, e] (capacity factor c, default 2), with weight S[t, e]. A token may be taken by several experts or by
 none (it then passes through the residual). Perfect load balance by construction, no aux loss.
 
+Selection options: `score` replaces the softmax; with a group limit an expert may take only tokens whose top
+groups hold it; route_scale scales the weights.
+
 Not causal: whether a token is taken depends on the scores of every other token in the batch, later ones
 included. The trainer refuses it for the causal LM unless `allow_noncausal=true`.
 """
@@ -39,18 +42,27 @@ class ExpertChoice(GatedRouter):
     """Each expert takes its top ceil(c*T/E) tokens by softmax score; tokens get 0..E experts. Not causal."""
 
     causal = False
+    refuses = {"normalize_k1": "experts choose tokens: a token's weights are its scores for the experts that took it, with "
+                               "no top-k to normalize over",
+               "null_experts": "experts choose tokens; a token taken by no expert already skips the layer"}
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         T, E = x.shape[0], self.num_experts
         logits = self.gate_logits(x)
-        scores = logits.softmax(-1)
+        scores = self.scores(logits)
         if T == 0:
             empty = torch.zeros(0, 1, dtype=torch.long, device=x.device)
             return Routing(empty, x.new_zeros(0, 1), logits, {})
         capacity = expert_capacity(T, E, self.params.capacity_factor)
-        chosen = scores.detach().topk(capacity, dim=0).indices  # [C, E] token indices per expert
+        select = scores.detach()
+        mask = self.group_mask(select)
+        if mask is not None:
+            select = select.masked_fill(~mask, float("-inf"))
+        chosen = select.topk(capacity, dim=0).indices  # [C, E] token indices per expert
         taken = torch.zeros(T, E, dtype=torch.bool, device=x.device)
         taken.scatter_(0, chosen, True)
+        if mask is not None:  # an expert with fewer allowed tokens than its capacity takes only those
+            taken &= mask
         # token-major layout: each row lists the experts that took the token, then -1 padding
         k = max(1, int(taken.sum(1).max()))
         order = taken.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]

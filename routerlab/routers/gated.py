@@ -22,19 +22,23 @@ Every option below is a field of `GateParams`, so every learned router accepts i
                      balance_layers "pool": balance_batch over all layers' f and P pooled (the model adds it)
   init_std, fp64     gate weights drawn from N(0, init_std^2) (0 = nn.Linear's default); gate in float64
 
-Selection options, honoured by the top-k family (routers that route through `route_topk`: softmax_topk,
-switch, bias_balanced, adversarial, top_p); other routers refuse non-default values:
+Selection options (docs/routers.md, "Selection options": which router takes which, and why not where not).
+A router lists the ones it cannot honour in `refuses`, each with the reason; a non-default value of one of
+those is refused when the router is built, in one line:
   score              softmax | sigmoid | sqrt_softplus: s = score(logits); the balance losses use s / sum(s)
-  normalize_k1       with the router's renormalize on, also normalize at k=1 (weight 1)
+  normalize_k1       also normalize the weights of a token that uses one expert (weight 1, as top-k
+                     normalization does at k=1)
   route_scale        combine weights multiplied by it after normalization (DeepSeek's routed scaling factor)
   expert_groups, top_groups
                      experts in `expert_groups` equal groups; each token picks its top_groups groups by the sum of
-                     each group's best two scores, then its top-k inside them (DeepSeek-V3); 0 = off
+                     each group's best two scores, then its experts inside them (DeepSeek-V3); 0 = off
   null_experts       n zero-compute experts (MoE++): the gate scores E + n; a slot given to one is unused
+Routers that select through `route_topk` apply all five there; the others apply score, groups and null experts
+in their own forward, and normalize_k1 and route_scale by a forward hook on the Routing they return.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +50,7 @@ from routerlab.routers.base import Router, Routing, switch_balance_loss, z_loss
 from routerlab.routers.registry import RouterParams, require
 
 SCORES = ("softmax", "sigmoid", "sqrt_softplus")
-SELECTION_DEFAULTS = {"score": "softmax", "normalize_k1": False, "route_scale": 1.0, "expert_groups": 1, "top_groups": 0, "null_experts": 0}
+SELECTION_OPTIONS = ("score", "normalize_k1", "route_scale", "expert_groups", "top_groups", "null_experts")
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,12 @@ class GateParams(RouterParams):
     balance_layers: str = "sum"  # balance_batch per layer, summed ("sum"), or f and P pooled over layers ("pool")
     init_std: float = 0.0  # gate weights ~ N(0, init_std^2); 0 = nn.Linear's default init
     fp64: bool = False  # compute the gate in float64 (over fp32)
-    score: str = "softmax"  # softmax | sigmoid | sqrt_softplus (top-k family)
-    normalize_k1: bool = False  # renormalize also at k=1 (top-k family)
-    route_scale: float = 1.0  # routed scaling factor on the combine weights (top-k family)
-    expert_groups: int = 1  # expert groups for group-limited routing (top-k family)
-    top_groups: int = 0  # groups each token may use; 0 = no limit (top-k family)
-    null_experts: int = 0  # zero-compute experts (MoE++) beside the E real ones (top-k family)
+    score: str = "softmax"  # softmax | sigmoid | sqrt_softplus
+    normalize_k1: bool = False  # a token with one expert gets weight 1 (normalization at k=1)
+    route_scale: float = 1.0  # routed scaling factor on the combine weights
+    expert_groups: int = 1  # expert groups for group-limited routing
+    top_groups: int = 0  # groups each token may use; 0 = no limit
+    null_experts: int = 0  # zero-compute experts (MoE++) beside the E real ones
 
     def __post_init__(self) -> None:
         require(self.z_loss >= 0, f"z_loss must be >= 0, got {self.z_loss}")
@@ -132,7 +136,7 @@ def group_limit_mask(scores: Tensor, groups: int, top_groups: int) -> Tensor:
 @dataclass
 class TopK:
     """What route_topk hands back: the Routing, and for router-specific losses the logits and scores over all
-    E + null_experts gate outputs and the chosen ids before null slots became -1."""
+    E + null_experts gate outputs (scores with the noise, if any) and the chosen ids before null slots became -1."""
 
     routing: Routing
     logits: Tensor
@@ -140,21 +144,42 @@ class TopK:
     chosen: Tensor
 
 
+def finish_weights(routing: Routing, normalize_k1: bool, route_scale: float) -> Routing:
+    """normalize_k1: a token with exactly one used slot gets weight w / w = 1; then weights * route_scale."""
+    w = routing.weights
+    if normalize_k1:
+        single = (routing.experts >= 0).sum(-1, keepdim=True) == 1
+        w = torch.where(single, w / w.sum(-1, keepdim=True).clamp_min(1e-9), w)
+    if route_scale != 1.0:
+        w = w * route_scale
+    routing.weights = w
+    return routing
+
+
+def _finish_weights_hook(router: "GatedRouter", args, routing: Routing) -> Routing:
+    return finish_weights(routing, router.params.normalize_k1, router.params.route_scale)
+
+
 class GatedRouter(Router):
     """A router whose scores come from a linear gate over the hidden state, with the stability options."""
 
-    supports_selection_options = False  # True for the top-k family, which routes through route_topk
+    # selection options this router cannot honour, each with the reason (one line; docs/routers.md)
+    refuses: dict[str, str] = {}
+    # True where forward applies normalize_k1 and route_scale itself (route_topk); else a forward hook does
+    finishes_weights = False
 
     def __init__(self, d_model: int, num_experts: int, params: GateParams) -> None:
         super().__init__(d_model, num_experts, params)
-        if not self.supports_selection_options:
-            bad = [f"{k}={getattr(params, k)!r}" for k, v in SELECTION_DEFAULTS.items() if getattr(params, k) != v]
-            if bad:
-                raise ConfigError(f"router {getattr(self, 'router_name', type(self).__name__)!r} does not take {', '.join(bad)}; "
-                                  "the selection options (score, normalize_k1, route_scale, expert_groups, top_groups, null_experts) "
-                                  "work with softmax_topk, switch, bias_balanced, adversarial and top_p")
+        defaults = {f.name: f.default for f in fields(params)}
+        for option in SELECTION_OPTIONS:
+            value = getattr(params, option)
+            if value != defaults[option] and option in self.refuses:
+                name = getattr(self, "router_name", type(self).__name__)
+                raise ConfigError(f"router {name!r} does not take {option}={value!r}: {self.refuses[option]}")
         if num_experts % params.expert_groups:
             raise ConfigError(f"expert_groups={params.expert_groups} must divide num_experts={num_experts}")
+        if not self.finishes_weights and (params.normalize_k1 or params.route_scale != 1.0):
+            self.register_forward_hook(_finish_weights_hook)
         self.gate = nn.Linear(d_model, num_experts + params.null_experts, bias=False)
         if params.init_std > 0:
             nn.init.normal_(self.gate.weight, 0.0, params.init_std)
@@ -208,23 +233,45 @@ class GatedRouter(Router):
         s = score_fn(self.params.score, logits.float())
         return s / s.sum(-1, keepdim=True).clamp_min(1e-9)
 
+    # -- selection options shared by every router's forward -------------------------------------------
+    def scores(self, logits: Tensor) -> Tensor:
+        """The gate option `score` of the logits: [T, E (+ null)] routing scores."""
+        return score_fn(self.params.score, logits)
+
+    def group_mask(self, scores: Tensor) -> Tensor | None:
+        """[T, E + null] bool, True inside each token's top groups (null experts always allowed); None when off."""
+        p = self.params
+        if not p.top_groups or p.top_groups == p.expert_groups:
+            return None
+        E = self.num_experts
+        mask = group_limit_mask(scores[:, :E], p.expert_groups, p.top_groups)
+        return torch.cat([mask, mask.new_ones(mask.shape[0], scores.shape[1] - E)], 1)
+
+    def drop_null(self, experts: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Slots on null experts (ids >= E) become unused: expert -1, weight 0."""
+        if not self.params.null_experts:
+            return experts, weights
+        null = experts >= self.num_experts
+        return experts.masked_fill(null, -1), weights.masked_fill(null, 0.0)
+
     # -- the top-k family's forward -------------------------------------------------------------------
     def route_topk(self, x: Tensor, k: int, renormalize: bool, selection_bias: Tensor | None = None,
-                   normalize_k1: bool | None = None) -> TopK:
+                   normalize_k1: bool | None = None, logits: Tensor | None = None,
+                   logit_noise: Tensor | None = None) -> TopK:
         """Scores -> (group limit) -> top-k of score + bias -> normalize -> scale -> null slots to -1; aux losses.
 
-        normalize_k1 overrides the gate option (bias_balanced normalizes at k=1 by its own `normalize`).
+        logits: the router's own [T, E + null] logits (default the gate's); logit_noise is added to them before
+        scoring (noisy top-k), while the losses and the returned logits stay clean. normalize_k1 overrides the
+        gate option (noisy_topk and bias_balanced normalize at k=1 by their own rule).
         """
         p = self.params
-        E = self.num_experts
-        logits = self.gate_logits(x)
-        scores = score_fn(p.score, logits)
+        logits = self.gate_logits(x) if logits is None else logits
+        scores = self.scores(logits if logit_noise is None else logits + logit_noise)
         select = scores.detach()
         if selection_bias is not None:
             select = select + selection_bias.to(select.dtype)
-        if p.top_groups and p.top_groups < p.expert_groups:
-            mask = group_limit_mask(select[:, :E], p.expert_groups, p.top_groups)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], p.null_experts)], 1)
+        mask = self.group_mask(select)
+        if mask is not None:
             select = select.masked_fill(~mask, float("-inf"))
         experts = select.topk(k, dim=-1).indices
         weights = scores.gather(1, experts)
@@ -234,12 +281,9 @@ class GatedRouter(Router):
             weights = weights * p.route_scale
         aux = self.stability_losses(logits, experts)
         chosen, full_logits = experts, logits
-        if p.null_experts:
-            null = experts >= E
-            experts = experts.masked_fill(null, -1)
-            weights = weights.masked_fill(null, 0.0)
-            logits = logits[:, :E]
-        return TopK(Routing(experts, weights.to(x.dtype), logits, aux), full_logits, scores, chosen)
+        experts, weights = self.drop_null(experts, weights)
+        routing = Routing(experts, weights.to(x.dtype), logits[:, : self.num_experts], aux)
+        return TopK(routing, full_logits, scores, chosen)
 
     # -- losses ---------------------------------------------------------------------------------------
     def stability_losses(self, logits: Tensor, experts: Tensor | None = None) -> dict[str, Tensor]:

@@ -6,7 +6,8 @@ largest entries). R rounds (1 or 2) of residual message passing:
     H_{r+1} = H_r + tanh(A H_r M_r),   M_r learned [dim, dim]
 Token-expert scores: s(x)_e = <Q x, H_R[e]> / sqrt(dim) with a learned query Q [dim, d]; then softmax top-k
 (renormalized) and the Switch-style balance loss alpha * E * sum_e f_e P_e. A gradient step on one expert's
-score moves its neighbours' embeddings too, so related experts are routed alike.
+score moves its neighbours' embeddings too, so related experts are routed alike. The top-k goes through the
+gate's `route_topk` on s(x), so every selection option applies (null experts are extra nodes of the graph).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from routerlab.routers.base import Routing, switch_balance_loss, topk_routing
+from routerlab.routers.base import Routing, switch_balance_loss
 from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
 
@@ -46,13 +47,16 @@ class GraphRouter(GatedRouter):
 
     def __init__(self, d_model: int, num_experts: int, params: GraphParams) -> None:
         super().__init__(d_model, num_experts, params)
+        nodes = num_experts + params.null_experts
         self.gate = nn.Linear(d_model, params.dim, bias=False)  # the query projection Q
-        self.expert_emb = nn.Parameter(torch.randn(num_experts, params.dim) / math.sqrt(params.dim))
-        self.edge_logits = nn.Parameter(0.01 * torch.randn(num_experts, num_experts))
+        self.expert_emb = nn.Parameter(torch.randn(nodes, params.dim) / math.sqrt(params.dim))
+        self.edge_logits = nn.Parameter(0.01 * torch.randn(nodes, nodes))
         self.mix = nn.ParameterList(nn.Parameter(torch.randn(params.dim, params.dim) / math.sqrt(params.dim)) for _ in range(params.rounds))
 
+    finishes_weights = True  # route_topk normalizes and scales
+
     def adjacency_matrix(self) -> Tensor:
-        E = self.num_experts
+        E = self.edge_logits.shape[0]
         logits = self.edge_logits.float().masked_fill(torch.eye(E, dtype=torch.bool, device=self.edge_logits.device), float("-inf"))
         if self.params.adjacency == "sparse" and self.params.neighbors < E - 1:
             kth = logits.topk(self.params.neighbors, dim=-1).values[:, -1:]
@@ -61,7 +65,7 @@ class GraphRouter(GatedRouter):
 
     def expert_states(self) -> Tensor:
         H = self.expert_emb.float()
-        if self.num_experts > 1:
+        if H.shape[0] > 1:
             A = self.adjacency_matrix()
             for M in self.mix:
                 H = H + torch.tanh(A @ H @ M.float())
@@ -70,10 +74,8 @@ class GraphRouter(GatedRouter):
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         query = self.raw_logits(x)
         scores = query.float() @ self.expert_states().t() / math.sqrt(self.params.dim)
-        logits = self.postprocess(scores)
-        probs = logits.softmax(-1)
-        experts, weights = topk_routing(probs, self.params.k, renormalize=True)
-        aux = self.stability_losses(logits, experts)
+        out = self.route_topk(x, self.params.k, renormalize=True, logits=self.postprocess(scores))
         if self.params.alpha > 0 and self.training:
-            aux["balance"] = self.params.alpha * switch_balance_loss(probs, experts, self.num_experts)
-        return Routing(experts, weights.to(x.dtype), logits, aux)
+            probs = out.scores if self.params.score == "softmax" else self.balance_probs(out.logits)
+            out.routing.aux["balance"] = self.params.alpha * switch_balance_loss(probs, out.chosen, probs.shape[-1])
+        return out.routing

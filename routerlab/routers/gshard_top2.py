@@ -7,6 +7,8 @@ takes at most ceil(capacity_factor * (T/G) * 2 / E) slots per group (GShard's 2N
 factor 1; the core's meaning of capacity_factor: a multiple of the balanced share T k / E, here k = 2),
 first choices before second choices, earlier tokens first; slots over capacity are marked unused (-1).
 Aux loss: alpha * E * sum_e f_e P_e per group, f from first choices (GShard's c_e / S), averaged over groups.
+The top-2 goes through the gate's `route_topk`, so `score`, the group limit, null experts and route_scale apply
+(the random-routing probability uses the normalized g2, before route_scale).
 """
 from __future__ import annotations
 
@@ -41,22 +43,24 @@ class GShardTop2Params(GateParams):
 class GShardTop2(GatedRouter):
     """Top-2 with GShard random routing of the second expert, group-level capacity and aux loss."""
 
+    finishes_weights = True  # route_topk normalizes and scales
+    refuses = {"normalize_k1": "top-2 by definition: its weights are normalized over the two choices (GShard)"}
+
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         p = self.params
         E = self.num_experts
-        logits = self.gate_logits(x)
-        probs = logits.softmax(-1)
-        top, experts = probs.topk(min(2, E), dim=-1)
-        weights = top / top.sum(-1, keepdim=True).clamp_min(1e-9)
-        experts = experts.clone()
+        out = self.route_topk(x, min(2, E), renormalize=True)
+        experts, weights = out.routing.experts.clone(), out.routing.weights
         if experts.shape[1] == 2 and p.random_routing and (self.training or p.random_routing_eval):
-            use_second = torch.rand_like(weights[:, 1]) < (2 * weights[:, 1].detach()).clamp(max=1.0)
+            g2 = weights[:, 1].detach().float() / p.route_scale
+            use_second = torch.rand_like(g2) < (2 * g2).clamp(max=1.0)
             experts[:, 1] = torch.where(use_second, experts[:, 1], torch.full_like(experts[:, 1], -1))
         T = x.shape[0]
         G = max(1, min(p.groups, T))
         bounds = [(g * T) // G for g in range(G + 1)]
-        aux = self.stability_losses(logits, experts)
-        first = experts[:, :1].clone()  # GShard's c_e counts first choices, before capacity
+        aux = out.routing.aux
+        probs = out.scores if p.score == "softmax" else self.balance_probs(out.logits)
+        first = out.chosen[:, :1]  # GShard's c_e counts first choices, before capacity
         balance = []
         for g in range(G):
             lo, hi = bounds[g], bounds[g + 1]
@@ -66,11 +70,11 @@ class GShardTop2(GatedRouter):
                 capacity = math.ceil(p.capacity_factor * (hi - lo) * 2 / E)
                 experts[lo:hi] = _apply_capacity(experts[lo:hi], E, capacity)
             if p.alpha > 0 and self.training:
-                balance.append(switch_balance_loss(probs[lo:hi], first[lo:hi], E))
+                balance.append(switch_balance_loss(probs[lo:hi], first[lo:hi], probs.shape[-1]))
         if balance:
             aux["balance"] = p.alpha * torch.stack(balance).mean()
         weights = torch.where(experts >= 0, weights, torch.zeros_like(weights))
-        return Routing(experts, weights.to(x.dtype), logits, aux)
+        return Routing(experts, weights.to(x.dtype), out.routing.logits, aux)
 
 
 def _apply_capacity(experts: Tensor, num_experts: int, capacity: int) -> Tensor:

@@ -5,7 +5,8 @@ p(g | x) = softmax(U x)_g,  p(e | g, x) = softmax over e in g of (W x)_e,  weigh
 The top k_groups groups are taken, and the top k experts inside each (k_groups * k slots); weights are the
 products, not renormalized. Routing logits are the joint log-probabilities log p(g) + log p(e | g).
 Aux loss: alpha * E * sum_e f_e P_e on the joint distribution. Temperature divides both gates' logits;
-the z-loss is the sum of both gates' z-losses; smoothing acts on the joint distribution.
+the z-loss is the sum of both gates' z-losses; smoothing acts on the joint distribution. Of the selection
+options only route_scale applies (see `refuses`).
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ class HierarchicalParams(GateParams):
 @register_router("hierarchical", HierarchicalParams)
 class Hierarchical(GatedRouter):
     """Group gate x expert-in-group gate; weight = product of the two gates."""
+
+    refuses = {"score": "its weights are a product of two softmax gates, p(g) p(e|g); another score has no such product",
+               "normalize_k1": "its weights p(g) p(e|g) are not normalized over the chosen experts at any k",
+               "expert_groups": "it is group-limited by construction: use its own groups and k_groups",
+               "top_groups": "it is group-limited by construction: use its own groups and k_groups",
+               "null_experts": "its two gates are distributions over the E real experts"}
 
     def __init__(self, d_model: int, num_experts: int, params: HierarchicalParams) -> None:
         if num_experts % params.groups:

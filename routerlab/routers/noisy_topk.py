@@ -5,6 +5,9 @@ G(x)   = softmax(KeepTopK(H(x), k))
 L_importance = w_importance * CV(sum_x G(x))^2
 L_load       = w_load * CV(sum_x P(x))^2,  P(x)_i = Phi(((x W_g)_i - kth_excluding(H(x), k, i)) / softplus((x W_noise)_i))
 CV^2 = population variance / mean^2. Both weight matrices start at zero, as in the paper.
+Selection goes through the gate's `route_topk` with the noise added to the logits: softmax(KeepTopK(H, k)) is
+the softmax of H renormalized over the kept k, so `score` replaces the softmax (s(H) over the kept k,
+normalized), and the group limit, null experts and route_scale apply; the two losses are over the E real experts.
 """
 from __future__ import annotations
 
@@ -56,27 +59,28 @@ class NoisyTopK(GatedRouter):
 
     def __init__(self, d_model: int, num_experts: int, params: NoisyTopKParams) -> None:
         super().__init__(d_model, num_experts, params)
-        self.noise = nn.Linear(d_model, num_experts, bias=False)
+        self.noise = nn.Linear(d_model, num_experts + params.null_experts, bias=False)
         if params.init_std == 0:  # the paper's zero init unless the gate option asks for a std
             nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.noise.weight)
 
+    finishes_weights = True  # route_topk normalizes and scales
+    refuses = {"normalize_k1": "its weights, a softmax over the kept logits, are normalized at every k, k=1 included"}
+
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
-        k = self.params.k
+        k, E = self.params.k, self.num_experts
         clean = self.gate_logits(x)
-        aux = self.stability_losses(clean)
+        noise = None
         if self.training:
             noise_std = F.softplus(F.linear(x.float(), self.noise.weight.float())) + 1e-2
-            noisy = clean + torch.randn_like(clean) * noise_std
-        else:
-            noisy = clean
-        top_values, experts = noisy.topk(k, dim=-1)
-        weights = top_values.softmax(-1)
+            noise = torch.randn_like(clean) * noise_std
+        out = self.route_topk(x, k, renormalize=True, normalize_k1=True, logits=clean, logit_noise=noise)
+        routing = out.routing
         if self.training:
-            gates = torch.zeros_like(clean).scatter(1, experts, weights)
+            gates = torch.zeros_like(out.scores).scatter(1, out.chosen, routing.weights.to(out.scores.dtype))[:, :E]
             if self.params.w_importance > 0:
-                aux["importance"] = self.params.w_importance * cv_squared(gates.sum(0))
+                routing.aux["importance"] = self.params.w_importance * cv_squared(gates.sum(0))
             if self.params.w_load > 0:
-                load = load_probability(clean, noisy, noise_std, k).sum(0)
-                aux["load"] = self.params.w_load * cv_squared(load)
-        return Routing(experts, weights.to(x.dtype), clean, aux)
+                load = load_probability(clean, clean + noise, noise_std, k)[:, :E].sum(0)
+                routing.aux["load"] = self.params.w_load * cv_squared(load)
+        return routing

@@ -43,7 +43,6 @@ class QuantileBalancedParams(GateParams):
         require(self.capacity >= 1, f"capacity must be >= 1 (1 = exactly balanced), got {self.capacity}")
         require(self.sweeps >= 1, f"sweeps must be >= 1, got {self.sweeps}")
         require(0 <= self.eval_ema < 1, f"eval_ema must be in [0, 1), got {self.eval_ema}")
-        require(self.null_experts == 0, "quantile_balanced takes no null_experts")
 
 
 @torch.no_grad()
@@ -68,7 +67,9 @@ def dual_prices(scores: Tensor, prices: Tensor, k: int, capacity: int, sweeps: i
 class QuantileBalanced(GatedRouter):
     """Top-k of score - price; the prices solve the batch's balanced-assignment dual (no coefficient)."""
 
-    supports_selection_options = True
+    finishes_weights = True  # route_topk normalizes and scales
+    refuses = {"null_experts": "the assignment problem gives every expert the capacity C; a null expert has no compute to "
+                               "bound, so its price would only ration skipping"}
 
     def __init__(self, d_model: int, num_experts: int, params: QuantileBalancedParams) -> None:
         super().__init__(d_model, num_experts, params)
@@ -77,16 +78,15 @@ class QuantileBalanced(GatedRouter):
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         p = self.params
+        logits = self.gate_logits(x)
         if self.training and x.shape[0] > 0:
             with torch.no_grad():
-                from routerlab.routers.gated import score_fn
-
-                scores = score_fn(p.score, self.gate_logits(x)).float()  # the same scores route_topk selects on
+                scores = self.scores(logits.detach()).float()  # the same scores route_topk selects on
                 C = math.ceil(p.capacity * x.shape[0] * p.k / self.num_experts)
                 self.prices.copy_(dual_prices(scores, self.prices.float(), p.k, C, p.sweeps))
                 self.eval_prices.mul_(p.eval_ema).add_((1 - p.eval_ema) * self.prices)
         prices = self.prices if self.training else self.eval_prices
-        return self.route_topk(x, p.k, p.renormalize, selection_bias=-prices).routing
+        return self.route_topk(x, p.k, p.renormalize, selection_bias=-prices, logits=logits).routing
 
     def extra_metrics(self) -> dict[str, float]:
         return {"price_max": float(self.prices.max()), "price_mean": float(self.prices.mean())}

@@ -6,6 +6,8 @@ the combine weights (no normalization). Sparsity is steered by an adaptive L1 pe
 with lambda updated after every step toward the target sparsity 1 - k/E:
     lambda_{i+1} = lambda_i * alpha^{sign((1 - k/E) - S_i)},   S_i = fraction of zero gates in the step.
 So the mean number of experts per token follows `k` on average, while each token's own count varies.
+Selection options: the group limit zeroes the gates outside the token's top groups (ranked by their best two
+gates); route_scale scales the weights. `score`, normalize_k1 and null experts are refused (see `refuses`).
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ class ReLUParams(GateParams):
 class ReLURouter(GatedRouter):
     """ReLU gates, 0..E experts per token; an adaptive L1 penalty holds the mean count near k."""
 
+    refuses = {"score": "ReLU is this router's score function (ReMoE)",
+               "normalize_k1": "ReMoE's gates are the combine weights, unnormalized at every k",
+               "null_experts": "a token whose ReLU gates are all zero already uses no expert"}
+
     def __init__(self, d_model: int, num_experts: int, params: ReLUParams) -> None:
         super().__init__(d_model, num_experts, params)
         self.register_buffer("l1_coef", torch.tensor(float(params.l1_init)))
@@ -45,6 +51,9 @@ class ReLURouter(GatedRouter):
         p = self.params
         logits = self.gate_logits(x)
         gates = torch.relu(logits)
+        mask = self.group_mask(gates.detach())
+        if mask is not None:
+            gates = gates.masked_fill(~mask, 0.0)
         used = gates > 0
         kk = max(1, int(used.sum(1).max())) if x.shape[0] else 1
         order = torch.where(used, gates.detach(), torch.full_like(gates, -1.0)).argsort(dim=1, descending=True, stable=True)[:, :kk]

@@ -4,7 +4,8 @@ Training: the Sinkhorn plan P of exp(W x) (rows sum to 1, columns to T/E after `
 normalizations, log domain) is rounded to a balanced top-1 assignment: loads are floor(T/E) or ceil(T/E)
 (proposal rounds: each token proposes to its best open expert by P, experts keep their best proposers).
 Evaluation: plain top-1 of W x. Weight: the softmax probability of the assigned expert (differentiable).
-No aux loss. Training assignment uses the whole batch (as in the paper); evaluation is per token (causal).
+No aux loss. Selection options: `score` gives the weight (score of the assigned expert); normalize_k1 makes it 1.
+Training assignment uses the whole batch (as in the paper); evaluation is per token (causal).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from routerlab.routers.assignment import greedy_balanced, sinkhorn_log
+from routerlab.routers.assignment import BALANCED_ASSIGNMENT_REFUSES, greedy_balanced, sinkhorn_log
 from routerlab.routers.base import Routing
 from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
@@ -32,9 +33,11 @@ class SinkhornParams(GateParams):
 class Sinkhorn(GatedRouter):
     """Sinkhorn-balanced top-1 in training (loads equal within 1), plain top-1 at evaluation."""
 
+    refuses = BALANCED_ASSIGNMENT_REFUSES
+
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         logits = self.gate_logits(x)
-        probs = logits.softmax(-1)
+        probs = self.scores(logits)
         if self.training and x.shape[0] > 0:
             with torch.no_grad():
                 experts = greedy_balanced(sinkhorn_log(logits.detach(), self.params.iters))[:, None]

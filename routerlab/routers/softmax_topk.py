@@ -24,7 +24,7 @@ class SoftmaxTopKParams(GateParams):
 class SoftmaxTopK(GatedRouter):
     """Softmax over experts, top-k; weights are the chosen probabilities."""
 
-    supports_selection_options = True
+    finishes_weights = True  # route_topk normalizes and scales
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         return self.route_topk(x, self.params.k, self.params.renormalize).routing

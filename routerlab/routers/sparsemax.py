@@ -5,6 +5,9 @@ The cap: sparsemax is taken over each token's k_max largest logits only (so at m
 still sum to 1, and exact zeros mark unused slots: expert -1, weight 0). The number of experts per token
 varies from 1 to k_max. Differentiable (autograd through tau with the support held fixed is the exact
 sparsemax Jacobian). Aux loss: alpha * E * sum_i f_i P_i with P the mean sparse gate.
+Selection options: the group limit leaves only the token's top groups' logits to the sparse map; null experts
+are extra gate outputs whose slots are unused; route_scale scales the weights. `score` and normalize_k1 are
+refused: the sparse map is the score function, and its weights sum to 1 for every token already.
 """
 from __future__ import annotations
 
@@ -59,20 +62,28 @@ class SparseGate(GatedRouter):
     """Shared body of sparsemax / entmax15: a sparse map over the k_max largest logits."""
 
     transform = staticmethod(sparsemax)
+    refuses = {"score": "the sparse map (sparsemax, 1.5-entmax) is this router's score function",
+               "normalize_k1": "the sparse map's weights sum to 1 for every token, one expert included"}
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
+        E = self.num_experts
         logits = self.gate_logits(x)
-        k = min(self.params.k_max, self.num_experts)
-        top, experts = logits.topk(k, dim=-1)
+        routed = logits
+        mask = self.group_mask(logits.detach())
+        if mask is not None:  # far below any threshold tau: exact zeros outside the top groups (finite, so no NaN)
+            routed = logits.masked_fill(~mask, -1e4)
+        k = min(self.params.k_max, logits.shape[-1])
+        top, experts = routed.topk(k, dim=-1)
         gates = self.transform(top.float())
         used = gates > 0
         experts = torch.where(used, experts, torch.full_like(experts, -1))
         weights = torch.where(used, gates, torch.zeros_like(gates))
         aux = self.stability_losses(logits, experts)
+        experts, weights = self.drop_null(experts, weights)
         if self.params.alpha > 0 and self.training:
-            dense = torch.zeros_like(logits, dtype=gates.dtype).scatter_add(1, experts.clamp_min(0), weights)
-            aux["balance"] = self.params.alpha * switch_balance_loss(dense, experts, self.num_experts)
-        return Routing(experts, weights.to(x.dtype), logits, aux)
+            dense = torch.zeros(logits.shape[0], E, dtype=gates.dtype, device=gates.device).scatter_add(1, experts.clamp_min(0), weights)
+            aux["balance"] = self.params.alpha * switch_balance_loss(dense, experts, E)
+        return Routing(experts, weights.to(x.dtype), logits[:, :E], aux)
 
 
 @register_router("sparsemax", SparseGateParams)

@@ -23,7 +23,7 @@ class SwitchParams(GateParams):
 class Switch(GatedRouter):
     """Top-1 expert, weight = its softmax probability, Switch balance loss."""
 
-    supports_selection_options = True
+    finishes_weights = True  # route_topk normalizes and scales
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         out = self.route_topk(x, 1, renormalize=True)  # renormalizing one weight happens only with normalize_k1

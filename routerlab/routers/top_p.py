@@ -5,7 +5,9 @@ p_t = softmax(W x_t) (or the gate's `score`, normalized), sorted descending; tok
 n_t = min{n : sum_{j<=n} p_(j) >= threshold}, capped at k_max (and at least 1). Weights: the chosen scores,
 renormalized to sum 1 when `renormalize`. Unused slots are -1 with weight 0, so the number of experts per token
 varies. The paper's dynamic loss, the entropy of p_t, is the gate option `entropy` (positive coefficient
-lowers the entropy, so fewer experts per token); any balance option applies.
+lowers the entropy, so fewer experts per token); any balance option applies. Group limit: experts outside the
+token's top groups hold no mass (the token may then stop short of p); null experts count toward the mass and
+take no compute.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 
 from routerlab.routers.base import Routing
-from routerlab.routers.gated import GateParams, GatedRouter, score_fn
+from routerlab.routers.gated import GateParams, GatedRouter
 from routerlab.routers.registry import register_router, require
 
 
@@ -29,27 +31,33 @@ class TopPParams(GateParams):
         super().__post_init__()
         require(0 < self.threshold <= 1, f"threshold must be in (0, 1], got {self.threshold}")
         require(self.k_max >= 1, f"k_max must be >= 1, got {self.k_max}")
-        require(self.expert_groups == 1 and self.null_experts == 0, "top_p takes no expert_groups or null_experts (its k varies already)")
 
 
 @register_router("top_p", TopPParams)
 class TopP(GatedRouter):
     """Fewest experts whose scores reach mass p (1..k_max per token)."""
 
-    supports_selection_options = True
+    finishes_weights = True  # normalized and scaled below
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         p = self.params
         logits = self.gate_logits(x)
-        scores = score_fn(p.score, logits)
+        scores = self.scores(logits)
         probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-9) if p.score != "softmax" else scores
-        k = min(p.k_max, self.num_experts)
+        mask = self.group_mask(probs.detach())
+        if mask is not None:  # experts outside the token's top groups hold no mass
+            probs = probs.masked_fill(~mask, 0.0)
+        k = min(p.k_max, self.num_experts + p.null_experts)
         top, experts = probs.topk(k, dim=-1)
         before = top.detach().cumsum(-1) - top.detach()  # mass of the better experts
         used = before < p.threshold  # the first expert always; the next while the mass is short of p
+        if mask is not None:  # never past the allowed experts, even when their mass stays short of p
+            used = used & mask.gather(1, experts)
         experts = torch.where(used, experts, torch.full_like(experts, -1))
         weights = torch.where(used, top, torch.zeros_like(top))
         if p.renormalize and (k > 1 or p.normalize_k1):
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
         weights = weights * p.route_scale
-        return Routing(experts, weights.to(x.dtype), logits, self.stability_losses(logits, experts))
+        aux = self.stability_losses(logits, experts)
+        experts, weights = self.drop_null(experts, weights)
+        return Routing(experts, weights.to(x.dtype), logits[:, : self.num_experts], aux)
