@@ -104,6 +104,9 @@ class TrainConfig(Strict):
     # layers too; "auto" = off for now (measured slower in the trainer before a router fix; see compile.py)
     compile: Literal["auto", "off", "dense", "moe"] = "auto"
     tf32: bool = True  # float32 on CUDA: TF32 matmuls (about 8x the fp32 rate on an H200); false = full fp32
+    # CUDA: capture each step's forward + backward once as a CUDA graph and replay it (routerlab/step_graph.py) when
+    # the step qualifies (one process, one micro-batch, routers declared graph-safe, no extra loss terms); CPU: ignored
+    cuda_graph: bool = True
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -174,7 +177,7 @@ class Config(Strict):
                 data[section]["plugin_source"] = source
         data.pop("run")
         data.pop("parallel")  # checkpoints move between rank counts
-        for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device", "on_nonfinite"):
+        for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device", "on_nonfinite", "cuda_graph"):
             data["train"].pop(key)
         return content_hash(data)
 

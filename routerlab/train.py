@@ -26,6 +26,7 @@ from routerlab.models import build_model
 from routerlab.outputs import check_writable, lock_output_dir
 from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization
 from routerlab.routers.base import Router
+from routerlab.step_graph import StepGraph, why_not
 from routerlab.tasks import Batch, Task, build_task
 
 EVAL_SEED = 1234  # the evaluation batches are the same for every run of a task
@@ -139,8 +140,12 @@ class Trainer:
         # routers that read RoutingStats after each step; the others' stats are computed only for logging
         self._router_uses_stats = [type(layer.router).after_step is not Router.after_step for layer in self.layers]
         # fused: one kernel pass over the parameters on CUDA (an 840M-parameter MoE steps 8x the dense twin's bytes)
+        # fused also skips a non-finite update on the device (found_inf, as GradScaler does): no host sync before the step
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95), **fused)
+        # train.cuda_graph: forward + backward replayed from a CUDA graph where safe (routerlab/step_graph.py)
+        self.cuda_graph_off = why_not(self)
+        self.step_graph = StepGraph(self) if self.cuda_graph_off is None else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.data_rng = torch.Generator().manual_seed(config.seed + 1)
         eval_rng = torch.Generator().manual_seed(EVAL_SEED)
@@ -219,7 +224,8 @@ class Trainer:
 
     def autocast(self):
         """bf16-mixed: compute in bfloat16 on float32 weights; a no-op context for fp32 and bf16-pure."""
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
+        # no cast cache: a CUDA graph capture cannot hold it (each weight is cast once per forward anyway)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None, cache_enabled=False)
 
     def forward_backward(self, batch: Batch, weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-batch: its task loss (mean over its tokens) plus every aux loss, times `weight` (its share
@@ -255,7 +261,10 @@ class Trainer:
         for part in micro:
             weight = part.num_tokens / global_tokens
             part = self.parallel.shard_batch(part.to(self.device, self.dtype))  # every rank draws the global batch and keeps its slice
-            part_loss, part_aux = self.forward_backward(part, weight)
+            if self.step_graph is not None and len(micro) == 1:
+                part_loss, part_aux = self.step_graph.forward_backward(part)
+            else:
+                part_loss, part_aux = self.forward_backward(part, weight)
             loss = loss + weight * part_loss.float()
             for k, v in part_aux.items():
                 aux[k] = aux.get(k, 0) + weight * v
@@ -267,22 +276,33 @@ class Trainer:
         self.parallel.sync_grads(self.model)
         for layer in self.layers:
             layer.router.before_step()
-        # max_norm=inf leaves the gradients as they are but still returns their (global) norm
-        norm = self.parallel.clip_grad_norm_(self.model, self.config.train.grad_clip or math.inf)
-        total = loss.detach() + sum(float(v.detach()) for v in aux.values())  # task loss plus aux losses
-        finite = bool(torch.isfinite(total)) and (norm is None or bool(torch.isfinite(norm)))
-        if not finite and self.config.train.on_nonfinite == "stop":  # before the update: weights stay good
+        on_device = bool(self.optimizer.defaults.get("fused"))
+        max_norm = self.config.train.grad_clip or math.inf
+        if on_device and self.parallel.world_size == 1:
+            # the fused step divides each gradient by grad_scale as it reads it: clipping without a pass of its own
+            # (clip_grad_norm_'s factor max_norm / (norm + 1e-6), at most 1, as a divisor)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None], foreach=True)
+            self.optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp_min(1.0) if math.isfinite(max_norm) else None
+        else:  # max_norm=inf leaves the gradients as they are but still returns their (global) norm
+            norm = self.parallel.clip_grad_norm_(self.model, max_norm)
+        total = loss.detach() + sum(v.detach() for v in aux.values())  # task loss plus aux losses, on the device
+        bad = ~torch.isfinite(total) if norm is None else ~(torch.isfinite(total) & torch.isfinite(norm))
+        if on_device:  # the fused kernels skip the whole update (moments and step count too) where found_inf is set
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+        value = self.parallel.reduce_step(self.layers, loss)  # the step's host read; stats summed over ranks before routers see them
+        finite = not bool(bad)
+        if not finite and self.config.train.on_nonfinite == "stop":  # the update did not happen: weights stay good
             raise RunStopped(
                 f"step {self.step + 1}: the loss ({float(total):.4g}) or gradient norm ({float(norm) if norm is not None else float('nan'):.4g}) "
                 "is not finite; stopped without saving, the last good checkpoint is kept; lower train.lr, set train.grad_clip, "
                 "or set train.on_nonfinite=skip to skip such updates")
-        if finite:
+        if finite and not on_device:
             self.optimizer.step()
-        else:
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
         self.scheduler.step()
-        value = self.parallel.reduce_step(self.layers, loss)  # stats summed over ranks before routers see them
         for layer, uses_stats in zip(self.layers, self._router_uses_stats):
             if uses_stats and finite:  # a router does not learn from the statistics of a skipped, non-finite step
                 layer.router.after_step(layer.stats)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -32,13 +33,13 @@ from routerlab.bench import core
 PRESETS = {"moe": "configs/gpu/stdlib-110m-e64k6.yaml", "dense": "configs/gpu/stdlib-110m-dense.yaml"}
 
 
-def lm_config(kind: str, compile_mode: str, run_dir: str, dtype: str = "bfloat16", tf32: bool = True, smoke: bool = False):
+def lm_config(kind: str, compile_mode: str, run_dir: str, dtype: str = "bfloat16", tf32: bool = True, smoke: bool = False, cuda_graph: bool = True):
     """The preset (configs/gpu/, run from the repository root) with this run's device, dtype, compile and TF32;
     routing statistics logged every 10 steps; no evaluation or checkpoint inside the timed steps."""
     from routerlab.config import load_config
 
     precision = {"bfloat16": "bf16-pure", "float32": "fp32"}[dtype]  # the old train.dtype meanings (the presets set precision)
-    overrides = [f"train.precision={precision}", f"train.compile={compile_mode}", f"train.tf32={str(tf32).lower()}", "train.log_every=10",
+    overrides = [f"train.precision={precision}", f"train.compile={compile_mode}", f"train.tf32={str(tf32).lower()}", "train.log_every=10", f"train.cuda_graph={str(cuda_graph).lower()}",
                  "train.eval_every=1000000", "train.eval_batches=1", "train.steps=1000000", f"run.dir={run_dir}", "run.checkpoint=false"]
     if smoke:
         overrides += ["train.device=cpu", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "task.block_size=16", "train.batch_size=4"]
@@ -120,11 +121,60 @@ def profile_step(trainer, iters: int = 5) -> dict[str, float]:
     return res
 
 
+def kernel_profile(trainer, steps: int = 3, top: int = 40) -> dict:
+    """torch.profiler over `steps` train steps: wall, GPU kernel time (sum and union), idle, kernel launches, the
+    `top` kernels by time (ms per step) and the host syncs of one more step (CUDA sync debug mode, by source line)."""
+    import warnings
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from routerlab.step_graph import is_sync_warning
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        _sync()
+        wall = (time.perf_counter() - t0) / steps * 1e3
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, -math.inf
+    for a, b in spans:  # union of kernel intervals (us)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    by_name = Counter()
+    for e in kernels:
+        by_name[e.name[:110]] += e.time_range.end - e.time_range.start
+    out = {"wall ms/step": wall, "kernel ms/step (sum)": sum(b - a for a, b in spans) / 1e3 / steps,
+           "kernel ms/step (union)": busy / 1e3 / steps, "launches/step": len(kernels) / steps,
+           "top kernels ms/step": {n: t / 1e3 / steps for n, t in by_name.most_common(top)}}
+    out["idle ms/step (wall - union)"] = wall - out["kernel ms/step (union)"]
+    syncs = Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if is_sync_warning(w):
+            syncs[f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"] += 1
+    out["host syncs in one step (where)"] = dict(syncs)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m routerlab.bench.trainer", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", default="off,auto", help="train.compile values to run, comma-separated ('none': no bf16 runs)")
+    ap.add_argument("--cuda-graph", default="on", help="train.cuda_graph values to run, comma-separated (on, off)")
+    ap.add_argument("--kernels", action="store_true", help="also a torch.profiler kernel table and the host syncs of each bf16 run")
     ap.add_argument("--fp32", action="store_true", help="also the MoE model in float32 (TF32 on, then off)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (checks this script, times nothing real)")
@@ -137,19 +187,25 @@ def main(argv=None) -> None:
     report = {"device": device, "torch": torch.__version__, "runs": [], "profile": {}}
     run_dir = tempfile.mkdtemp(prefix="routerlab-bench-")
     modes = [m for m in args.compile.split(",") if m and m != "none"]
-    runs = [(kind, mode, "bfloat16", True) for mode in modes for kind in ("moe", "dense")]
+    graphs = [{"on": True, "off": False}[g] for g in args.cuda_graph.split(",") if g]
+    runs = [(kind, mode, "bfloat16", True, graph) for graph in graphs for mode in modes for kind in ("moe", "dense")]
     if args.fp32:  # eager, so that only TF32 differs
-        runs += [("moe", "off", "float32", True), ("moe", "off", "float32", False)]
-    for kind, mode, dtype, tf32 in runs:
+        runs += [("moe", "off", "float32", True, False), ("moe", "off", "float32", False, False)]
+    for kind, mode, dtype, tf32, graph in runs:
         try:
-            config = lm_config(kind, mode, run_dir, dtype, tf32, args.smoke)
-            trainer = Trainer(config, log=True, run_dir=os.path.join(run_dir, f"{kind}-{mode}-{dtype}-{tf32}"))
+            config = lm_config(kind, mode, run_dir, dtype, tf32, args.smoke, graph)
+            trainer = Trainer(config, log=True, run_dir=os.path.join(run_dir, f"{kind}-{mode}-{dtype}-{tf32}-{graph}"))
             tps, ms, first = steady_tokens_per_s(trainer, args.warmup, args.steps)
-            row = {"model": kind, "compile": mode, "dtype": dtype, "tf32": tf32, "tokens_per_s": tps, "ms_per_step": ms,
-                   "warmup_s": first, "compiled_modules": len(trainer.compiled), "loss": trainer.losses[-1]}
+            row = {"model": kind, "compile": mode, "dtype": dtype, "tf32": tf32, "cuda_graph": graph, "graphed": trainer.step_graph is not None and trainer.step_graph.graph is not None,
+                   "graph_off": trainer.cuda_graph_off or (trainer.step_graph.off if trainer.step_graph else None),
+                   "tokens_per_s": tps, "ms_per_step": ms, "warmup_s": first, "compiled_modules": len(trainer.compiled),
+                   "losses": [round(v, 5) for v in trainer.losses[:args.warmup + 3]], "loss": trainer.losses[-1]}
             report["runs"].append(row)
             print(json.dumps(row), flush=True)
-            if kind == "moe" and mode == "off" and dtype == "bfloat16":
+            if args.kernels and dtype == "bfloat16" and mode == "off" and not args.smoke:
+                report.setdefault("kernels", {})[f"{kind} cuda_graph={graph}"] = kp = kernel_profile(trainer)
+                print(json.dumps({f"kernels {kind} cuda_graph={graph}": kp}), flush=True)
+            if kind == "moe" and mode == "off" and dtype == "bfloat16" and not graph:
                 report["profile"] = profile_step(trainer)
                 report["profile"]["measured step"] = ms
                 print(json.dumps({"profile_ms": {k: round(v, 3) for k, v in report["profile"].items()}}), flush=True)
@@ -166,12 +222,14 @@ def main(argv=None) -> None:
 
 
 def table(report: dict) -> str:
-    lines = [f"{report['device']}, torch {report['torch']}", "| model | compile | dtype | tokens/s | ms/step | dense twin / this |", "|---|---|---|---:|---:|---:|"]
-    dense = {(r["compile"], r["dtype"]): r["tokens_per_s"] for r in report["runs"] if r["model"] == "dense"}
+    lines = [f"{report['device']}, torch {report['torch']}", "| model | compile | dtype | cuda_graph | tokens/s | ms/step | dense twin / this |",
+             "|---|---|---|---|---:|---:|---:|"]
+    dense = {(r["compile"], r["dtype"], r.get("cuda_graph")): r["tokens_per_s"] for r in report["runs"] if r["model"] == "dense"}
     for r in report["runs"]:
-        ratio = dense.get((r["compile"], r["dtype"]))
-        lines.append(f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | "
-                     f"{ratio / r['tokens_per_s']:.2f}x |" if ratio else f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | - |")
+        ratio = dense.get((r["compile"], r["dtype"], r.get("cuda_graph")))
+        graph = ("on" if r.get("graphed") else f"off ({r.get('graph_off')})") if r.get("cuda_graph") else "off"
+        cell = f"{ratio / r['tokens_per_s']:.2f}x" if ratio else "-"
+        lines.append(f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {graph} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {cell} |")
     if report["profile"]:
         prof = dict(report["profile"])
         step = prof.pop("measured step")

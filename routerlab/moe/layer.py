@@ -304,6 +304,15 @@ class MoELayer(nn.Module):
         self._stats = self._top1 = None
         self.aux_losses = routing.aux
 
+    def recorded(self) -> tuple:
+        """What record() kept of the last forward; `restore` puts it back (a replayed CUDA graph of the training
+        step rewrites these tensors in place, while an eager forward in between, an evaluation, replaces them)."""
+        return self._pending, self.aux_losses, self.sequence_length
+
+    def restore(self, recorded: tuple) -> None:
+        self._pending, self.aux_losses, self.sequence_length = recorded
+        self._stats = self._top1 = None  # recomputed from the restored tensors when read
+
     @property
     def stats(self) -> RoutingStats | None:
         """RoutingStats of the last forward (computed when first read)."""

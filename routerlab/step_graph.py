@@ -1,0 +1,141 @@
+"""`train.cuda_graph`: the training step's forward + backward captured once as a CUDA graph, then replayed.
+
+Why: a ~110M-active MoE language model on one H200 is launch-bound. Its step issues thousands of small kernels one
+by one from Python (router, plan, permute, combine, norms); a replayed graph issues them in one call. What stays
+eager around the replay: router hooks, gradient clipping, the (fused) optimizer, the scheduler, logging.
+
+When (`why_not`, checked at the trainer's start): CUDA, one process, one micro-batch per step, and every router's
+own class declares `cuda_graph_safe = True`: its forward and backward keep no Python state that changes from step
+to step (a replay re-runs the captured kernels, not the Python) and never read a device value on the host. At run
+time also: no extra loss terms (`add_loss_term` runs arbitrary Python each step). Then:
+  steps 1..WARMUP_STEPS   eager (Triton compiles, grouped-GEMM and cuBLAS set-up); the last one under CUDA's sync
+                          debug mode: a host sync anywhere in forward or backward, which a capture cannot hold, leaves
+                          the run eager with one warning
+  next step               captured (grads set to None first, so the captured backward writes them rather than adds),
+                          then replayed; a failed capture also leaves the run eager with one warning
+  every step after        the batch copied into the captured input tensors, one replay
+The replay writes the loss, the aux losses, every gradient and each MoE layer's routing record into the same tensors
+each time; after it, p.grad and each layer's record are pointed back at them (an evaluation's eager forward, or
+zero_grad, replaces them in between). Parameters are read at their addresses: in-place loads keep them valid; a
+replaced parameter, or a batch of another shape, is noticed and the step captured again.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from routerlab.tasks import Batch
+
+WARMUP_STEPS = 2  # eager steps before the capture
+
+
+def why_not(trainer) -> str | None:
+    """Why this trainer's steps cannot be graphed (None: they can)."""
+    t = trainer.config.train
+    if not t.cuda_graph:
+        return "train.cuda_graph is false"
+    if trainer.parallel.world_size > 1:
+        return "several processes"
+    if t.micro_batches != 1:
+        return "micro_batches > 1"
+    for layer in trainer.layers:
+        router = type(layer.router)
+        if not vars(router).get("cuda_graph_safe", False):  # the class's own word: a subclass may add Python state
+            return f"router class {router.__name__} does not declare cuda_graph_safe"
+    if trainer.device.type != "cuda":
+        return "not on CUDA"
+    return None
+
+
+def is_sync_warning(w: warnings.WarningMessage) -> bool:
+    """A warning of CUDA's sync debug mode about a synchronizing call (not its note that the mode is a prototype)."""
+    return "synchronizing CUDA operation" in str(w.message)
+
+
+def _fields(batch: Batch) -> tuple:
+    return batch.inputs, batch.targets, batch.token_ids
+
+
+class StepGraph:
+    """Forward + backward of one micro-batch (Trainer.forward_backward with weight 1), replayed from a CUDA graph."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+        self.off: str | None = None  # why the graph was given up (a sync, a failed capture), or None
+
+    def forward_backward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        trainer = self.trainer
+        if self.off is not None or trainer._loss_terms:
+            return trainer.forward_backward(batch, 1.0)
+        if self.graph is not None and not self._fits(batch):
+            self.graph, self.eager_steps = None, WARMUP_STEPS - 1  # one checked eager step, then capture again
+        if self.graph is None:
+            if self.eager_steps < WARMUP_STEPS:
+                self.eager_steps += 1
+                return self._checked(batch) if self.eager_steps == WARMUP_STEPS else trainer.forward_backward(batch, 1.0)
+            self._capture(batch)
+            if self.graph is None:
+                return trainer.forward_backward(batch, 1.0)
+        return self._replay(batch)
+
+    def _give_up(self, reason: str) -> None:
+        self.off = reason
+        warnings.warn(f"train.cuda_graph: running eagerly: {reason}", stacklevel=3)
+
+    def _checked(self, batch: Batch):
+        """An eager step under CUDA's sync debug mode; a host sync in it rules the graph out."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = self.trainer.forward_backward(batch, 1.0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if is_sync_warning(w)]
+        for w in caught:
+            if w not in syncs:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if syncs:
+            self._give_up(f"a host sync in forward or backward ({str(syncs[0].message).splitlines()[0][:160]}, {syncs[0].filename}:{syncs[0].lineno})")
+        return out
+
+    def _capture(self, batch: Batch) -> None:
+        trainer = self.trainer
+        static = Batch(batch.inputs.clone(), batch.targets.clone(), batch.labels, None if batch.token_ids is None else batch.token_ids.clone())
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None  # the captured backward then writes each gradient instead of adding to it
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(trainer.device)
+        try:
+            with torch.cuda.graph(graph):
+                outputs = trainer.forward_backward(static, 1.0)
+        except RuntimeError as err:
+            for p in params:
+                p.grad = None
+            self._give_up(f"capture failed: {str(err).splitlines()[0][:200]}")
+            return
+        self.graph, self.static, self.outputs = graph, static, outputs
+        self.params, self.grads = params, [p.grad for p in params]
+        self.addresses = [p.data_ptr() for p in params]
+        self.records = [layer.recorded() for layer in trainer.layers]
+
+    def _fits(self, batch: Batch) -> bool:
+        for ours, theirs in zip(_fields(self.static), _fields(batch)):
+            if (ours is None) != (theirs is None) or (ours is not None and (ours.shape != theirs.shape or ours.dtype != theirs.dtype)):
+                return False
+        return all(p.data_ptr() == a for p, a in zip(self.params, self.addresses))
+
+    def _replay(self, batch: Batch):
+        for ours, theirs in zip(_fields(self.static), _fields(batch)):
+            if ours is not None:
+                ours.copy_(theirs)
+        self.graph.replay()
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        for layer, record in zip(self.trainer.layers, self.records):
+            layer.restore(record)
+        return self.outputs

@@ -1,0 +1,85 @@
+"""The step's device-side parts, on the CPU: when train.cuda_graph may replay a step (the capture itself needs a GPU:
+docs/benchmarks.md has its equivalence run), and the sync-free update of a fused optimizer: a non-finite loss skips
+the update on the device (found_inf) and clipping is a divisor the fused step applies (grad_scale)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routerlab.config import load_config
+from routerlab.errors import RunStopped
+from routerlab.train import Trainer, lr_lambda
+
+TINY = ["train.steps=4", "model.d_model=16", "model.n_heads=2", "model.expert_hidden=16", "train.batch_size=4",
+        "train.eval_batches=1", "task.name=clusters", "router.name=softmax_topk", "router.k=2"]
+
+
+def trainer(tmp_path, *extra: str) -> Trainer:
+    return Trainer(load_config(None, TINY + list(extra)), run_dir=tmp_path / "run", log=False)
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ([], "not on CUDA"),  # everything else qualifies: on a GPU this run would be graphed
+    (["train.cuda_graph=false"], "train.cuda_graph is false"),
+    (["train.micro_batches=2"], "micro_batches > 1"),
+    (["router.name=bias_balanced"], "router class BiasBalanced does not declare cuda_graph_safe"),  # after_step state
+])
+def test_when_a_step_may_be_replayed(tmp_path, extra, reason):
+    t = trainer(tmp_path, *extra)
+    assert t.cuda_graph_off == reason and t.step_graph is None
+
+
+def fused(t: Trainer) -> Trainer:
+    """The trainer with the optimizer CUDA gets (fused AdamW: found_inf and grad_scale on the device), on the CPU."""
+    c = t.config.train
+    t.optimizer = torch.optim.AdamW(t.model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95), fused=True)
+    t.scheduler = torch.optim.lr_scheduler.LambdaLR(t.optimizer, lr_lambda(t.config))
+    return t
+
+
+def nan_batch(t: Trainer):
+    batch = t.next_batch()
+    batch.inputs[0, 0] = float("nan")
+    return batch
+
+
+def snapshot(t: Trainer) -> list[torch.Tensor]:
+    moments = [v.clone() for s in t.optimizer.state.values() for v in s.values()]
+    return [p.detach().clone() for p in t.model.parameters()] + moments
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_non_finite_step_stops_with_weights_and_moments_untouched_on_the_device_path(tmp_path):
+    t = fused(trainer(tmp_path))
+    t.train_step()
+    before = snapshot(t)
+    with pytest.raises(RunStopped, match="step 2: the loss .* is not finite"):
+        t.train_step(nan_batch(t))
+    assert same(before, snapshot(t)) and t.step == 1
+
+
+def test_skip_on_the_device_path_drops_the_update_and_trains_on(tmp_path):
+    t = fused(trainer(tmp_path, "train.on_nonfinite=skip"))
+    t.train_step()
+    before = snapshot(t)
+    t.train_step(nan_batch(t))
+    assert t.skipped_steps == 1 and t.step == 2 and same(before, snapshot(t))
+    t.train_step()
+    assert not same(before, snapshot(t)) and all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_clipping_as_the_fused_steps_divisor_equals_clip_grad_norm(tmp_path):
+    """grad_clip 0.01 clips every step here (norms are ~1), so a wrong divisor would move the weights differently."""
+    device_path = fused(trainer(tmp_path / "a", "train.grad_clip=0.01"))
+    host_path = trainer(tmp_path / "b", "train.grad_clip=0.01")  # foreach AdamW after clip_grad_norm_
+    unclipped = fused(trainer(tmp_path / "c", "train.grad_clip=null"))
+    for _ in range(3):
+        losses = device_path.train_step(), host_path.train_step(), unclipped.train_step()
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert float(device_path.optimizer.grad_scale) > 1 and unclipped.optimizer.grad_scale is None
+    for a, b in zip(device_path.model.parameters(), host_path.model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not all(torch.allclose(a, c, rtol=1e-5, atol=1e-6) for a, c in zip(device_path.model.parameters(), unclipped.model.parameters()))
