@@ -52,8 +52,17 @@ class TableRouter(Router):
         return Routing(experts, weights, logits)
 
 
-LAYER_CASES = ("learned", "learned_capacity", "zero_token_rank", "empty_expert", "all_to_one", "all_to_one_capacity", "learned_one_chunk", "learned_three_chunks")
+LAYER_CASES = ("learned", "learned_capacity", "zero_token_rank", "empty_expert", "all_to_one", "all_to_one_capacity", "learned_one_chunk",
+               "learned_three_chunks", "learned_probability", "learned_min_capacity", "zero_token_rank_probability")
 CHUNKS = {"learned_one_chunk": 1, "learned_three_chunks": 3}  # token chunks per layer: 2 in the other layer cases (the layer's default, used by the trainer cases, is 1); every case also with exchange="fixed" (but the zero-token rank)
+# the drop options (issue 17): capacity factor, drop_policy, min_capacity of the layer
+DROPS = {"learned_capacity": (1.0, "position", 1), "learned_probability": (1.0, "probability", 1),
+         "learned_min_capacity": (0.25, "position", 5), "zero_token_rank_probability": (0.75, "probability", 1)}
+KEPT: dict[str, dict[str, list]] = {}  # case -> slots the one-process layer kept, per policy (the test checks they differ)
+
+
+def fixed_ok(name: str) -> bool:
+    return not name.startswith("zero_token_rank")  # fixed splits need the same token count on every rank
 
 
 def layer_case(name: str, rank: int, world: int, exchange: str = "variable") -> dict[str, float]:
@@ -64,21 +73,31 @@ def layer_case(name: str, rank: int, world: int, exchange: str = "variable") -> 
     ids = torch.randint(0, 4, (T,))
     capacity = None
     sizes = [T // world] * world
-    if name in ("learned", "learned_capacity", *CHUNKS):
+    policy, min_capacity = "position", 1
+    if name.startswith("learned"):
         router = SoftmaxTopK(d, 4, SoftmaxTopKParams(k=2))
-        capacity = 1.0 if name == "learned_capacity" else None
+        capacity, policy, min_capacity = DROPS.get(name, (None, "position", 1))
     else:
         table = {
             "zero_token_rank": torch.tensor([[0, 2], [1, 3], [2, -1], [3, 0]]),
+            "zero_token_rank_probability": torch.tensor([[0, 2], [1, 3], [2, -1], [3, 0]]),
             "empty_expert": torch.tensor([[0, 1], [1, 0], [2, 0], [0, -1]]),  # expert 3 never chosen
             "all_to_one": torch.tensor([[0], [0], [0], [0]]),  # the other rank's experts get nothing
             "all_to_one_capacity": torch.tensor([[0], [0], [0], [0]]),
         }[name]
         router = TableRouter(d, table)
         capacity = 1.0 if name.endswith("capacity") else None
-        if name == "zero_token_rank":
+        capacity, policy, min_capacity = DROPS.get(name, (capacity, "position", 1))
+        if name.startswith("zero_token_rank"):
             sizes = [0, T] + [0] * (world - 2)
-    full = MoELayer(router, ExpertBank(4, d, 16), capacity, "loop")
+    full = MoELayer(router, ExpertBank(4, d, 16), capacity, "loop", drop_policy=policy, min_capacity=min_capacity)
+    if name in DROPS:  # which slots one process keeps under this policy and under the default one
+        KEPT[name] = {}
+        for p, m in ((policy, min_capacity), ("position", 1)):
+            probe = copy.deepcopy(full)
+            probe.drop_policy, probe.min_capacity = p, m
+            with torch.no_grad():
+                KEPT[name][f"{p}/{m}"] = probe.compute(x, probe.route(x, ids))[1].tolist()  # [T, k] slots computed
     ep = shard_experts(torch.nn.Sequential(copy.deepcopy(full)), chunks=CHUNKS.get(name, 2), exchange=exchange)[0]
     assert ep.dispatcher.name == EXCHANGE_DISPATCHERS[exchange]
     grad_out = torch.randn(T, d)
@@ -173,8 +192,9 @@ def main() -> None:
     results = {"layer": {}, "trainer": {}}
     for name in LAYER_CASES:
         results["layer"][name] = layer_case(name, rank, world)
-        if name != "zero_token_rank":  # fixed splits need the same token count on every rank
+        if fixed_ok(name):
             results["layer"][f"{name}_fixed"] = layer_case(name, rank, world, "fixed")
+    results["kept"] = KEPT
     for key, router in ROUTERS.items():
         results["trainer"][key] = trainer_case(router, out, rank, world)
     results["balance"] = balance_case(rank)

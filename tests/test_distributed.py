@@ -20,7 +20,7 @@ from routerlab.errors import ConfigError
 from routerlab.train import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_worker import LAYER_CASES, ROUTERS, config  # noqa: E402
+from distributed_worker import DROPS, LAYER_CASES, ROUTERS, config, fixed_ok  # noqa: E402
 
 TOL = 1e-5
 
@@ -54,12 +54,20 @@ def runs(tmp_path_factory, request):
     return results
 
 
-@pytest.mark.parametrize("case", [*LAYER_CASES, *(f"{c}_fixed" for c in LAYER_CASES if c != "zero_token_rank")])
+@pytest.mark.parametrize("case", [*LAYER_CASES, *(f"{c}_fixed" for c in LAYER_CASES if fixed_ok(c))])
 def test_sharded_layer_equals_one_layer_on_the_whole_batch(runs, case):
     """Variable splits (host-synced sizes) and, suffix _fixed, static splits (every token to every rank)."""
     errors = runs["layer"][case]
     assert set(errors) >= {"out", "grad_x", "load"} and any(k.startswith("experts.") for k in errors)
     assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("case", [c for c in DROPS if c != "learned_capacity"])
+def test_drop_options_under_expert_parallelism_change_what_is_kept(runs, case):
+    """The drop-option cases above would pass with the default policy too if it kept the same slots: it does not."""
+    kept = runs["kept"][case]
+    _, policy, min_capacity = DROPS[case]
+    assert kept[f"{policy}/{min_capacity}"] != kept["position/1"]
 
 
 @pytest.mark.parametrize("router", ["softmax_topk", "hash", "bias_balanced"])

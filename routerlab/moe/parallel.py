@@ -37,10 +37,14 @@ collectives mismatch. Costs: on 2 ranks with E=64, k=6 ~1.2% more rows travel; w
 plan and buffers grow with P, hence "auto" = fixed only for P <= 4 (measured), and the variable path stays
 for any token counts.
 
-Capacity (capacity_factor set): C = capacity_for(T_global, k, E, cf), T_global the tokens of the whole
-expert-parallel group, and the slots kept are exactly those one process would keep on the concatenated
-batch (rank order): choice-major, then rank, then token; one more small all_gather, no extra host sync.
-Dropless (the default) keeps every slot.
+Capacity (capacity_factor set): C = capacity_for(T_global, k, E, cf, min_capacity), T_global the tokens of
+the whole expert-parallel group, and the slots kept are exactly those one process would keep on the
+concatenated batch (rank order). Drop by position: choice-major, then rank, then token; one more small
+all_gather, no extra host sync. Drop by probability: each expert keeps its C highest-weight slots of the
+whole group, ties in that position order; every rank gathers every rank's slot ids and weights (T_global * k
+pairs, small next to the hidden states) and runs the one-process plan on them, which needs the ranks' token
+counts on the host first (one more host sync per layer, with this policy only). Dropless (the default)
+keeps every slot.
 
 Imports torch only.
 """
@@ -52,7 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from routerlab.moe.layer import DISPATCHERS, DispatchPlan, MoELayer, combine, permute, plan_dispatch, register_dispatcher
+from routerlab.moe.layer import DISPATCHERS, DispatchPlan, MoELayer, capacity_for, combine, permute, plan_dispatch, register_dispatcher
 from routerlab.routers.base import Routing
 
 EXCHANGES = ("variable", "fixed", "auto")
@@ -236,8 +240,8 @@ def all_gather_rows(x: Tensor, group=None) -> Tensor:
     return out
 
 
-def global_capacity_mask(experts: Tensor, num_experts: int, capacity_factor: float, group, rank: int) -> Tensor:
-    """[T, k] bool: slots kept under a capacity agreed by the whole group, the same slots one process keeps.
+def global_capacity_mask(experts: Tensor, num_experts: int, capacity_factor: float, group, rank: int, min_capacity: int = 1) -> Tensor:
+    """[T, k] bool: slots kept by position under a capacity agreed by the whole group, the same slots one process keeps.
 
     One small all_gather (slot counts per (choice, expert), T and k of every rank); no host sync: the
     capacity is computed on the device, in float64 like capacity_for.
@@ -252,7 +256,7 @@ def global_capacity_mask(experts: Tensor, num_experts: int, capacity_factor: flo
     counts = torch.zeros(E * E + 3, dtype=torch.long, device=device).index_add_(0, key, torch.ones_like(key))
     counts[E * E + 1], counts[E * E + 2] = T, k
     every = all_gather_rows(counts, group)  # [P, E*E + 3]
-    capacity = (capacity_factor * every[:, E * E + 1].sum().double() * every[:, E * E + 2].max() / E).ceil().clamp(min=1)
+    capacity = (capacity_factor * every[:, E * E + 1].sum().double() * every[:, E * E + 2].max() / E).ceil().clamp(min=max(1, min_capacity))
     per_rank = every[:, : E * E].view(-1, E, E)  # [P, choice, expert]
     per_choice = per_rank.sum(0)
     base = (per_choice.cumsum(0) - per_choice) + per_rank[:rank].sum(0)  # slots ahead of this rank's, per (choice, expert)
@@ -264,6 +268,30 @@ def global_capacity_mask(experts: Tensor, num_experts: int, capacity_factor: flo
     keep_sorted = torch.cat([base.reshape(-1), never])[sorted_key] + within < capacity
     keep_flat = torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted)
     return keep_flat.view(k, T).t()
+
+
+def global_priority_mask(experts: Tensor, priority: Tensor, num_experts: int, capacity_factor: float, group, rank: int,
+                         min_capacity: int = 1) -> Tensor:
+    """[T, k] bool: slots kept by probability (each expert its highest-priority slots) under the group's capacity,
+    the same slots one process keeps on the concatenated batch.
+
+    Every rank's [T, k] ids and priorities, padded to the largest T and k (padding: id -1, never kept and
+    after every real slot of its rank and choice, so the real slots keep their order), are gathered and the
+    one-process plan runs on them. One host sync: the ranks' T and k, to size the gather.
+    """
+    T, k = experts.shape
+    sizes = all_gather_rows(torch.tensor([T, k], device=experts.device), group).cpu()  # [P, 2]
+    T_max, k_max = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    ids = experts.new_full((T_max, k_max), -1)
+    ids[:T, :k] = experts
+    weights = torch.zeros(T_max, k_max, device=experts.device)
+    weights[:T, :k] = priority.detach().float()
+    every_ids = all_gather_rows(ids, group).flatten(0, 1)  # [P * T_max, k_max], rank order
+    every_weights = all_gather_rows(weights, group).flatten(0, 1)
+    capacity = capacity_for(int(sizes[:, 0].sum()), k_max, num_experts, capacity_factor, min_capacity)
+    plan = plan_dispatch(every_ids, num_experts, capacity, every_weights)
+    kept = plan.kept.view(k_max, -1).t()  # slot (choice c, row t) is flat index c * rows + t
+    return kept[rank * T_max : rank * T_max + T, :k]
 
 
 class _ExpertParallelDispatch:
@@ -283,12 +311,13 @@ class _ExpertParallelDispatch:
         self.group, self.chunks = group, chunks  # chunks: one chunk's exchange can run while another's experts compute
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
 
-    def kept(self, layer: MoELayer, experts: Tensor) -> Tensor:
-        if layer.active_capacity_factor is None:
+    def kept(self, layer: MoELayer, routing: Routing) -> Tensor:
+        experts, cf = routing.experts, layer.active_capacity_factor
+        if cf is None:
             return experts >= 0
-        if layer.drop_policy != "position" or layer.min_capacity != 1:
-            raise ValueError("expert parallelism drops by position with min_capacity 1 only; drop_policy='probability' and min_capacity run in one process")
-        return global_capacity_mask(experts, layer.num_experts, layer.active_capacity_factor, self.group, self.rank)
+        if layer.drop_policy == "probability":  # the one-process layer's priority: the combine weights
+            return global_priority_mask(experts, routing.weights, layer.num_experts, cf, self.group, self.rank, layer.min_capacity)
+        return global_capacity_mask(experts, layer.num_experts, cf, self.group, self.rank, layer.min_capacity)
 
     def lengths(self, T: int) -> list[int]:
         """The tokens in C contiguous chunks (split, so backward is one cat, not C zero-filled copies of x)."""
@@ -304,7 +333,7 @@ class AllToAllDispatch(_ExpertParallelDispatch):
         experts, weights = routing.experts, routing.weights
         T, k = experts.shape
         P, El = self.size, layer.experts.num_experts
-        kept = self.kept(layer, experts)
+        kept = self.kept(layer, routing)
         dest = torch.where(kept, experts // El, P)  # [T, k]; P = nowhere
         chunks = list(zip(*(t.split(self.lengths(T)) for t in (x, dest, experts, weights))))
 
@@ -383,7 +412,7 @@ class AllGatherDispatch(_ExpertParallelDispatch):
         experts was chosen); a reduce_scatter sums each token's P partials on its own rank. Backward: the same
         two collectives, swapped. With E=64, k=6 on 2 ranks ~98.8% of tokens go to both ranks anyway."""
         experts, weights = routing.experts, routing.weights
-        kept = self.kept(layer, experts)
+        kept = self.kept(layer, routing)
         lengths = self.lengths(experts.shape[0])
         meta = torch.cat([weights.float(), torch.where(kept, experts, -1).float()], 1)  # [T, 2k]; ids exact in fp32 below 2^24
         sent = [Exchange((x_c, meta_c), AllGather(self.group)) for x_c, meta_c in zip(x.split(lengths), meta.split(lengths))]
