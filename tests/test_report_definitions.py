@@ -1,0 +1,186 @@
+"""The ablation and study reports against hand computations: paired differences by seed, the printed
+values and intervals, the summary files' rows; the study's best trial, its config file, the trials and
+Pareto tables. In-memory studies and plans, no training: fast. The mutation run of the reports selects it."""
+import csv
+import io
+import math
+import statistics
+
+import pytest
+from scipy import stats as scipy_stats
+
+from routerlab.ablate import expand, parse_spec
+from routerlab.ablate import report
+from routerlab.config import load_config
+
+LOSS = {("a", 0): 1.0, ("a", 1): 2.0, ("a", 2): 4.0, ("b", 0): 1.5, ("b", 1): 2.0, ("b", 2): 5.0, ("c", 0): 3.0}
+
+
+def plan_and_table(tmp_path, baseline="a"):
+    spec = parse_spec({"name": "s", "base": {"task": {"name": "clusters"}}, "baseline": baseline,
+                       "axes": {"router": [{"name": "softmax_topk", "label": "a"}, {"name": "switch", "label": "b"}, {"name": "hash_position", "label": "c"}], "seed": [0, 1, 2]},
+                       "metrics": ["loss", "load_cv", "tokens_per_s"]})
+    plan = expand(spec, tmp_path / "runs")
+    table = []
+    for c in plan.cells:
+        key = (c.labels["router"], c.seed)
+        if key in LOSS:  # router c has one finished seed
+            table.append({"cell": c.id, "router": c.labels["router"], "seed": c.seed, "loss": LOSS[key], "load_cv": 0.1 * c.seed,
+                          "tokens_per_s": 1000.0 + c.seed, "loss_se": 0.01})
+    return plan, table
+
+
+def test_paired_differences_pair_by_seed(tmp_path):
+    plan, table = plan_and_table(tmp_path)
+    stats = report.group_stats(plan, table, ["loss", "load_cv"])
+    diffs = {d["row"]: d for d in report.paired_differences(stats, "a", ["loss", "load_cv"])}
+    assert set(diffs) == {"b", "c"}
+    d = [LOSS[("b", s)] - LOSS[("a", s)] for s in range(3)]  # [0.5, 0, 1]
+    assert diffs["b"]["loss"].mean == pytest.approx(statistics.mean(d))
+    assert diffs["b"]["loss"].std == pytest.approx(statistics.stdev(d))
+    assert diffs["b"]["loss"].half == pytest.approx(scipy_stats.t.ppf(0.975, 2) * statistics.stdev(d) / math.sqrt(3))
+    assert diffs["b"]["n"] == 3 and diffs["c"]["n"] == 1 and diffs["c"]["loss"].mean == pytest.approx(2.0)
+    assert diffs["b"]["load_cv"].mean == pytest.approx(0.0)
+    assert report.paired_differences(stats, "nobody", ["loss"]) == []
+
+
+def test_printed_values_and_intervals():
+    s = report.summarize([1.0, 2.0, 4.0])
+    half = scipy_stats.t.ppf(0.975, 2) * statistics.stdev([1.0, 2.0, 4.0]) / math.sqrt(3)
+    assert report.fmt_value("loss", s) == f"{7 / 3:.4f} ± {half:.4f} (sd {statistics.stdev([1.0, 2.0, 4.0]):.4f})"
+    assert report.fmt_value("load_cv", s, compact=True) == f"{7 / 3:.3f} ± {half:.3f}"
+    assert report.fmt_value("dead_experts", s, compact=True) == f"{7 / 3:.2f} ± {half:.2f}"
+    assert report.fmt_value("tokens_per_s", report.summarize([1234.4, 1234.6])) == "1,234"
+    assert report.fmt_value("loss_se", report.summarize([0.01, 0.03])) == "0.0200"
+    assert report.fmt_value("load_cv", report.summarize([0.5])) == "0.500"
+    assert report.fmt_diff("loss", report.summarize([0.5])) == "+0.5000 (1 pair)"
+    inside = report.summarize([-0.1, 0.2, 0.1])
+    assert report.fmt_diff("load_cv", inside) == f"{inside.mean:+.3f} [{inside.low:+.3f}, {inside.high:+.3f}]"
+    outside = report.summarize([1.0, 1.1, 0.9])
+    assert report.fmt_diff("load_cv", outside).endswith(" *") and outside.excludes_zero
+    assert report.summarize([-1.0, -1.1, -0.9]).excludes_zero and not inside.excludes_zero
+    assert not report.summarize([1.0]).excludes_zero
+    assert (outside.low, outside.high) == (pytest.approx(1.0 - outside.half), pytest.approx(1.0 + outside.half))
+    assert report.header("load_cv_as_trained") == "load CV (train mode)" and report.header("odd") == "odd"
+
+
+def test_summary_markdown_and_csv_hold_the_numbers(tmp_path):
+    plan, table = plan_and_table(tmp_path)
+    stats = report.group_stats(plan, table, ["loss", "load_cv", "tokens_per_s", "loss_se"])
+    assert report.shown_metrics(plan, stats) == ["loss", "loss_se", "load_cv", "tokens_per_s"]
+    text = report.summary_markdown(plan, stats, {"x": "boom"}, "routerlab ablate s.yaml")
+    a = report.summarize([1.0, 2.0, 4.0])
+    row_a = next(line for line in text.splitlines() if line.startswith("| a |"))
+    assert f"| 3 | {report.fmt_value('loss', a)} |" in row_a
+    d = report.summarize([0.5, 0.0, 1.0])
+    assert f"| b | 3 | {report.fmt_diff('loss', d)} |" in text  # the paired-difference table
+    assert "- x: boom" in text and "**Incomplete: 2 of 9 runs have no result yet.**" in text
+    assert "9 runs (3 settings x seeds 0, 1, 2)" in text and "routerlab ablate s.yaml" in text
+    report.write_summary_csv(tmp_path / "summary.csv", plan, stats)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "summary.csv").read_text())))
+    loss_b = next(r for r in rows if r["row"] == "b" and r["metric"] == "loss")
+    assert float(loss_b["mean"]) == pytest.approx(8.5 / 3) and float(loss_b["std"]) == pytest.approx(statistics.stdev([1.5, 2.0, 5.0]))
+    assert float(loss_b["diff_vs_baseline"]) == pytest.approx(0.5) and loss_b["pairs"] == "3"
+    assert float(loss_b["diff_ci95_low"]) == pytest.approx(d.low) and float(loss_b["diff_ci95_high"]) == pytest.approx(d.high)
+    assert float(loss_b["ci95_low"]) == pytest.approx(8.5 / 3 - report.summarize([1.5, 2.0, 5.0]).half)
+    assert next(r for r in rows if r["row"] == "a" and r["metric"] == "loss")["diff_vs_baseline"] == ""
+    report.write_csv(tmp_path / "results.csv", plan, table)
+    lines = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
+    assert len(lines) == 7 and list(lines[0])[:3] == ["cell", "router", "seed"] and float(lines[1]["loss"]) == 2.0
+
+
+def test_rows_flatten_finished_cells_in_plan_order(tmp_path):
+    plan, _ = plan_and_table(tmp_path)
+    first, second = plan.cells[0], plan.cells[4]
+    results = {second.id: {"metrics": {"loss": 2.0, "layer0/loss": 9.0}, "wall_s": 3.0},
+               first.id: {"metrics": {"loss": 1.0}, "wall_s": 1.0, "train_tokens": 64, "cpu_s": 2.0}}
+    table = report.rows(plan, results)
+    assert [r["cell"] for r in table] == [first.id, second.id]
+    assert table[0] == {"cell": first.id, **first.labels, "seed": first.seed, "loss": 1.0, "train_tokens": 64, "wall_s": 1.0, "cpu_s": 2.0}
+    assert "layer0/loss" not in table[1] and math.isnan(table[1]["train_tokens"]) and math.isnan(table[1]["cpu_s"])
+
+
+# ---- studies/report.py ------------------------------------------------------------------------------
+def study_with(values_list, directions, fixed_first=True):
+    import optuna
+
+    from studies.space import StudySpec
+
+    config = load_config(None, ["task.name=clusters"]).model_dump(mode="json")
+    spec = StudySpec(name="s", objectives=[{"metric": m, "direction": d} for m, d in zip(["loss", "load_cv"], directions)], baseline=True)
+    study = optuna.create_study(directions=directions)
+    dist = {"train.lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)}
+    for i, values in enumerate(values_list):
+        state = optuna.trial.TrialState.FAIL if values is None else optuna.trial.TrialState.COMPLETE
+        attrs = {"config": {**config, "train": {**config["train"], "lr": 0.001 * (i + 1)}}, "loss": None if values is None else values[0], "fixed": fixed_first and i == 0}
+        study.add_trial(optuna.trial.create_trial(params={"train.lr": 0.001 * (i + 1)}, distributions=dist, values=values, state=state, user_attrs=attrs,
+                                                  system_attrs={"failed_trial": 1} if i == 3 else {}))
+    return spec, study
+
+
+def test_single_objective_best_trial_and_its_config_file(tmp_path):
+    from studies.report import best_trial, config_yaml
+
+    spec, study = study_with([[0.9], [0.4], None, [0.7]], ["minimize"])
+    best = best_trial(study, spec)
+    assert best.number == 1
+    text = config_yaml(spec, best)
+    assert text.startswith("# Best trial 1 of study 's' (loss=0.4).\n")
+    assert '# Searched parameters: {"train.lr": 0.002}' in text
+    import yaml
+
+    data = yaml.safe_load(text)
+    assert data["train"]["lr"] == 0.002 and data["run"] == {"dir": "runs", "name": "s-best", "checkpoint": True}
+    spec_max, study_max = study_with([[0.9], [0.4]], ["maximize"])
+    assert best_trial(study_max, spec_max).number == 0
+
+
+def test_a_study_without_complete_trials_has_no_best(tmp_path):
+    from routerlab.errors import ConfigError
+    from studies.report import best_trial, write_report
+
+    spec, study = study_with([None], ["minimize"])
+    with pytest.raises(ConfigError, match="no complete trial yet"):
+        best_trial(study, spec)
+    import optuna
+
+    with pytest.raises(ConfigError, match="no trials in this storage"):
+        write_report(spec, optuna.create_study(), tmp_path / "out")
+
+
+def test_the_report_files_of_a_two_objective_study(tmp_path):
+    from studies.report import write_report
+
+    points = [[3.0, 0.2], [1.0, 0.5], [2.0, 0.3], [1.5, 0.6], None]  # [1.5, 0.6] is dominated by [1.0, 0.5]
+    spec, study = study_with(points, ["minimize", "minimize"])
+    files = write_report(spec, study, tmp_path / "out")
+    assert {"trials", "best_config", "baseline_config", "pareto_csv", "pareto_png", "history_png", "importances"} <= set(files)
+    trials = list(csv.DictReader(io.StringIO(files["trials"].read_text())))
+    assert [r["number"] for r in trials] == ["0", "1", "2", "3", "4"] and trials[4]["state"] == "FAIL"
+    assert (trials[1]["value_loss"], trials[1]["value_load_cv"], trials[1]["train.lr"]) == ("1.0", "0.5", "0.002")
+    assert trials[3]["retry_of"] == "1" and trials[0]["retry_of"] == "" and trials[4]["value_loss"] == ""
+    assert trials[2]["loss"] == "2.0"
+    front = list(csv.DictReader(io.StringIO(files["pareto_csv"].read_text())))
+    assert [r["number"] for r in front] == ["0", "1", "2"]
+    import yaml
+
+    assert yaml.safe_load(files["best_config"].read_text())["train"]["lr"] == 0.002  # the front's lowest loss
+    baseline = files["baseline_config"].read_text()
+    assert baseline.startswith("# Baseline trial 0 of study 's'") and yaml.safe_load(baseline)["run"]["name"] == "s-baseline"
+    assert files["pareto_png"].read_bytes()[:4] == b"\x89PNG" and files["history_png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_importances_say_why_they_are_missing(monkeypatch):
+    import optuna
+
+    from studies.report import importances
+
+    def refuse(study, target):
+        raise RuntimeError("cannot evaluate importances\ndetails")
+
+    spec, study = study_with([[1.0], [2.0]], ["minimize"])
+    with monkeypatch.context() as m:
+        m.setattr(optuna.importance, "get_param_importances", refuse)
+        assert importances(spec, study) == {"loss": {"unavailable": "cannot evaluate importances"}}
+    spec, study = study_with([[1.0], [2.0], [1.5]], ["minimize"])
+    assert importances(spec, study) == {"loss": {"train.lr": 1.0}}  # one parameter carries all of it

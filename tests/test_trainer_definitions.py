@@ -1,0 +1,175 @@
+"""The trainer's definitions against hand computations on a tiny classifier (CPU, well under a second each):
+the step's loss and its accumulation over micro-batches, the evaluation's loss, accuracy, standard error and
+parameter counts, FLOPs and tokens/s, fit's evaluation and checkpoint cadence, partial weights, and the
+compatibility checks. The mutation run of routerlab/train.py selects this file (docs/reliability.md)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from routerlab.config import load_config
+from routerlab.errors import ConfigError
+from routerlab.train import Trainer, lr_lambda
+
+TINY = ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.num_experts=4", "model.expert_hidden=16",
+        "train.batch_size=8", "train.eval_batches=2", "task.name=clusters", "train.steps=6", "train.grad_clip=null"]
+
+
+def trainer(tmp_path, *extra, log=False):
+    return Trainer(load_config(None, TINY + list(extra)), run_dir=tmp_path / "run", log=log)
+
+
+def hand_loss(model, batch):
+    logits = model(batch.inputs, batch.token_ids)
+    task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.targets.reshape(-1))
+    return task, sum(model.aux_losses().values())
+
+
+def test_a_step_returns_the_task_loss_of_the_batch_before_the_update(tmp_path):
+    t = trainer(tmp_path, "router.name=switch")  # switch: a balance aux loss that must not enter the task loss
+    batch = t.next_batch()
+    before = copy.deepcopy(t.model)
+    task, aux = hand_loss(before.train(), batch)
+    assert float(aux) > 0
+    assert t.train_step(batch) == pytest.approx(float(task), rel=1e-5)
+    assert t.losses == [pytest.approx(float(task), rel=1e-5)] and t.step == 1
+    changed = [n for (n, p), q in zip(t.model.named_parameters(), before.parameters()) if not torch.equal(p, q)]
+    assert "ffns.0.router.gate.weight" in changed and "head.weight" in changed
+
+
+def test_micro_batches_accumulate_to_the_gradient_of_the_whole_batch(tmp_path):
+    one = trainer(tmp_path / "a")
+    two = trainer(tmp_path / "b", "train.batch_size=4", "train.micro_batches=2")
+    batch = one.next_batch()
+    ref = copy.deepcopy(one.model).train()
+    task, aux = hand_loss(ref, batch)
+    (task + aux).backward()
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+    l1, l2 = one.train_step(batch), two.train_step(batch)
+    assert l1 == pytest.approx(l2, rel=1e-5) and l1 == pytest.approx(float(task), rel=1e-5)
+    for (n, p1), p2 in zip(one.model.named_parameters(), two.model.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-6, msg=n)
+    # the same update as AdamW's first step from the hand gradient: -lr * sign(g) where g != 0 (bias-corrected)
+    lr = one.config.train.lr * lr_lambda(one.config)(0)
+    name = "ffns.0.router.gate.weight"
+    moved = dict(one.model.named_parameters())[name] - dict(ref.named_parameters())[name]
+    g = grads[name]
+    torch.testing.assert_close(moved[g.abs() > 1e-6], -lr * g.sign()[g.abs() > 1e-6], rtol=2e-2, atol=1e-6)
+
+
+def test_micro_batch_routing_stats_are_the_sum_of_the_parts(tmp_path):
+    two = trainer(tmp_path, "train.batch_size=4", "train.micro_batches=2")
+    batch = two.next_batch()
+    two.train_step(batch)
+    stats = two.layers[0].stats
+    assert float(stats.tokens) == batch.num_tokens  # 8 tokens, not the last micro-batch's 4
+    assert float(stats.load.sum()) == 2 * batch.num_tokens  # k = 2 slots per token, dropless
+
+
+def test_evaluation_loss_accuracy_and_standard_error_by_hand(tmp_path):
+    t = trainer(tmp_path)
+    t.train_step()
+    m = t.evaluate()
+    assert t.model.training  # evaluate() puts the model back in training mode
+    t.model.eval()
+    losses, correct, n, load = [], 0, 0, torch.zeros(4)
+    with torch.no_grad():
+        for batch in t.eval_set:
+            logits = t.model(batch.inputs, batch.token_ids)
+            load += t.layers[0].stats.load
+            losses += F.cross_entropy(logits, batch.targets, reduction="none").tolist()
+            correct += int((logits.argmax(-1) == batch.targets).sum())
+            n += batch.targets.numel()
+    assert n == 16 and m["loss"] == pytest.approx(sum(losses) / n, rel=1e-5)
+    assert m["accuracy"] == pytest.approx(correct / n)
+    mean = sum(losses) / n
+    assert m["loss_se"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in losses) / (n - 1)) / math.sqrt(n), rel=1e-4)
+    assert "perplexity" not in m  # classification
+    assert m["step"] == 1
+    assert m["load_cv"] == m["layer0/load_cv"] and t.last_loads[0] == load.tolist()  # summed over the evaluation batches
+    assert sum(t.last_loads[0]) == 2 * n
+
+
+def test_parameter_counts_and_flops_per_token(tmp_path):
+    t = trainer(tmp_path, "router.name=switch")  # k = 1 of E = 4
+    t.train_step()
+    m = t.evaluate()
+    total = sum(p.numel() for p in t.model.parameters())
+    experts = sum(p.numel() for p in t.layers[0].experts.parameters())
+    assert m["params_total"] == total
+    assert m["params_active"] == pytest.approx(total - experts * (1 - 1 / 4))
+    linear = sum(mod.weight.numel() for mod in t.model.modules() if isinstance(mod, torch.nn.Linear))
+    assert t.flops_per_token() == pytest.approx(6.0 * (linear + experts * 1 / 4))
+
+
+def test_tokens_per_second_leaves_out_the_first_steps(tmp_path):
+    t = trainer(tmp_path, "train.timing_skip=2")
+    t.step_log = [(10.0, 100), (10.0, 100), (1.0, 50), (3.0, 150)]
+    assert t.tokens_per_s == pytest.approx(200 / 4)
+    assert t.train_tokens == 400 and t.train_time == pytest.approx(24.0)
+    assert t.perf_metrics()["step_time_ms"] == pytest.approx(2000.0)
+    t.step_log = t.step_log[:2]  # no steady steps yet: all of them
+    assert t.tokens_per_s == pytest.approx(10.0)
+    assert t.peak_flops() == (None, "unknown (set train.peak_flops)")
+    t2 = trainer(tmp_path / "p", "train.peak_flops=1e12")
+    t2.step_log = [(1.0, 1000)]
+    assert t2.peak_flops() == (1e12, "train.peak_flops")
+    assert t2.perf_metrics()["mfu"] == pytest.approx(t2.flops_per_token() * 1000 / 1e12)
+
+
+def test_fit_evaluates_every_eval_every_and_at_the_end_and_reports_the_last_window(tmp_path):
+    t = trainer(tmp_path, "train.steps=5", "train.eval_every=2", "train.log_every=2", "train.checkpoint_every=3", log=True)
+    seen, saves = [], []
+    t.on_eval(lambda step, m: seen.append(("hook", step)))
+    t.on_step(lambda step, loss: saves.append(step) if (t.run_dir / "checkpoint.pt").exists() else None)
+    result = t.fit(on_eval=lambda step, m: seen.append(("arg", step)))
+    t.close()
+    assert seen == [("hook", 2), ("arg", 2), ("hook", 4), ("arg", 4), ("hook", 5), ("arg", 5)]
+    assert saves[0] == 4  # the first checkpoint is written after step 3
+    assert result["train_loss"] == pytest.approx(sum(t.losses[-2:]) / 2)
+    assert result["step"] == 5 and t.step == 5
+    partial = trainer(tmp_path / "u", "train.steps=5", "train.eval_every=100")
+    partial.fit(until=3)
+    assert partial.step == 3 and partial.last_eval["step"] == 3  # an evaluation at the stopping point
+
+
+def test_load_weights_takes_a_partial_dict_and_refuses_unknown_names(tmp_path):
+    t = trainer(tmp_path)
+    before = {k: v.clone() for k, v in t.weights().items()}
+    t.load_weights({"head.bias": torch.full_like(before["head.bias"], 3.0)})
+    after = t.weights()
+    assert after["head.bias"].eq(3.0).all()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != "head.bias")
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        t.load_weights({"nope": torch.zeros(1)})
+
+
+def test_resume_restores_step_losses_schedule_and_data_stream(tmp_path):
+    a = trainer(tmp_path, log=True)
+    for _ in range(3):
+        a.train_step()
+    path = a.save()
+    a.close()
+    b = Trainer(a.config, run_dir=tmp_path / "run", log=False, resume=path)
+    assert b.step == 3 and b.losses == a.losses
+    assert b.scheduler.last_epoch == 3
+    assert torch.equal(b.next_batch().inputs, a.next_batch().inputs)
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_constant_schedule_after_warmup(tmp_path):
+    t = trainer(tmp_path, "train.lr_schedule=constant", "train.warmup_steps=3")
+    f = lr_lambda(t.config)
+    assert [f(s) for s in range(5)] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0, 1.0, 1.0]
+    cos = lr_lambda(trainer(tmp_path / "c", "train.steps=10", "train.warmup_steps=0").config)
+    assert cos(0) == pytest.approx(1.0) and cos(5) == pytest.approx(0.55) and cos(10) == pytest.approx(0.1) and cos(50) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["router.name=hash"], "routes by token id"),
+])
+def test_incompatible_router_and_task_are_refused(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        trainer(tmp_path, *extra)
