@@ -507,6 +507,39 @@ def test_study_workers_die_with_a_killed_parent(tmp_path):
             pass
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_a_real_study_with_workers_leaves_no_worker_behind(tmp_path):
+    """End to end: `routerlab study FILE --workers 2`, its two workers started, kill -9 of the parent."""
+    pytest.importorskip("optuna")
+    import yaml
+
+    spec = {"name": "killed", "base": {"task": {"name": "clusters", "train_size": 256, "val_size": 64},
+                                       "model": {"d_model": 16, "n_layers": 1, "num_experts": 4, "expert_hidden": 16},
+                                       "train": {"steps": 1000000, "eval_every": 1000000, "batch_size": 16}, "run": {"dir": str(tmp_path / "runs")}},
+            "space": {"train.lr": {"float": [1.0e-3, 1.0e-2]}}, "n_trials": 4}
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.Popen([sys.executable, "-m", "routerlab", "study", str(path), "--workers", "2", "--no-progress"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(children(proc.pid)) < 2:
+            time.sleep(0.2)
+        workers = children(proc.pid)
+        assert len(workers) == 2, "the study never started its workers"
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 15
+        while time.time() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(alive(w) for w in workers), "a study worker outlived its killed parent"
+    finally:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
 def test_load_histograms_put_each_expert_on_its_integer_index(tmp_path):
     """TensorBoard reads bucket e of load/layer<i> as [e - 0.5, e + 0.5) with expert e's load, dead experts at
     either end included (an old-style histogram dropped those and stretched the outer buckets)."""
