@@ -316,6 +316,14 @@ def test_kill_9_of_ablate_leaves_no_worker_behind(tmp_path):
             pass
 
 
+def test_piped_output_keeps_a_long_checkpoint_path_on_one_line(tmp_path):
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "runs"
+    code, out = cli("train", "--no-progress", *[a for item in TINY + [f"run.dir={deep}"] for a in ("--set", item)])
+    assert code == 0, out
+    path = str(deep / "r" / "checkpoint.pt")
+    assert len(path) > 120 and any(line.rstrip().endswith(f"checkpoint: {path}") for line in out.splitlines()), out
+
+
 # ---- the bad-input table: one line, exit 2, nothing written -----------------------------------------
 def write(tmp_path, name, text):
     path = tmp_path / name
@@ -331,6 +339,7 @@ BAD = [
     (lambda p: ["model.capacity_factor=.inf"], r"model.capacity_factor: Input should be a finite number"),
     (lambda p: ["train.lr=1e999"], r"train.lr: Input should be a finite number"),
     (lambda p: ["train.on_nonfinite=ignore"], r"train.on_nonfinite: Input should be 'stop' or 'skip'"),
+    (lambda p: ["router.name=hash"], r"router 'hash' routes by token id, but task 'clusters' has no token ids"),
 ]
 
 
