@@ -1,13 +1,18 @@
 """The published-finding ablations at GPU scale, in one call of a fixed time budget on one machine.
 
-    python benchmarks/gpu_findings.py --budget 440 --out OUT
+    python benchmarks/gpu_findings.py --budget 500 --out OUT [--grids hash_vs_learned zloss_25m ...]
 
-1. Probe: the collapse model, 6 runs at once on the GPU for 60 steps -> aggregate training tokens/s.
-2. In priority order (collapse, hash_vs_learned, zloss, specialization), run each file of
-   configs/ablations/gpu/ with `routerlab ablate --per-gpu N`; a grid whose planned tokens do not fit the time
-   left runs with fewer steps (the same for every cell of it), and the log says so. A grid still running at
-   the deadline is stopped; its finished cells are reported (`--report-only`).
-3. Everything lands in OUT (results/<name>/ folders, log.txt, plan.json).
+Each named file of configs/ablations/gpu/ runs, in the order given, with `routerlab ablate --per-gpu N`
+at the size the file says. The size is never cut to fit: a file whose tokens per run are below its
+minimum (issue 16: 20M for collapse and hash_vs_learned, 5M for the others) is refused before anything
+runs (exit 2), and a grid whose estimated time exceeds the time left is skipped with a log line.
+
+The estimate is tokens of the grid / a rate in training tokens per second over a whole grid's wall time
+(start-up, evaluation and the last wave's idle slots included): the rate measured on an earlier grid of
+the same model in this call, else the rate `RATES` records from an earlier call. (The first version planned
+from a 60-step probe, whose start-up-heavy rate was 1.7x too slow, and cut the steps of hash_vs_learned.)
+A grid still running at the deadline is stopped; its finished cells are reported (`--report-only`).
+Everything lands in OUT: results/<name>/ folders, log.txt, plan.json, configs/ (the files as run).
 """
 from __future__ import annotations
 
@@ -24,14 +29,20 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-GRIDS = [  # file, runs at once per GPU
-    ("collapse", 6),
-    ("hash_vs_learned", 6),
-    ("zloss", 9),
-    ("specialization", 7),
-]
-OVERHEAD = 1.3  # evaluation, start-up and the last wave's idle slots, on top of pure training time
-MIN_STEPS = 100
+# file -> (runs at once per GPU, minimum training tokens per run)
+GRIDS = {
+    "collapse": (6, 20_000_000),
+    "hash_vs_learned": (18, 20_000_000),
+    "zloss": (9, 5_000_000),
+    "specialization": (7, 5_000_000),
+    "zloss_25m": (9, 5_000_000),
+    "specialization_25m": (11, 5_000_000),
+}
+# model -> training tokens/s over a grid's wall time, lowest measured on one H200 (2026-12-02): the 2M-active
+# model, 6-9 runs at once (benchmarks/h200/2026-12-02-gpu-findings/plan.json: 1.18M-1.78M); the 25M preset
+# E=8 top-2, alone (benchmarks/h200/gpu_presets_2026-12-02.txt: 263k; several at once can only add)
+RATES = {"d256x4": 1.18e6, "d512x8": 2.6e5}
+START_S = 25.0  # worker start-up before the first step, on top of tokens / rate
 
 
 def log(text: str, sink) -> None:
@@ -53,7 +64,7 @@ def ablate(file: Path, out: Path, per_gpu: int, timeout: float, sink) -> tuple[f
     proc = subprocess.Popen(cmd + ["0"], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         proc.wait(timeout=max(1.0, timeout))
-        finished = True
+        finished = proc.returncode == 0
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -62,22 +73,52 @@ def ablate(file: Path, out: Path, per_gpu: int, timeout: float, sink) -> tuple[f
     return time.time() - start, finished
 
 
-def grid_tokens(out: Path) -> tuple[int, list[float]]:
-    tokens, rates = 0, []
-    for path in (out / "cells").glob("*.json"):
-        cell = json.loads(path.read_text())
-        tokens += cell.get("train_tokens", 0)
-        rates.append(cell["metrics"].get("tokens_per_s", 0.0))
-    return tokens, rates
+def grid_tokens(out: Path) -> int:
+    return sum(json.loads(p.read_text()).get("train_tokens", 0) for p in (out / "cells").glob("*.json"))
+
+
+def model_key(spec: dict) -> str:
+    model = spec["base"]["model"]
+    return f"d{model['d_model']}x{model['n_layers']}"
+
+
+def grid_size(spec: dict) -> tuple[int, int]:
+    """(runs, training tokens per run) of an ablation file."""
+    train = spec["base"]["train"]
+    runs = math.prod(len(v) for v in spec["axes"].values())
+    return runs, train["steps"] * train["batch_size"] * spec["base"]["task"]["block_size"]
+
+
+def load(name: str, smoke: bool) -> dict:
+    spec = yaml.safe_load((ROOT / f"configs/ablations/gpu/{name}.yaml").read_text())
+    if smoke:
+        spec["base"]["model"].update(d_model=16, n_layers=1, n_heads=2)
+        spec["base"]["task"]["block_size"] = 32
+        spec["base"]["train"].update(steps=4, batch_size=4, eval_every=2, eval_batches=2, warmup_steps=0,
+                                     device="cpu", precision="fp32")
+        spec["axes"]["seed"] = spec["axes"]["seed"][:1]
+    return spec
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--budget", type=float, default=440.0, help="seconds for everything")
+    parser.add_argument("--budget", type=float, default=500.0, help="seconds for everything")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--smoke", action="store_true", help="CPU check of this script: tiny model, few steps")
+    parser.add_argument("--grids", nargs="+", default=["hash_vs_learned", "zloss_25m", "specialization_25m"],
+                        choices=sorted(GRIDS), help="files of configs/ablations/gpu/ in the order to run them")
+    parser.add_argument("--smoke", action="store_true", help="CPU check of this script: tiny model, 4 steps, 1 seed")
     args = parser.parse_args()
     deadline = time.time() + args.budget
+    specs = {name: load(name, args.smoke) for name in args.grids}
+    for name, spec in specs.items():  # the minimum is a floor, checked before anything runs
+        runs, tokens = grid_size(spec)
+        if not args.smoke and tokens < GRIDS[name][1]:
+            print(f"error: configs/ablations/gpu/{name}.yaml trains {tokens:,} tokens per run, below its minimum "
+                  f"{GRIDS[name][1]:,}", file=sys.stderr)
+            sys.exit(2)
+        if not args.smoke and model_key(spec) not in RATES:
+            print(f"error: no recorded rate for model {model_key(spec)} ({name}); add one to RATES", file=sys.stderr)
+            sys.exit(2)
     args.out.mkdir(parents=True, exist_ok=True)
     sink = open(args.out / "log.txt", "a")
     work = args.out / "configs"
@@ -85,70 +126,43 @@ def main() -> None:
     import torch
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    log(f"torch {torch.__version__}, {card}, {os.cpu_count()} CPUs", sink)
-
-    def load(name: str) -> dict:
-        spec = yaml.safe_load((ROOT / f"configs/ablations/gpu/{name}.yaml").read_text())
-        if args.smoke:
-            spec["base"]["model"].update(d_model=16, n_layers=1, n_heads=2)
-            spec["base"]["train"].update(steps=4, batch_size=4, eval_every=2, eval_batches=2, device="cpu", dtype="float32")
-            spec["axes"]["seed"] = spec["axes"]["seed"][:2]
-        return spec
-
-    t = time.time()
+    log(f"torch {torch.__version__}, {card}, {os.cpu_count()} CPUs, budget {args.budget:.0f}s", sink)
     from routerlab.tasks import build_task
 
-    task = build_task({"name": "stdlib", "block_size": 256})
+    t = time.time()
+    for block in sorted({spec["base"]["task"]["block_size"] for spec in specs.values()}):
+        task = build_task({"name": "stdlib", "block_size": block})
     log(f"stdlib task ready in {time.time() - t:.1f}s: {json.dumps(task.data_info())[:400]}", sink)
 
-    # 1. probe: the collapse model, 6 runs at once
-    spec = load("collapse")
-    spec["name"] = "probe"
-    spec["base"]["train"].update(steps=4 if args.smoke else 60, eval_every=60, eval_batches=2)
-    spec["axes"] = {"router": [spec["axes"]["router"][1]], "seed": list(range(6))}
-    spec.pop("baseline")
-    probe = work / "probe.yaml"
-    probe.write_text(yaml.safe_dump(spec))
-    wall, _ = ablate(probe, args.out / "results" / "probe", 6, deadline - time.time(), sink)
-    tokens, rates = grid_tokens(args.out / "results" / "probe")
-    aggregate = sum(rates)
-    log(f"probe: 6 runs x 60 steps at once in {wall:.1f}s wall; tokens/s per run {[round(r) for r in rates]}; "
-        f"aggregate {aggregate:,.0f} tokens/s while training; {tokens / wall:,.0f} tokens/s over the wall time", sink)
-    if aggregate <= 0:
-        log("probe trained nothing: stopping (see the log above)", sink)
-        return
-    plan = {"probe_aggregate_tokens_per_s": aggregate, "probe_wall_s": wall, "grids": {}}
-
-    # 2. the grids in priority order
-    for name, per_gpu in GRIDS:
+    rates = dict(RATES) if not args.smoke else {model_key(spec): 1e9 for spec in specs.values()}
+    plan = {"budget_s": args.budget, "grids": {}}
+    for name in args.grids:
+        spec, (per_gpu, minimum) = specs[name], GRIDS[name]
+        runs, tokens = grid_size(spec)
+        key = model_key(spec)
+        need = START_S + runs * tokens / rates[key]
         left = deadline - time.time()
-        spec = load(name)
-        train = spec["base"]["train"]
-        cells = math.prod(len(v) for v in spec["axes"].values())
-        waves = math.ceil(cells / per_gpu)
-        step_tokens = train["batch_size"] * spec["base"]["task"]["block_size"]
-        need = OVERHEAD * waves * per_gpu * train["steps"] * step_tokens / aggregate + 25  # + worker start-up
-        steps = train["steps"]
+        entry = {"runs": runs, "tokens_per_run": tokens, "min_tokens_per_run": minimum, "per_gpu": per_gpu,
+                 "model": key, "rate_planned": rates[key], "needed_s": round(need), "left_s": round(left)}
         if need > left:
-            steps = int(train["steps"] * (left - 25) / (need - 25))
-            if steps < (1 if args.smoke else MIN_STEPS):
-                log(f"{name}: skipped, {left:.0f}s left, {need:.0f}s needed at full size", sink)
-                plan["grids"][name] = {"skipped": True, "needed_s": need, "left_s": left}
-                continue
-            train["steps"] = steps
-            train["eval_every"] = max(1, steps // 4)
-            train["warmup_steps"] = min(train["warmup_steps"], steps // 10)
+            log(f"{name}: skipped: {runs} runs x {tokens / 1e6:.1f}M tokens need ~{need:.0f}s at {rates[key]:,.0f} "
+                f"tokens/s; {left:.0f}s left (never run smaller than its minimum)", sink)
+            plan["grids"][name] = {**entry, "skipped": True}
+            continue
         file = work / f"{name}.yaml"
         file.write_text(yaml.safe_dump(spec, sort_keys=False))
-        log(f"{name}: {cells} runs, {steps} steps = {steps * step_tokens / 1e6:.1f}M tokens per run; "
-            f"planned {need:.0f}s at full size, {left:.0f}s left", sink)
+        log(f"{name}: {runs} runs x {tokens / 1e6:.2f}M tokens, {per_gpu} at once; planned {need:.0f}s at "
+            f"{rates[key]:,.0f} tokens/s, {left:.0f}s left", sink)
         wall, finished = ablate(file, args.out / "results" / name, per_gpu, deadline - time.time(), sink)
-        tokens, rates = grid_tokens(args.out / "results" / name)
-        log(f"{name}: {'finished' if finished else 'STOPPED at the deadline'} in {wall:.1f}s; {tokens / 1e6:.1f}M tokens "
-            f"trained ({tokens / wall:,.0f} tokens/s over the wall time, {sum(rates) / max(1, len(rates)):,.0f} per run)", sink)
-        plan["grids"][name] = {"runs": cells, "steps": steps, "tokens_per_run": steps * step_tokens, "wall_s": wall,
-                               "finished": finished, "tokens_trained": tokens, "per_gpu": per_gpu}
+        trained = grid_tokens(args.out / "results" / name)
+        if finished and trained:
+            rates[key] = trained / wall  # the next grid of this model plans with what this one reached
+        log(f"{name}: {'finished' if finished else 'STOPPED or FAILED'} in {wall:.1f}s; {trained / 1e6:.1f}M tokens "
+            f"trained = {trained / wall:,.0f} tokens/s over the wall time", sink)
+        plan["grids"][name] = {**entry, "wall_s": round(wall, 1), "finished": finished, "tokens_trained": trained,
+                               "rate_measured": trained / wall}
         (args.out / "plan.json").write_text(json.dumps(plan, indent=1))
+    (args.out / "plan.json").write_text(json.dumps(plan, indent=1))
     log("done", sink)
 
 
