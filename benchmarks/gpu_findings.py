@@ -89,8 +89,8 @@ def grid_size(spec: dict) -> tuple[int, int]:
     return runs, train["steps"] * train["batch_size"] * spec["base"]["task"]["block_size"]
 
 
-def load(name: str, smoke: bool) -> dict:
-    spec = yaml.safe_load((ROOT / f"configs/ablations/gpu/{name}.yaml").read_text())
+def load(folder: Path, name: str, smoke: bool) -> dict:
+    spec = yaml.safe_load((folder / f"{name}.yaml").read_text())
     if smoke:
         spec["base"]["model"].update(d_model=16, n_layers=1, n_heads=2)
         spec["base"]["task"]["block_size"] = 32
@@ -105,15 +105,16 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=500.0, help="seconds for everything")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--grids", nargs="+", default=["hash_vs_learned", "zloss_25m", "specialization_25m"],
-                        choices=sorted(GRIDS), help="files of configs/ablations/gpu/ in the order to run them")
+                        choices=sorted(GRIDS), help="grid files (of --configs) in the order to run them")
+    parser.add_argument("--configs", type=Path, default=ROOT / "configs/ablations/gpu", help="folder of the grid files")
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script: tiny model, 4 steps, 1 seed")
     args = parser.parse_args()
     deadline = time.time() + args.budget
-    specs = {name: load(name, args.smoke) for name in args.grids}
+    specs = {name: load(args.configs, name, args.smoke) for name in args.grids}
     for name, spec in specs.items():  # the minimum is a floor, checked before anything runs
         runs, tokens = grid_size(spec)
         if not args.smoke and tokens < GRIDS[name][1]:
-            print(f"error: configs/ablations/gpu/{name}.yaml trains {tokens:,} tokens per run, below its minimum "
+            print(f"error: {args.configs / name}.yaml trains {tokens:,} tokens per run, below its minimum "
                   f"{GRIDS[name][1]:,}", file=sys.stderr)
             sys.exit(2)
         if not args.smoke and model_key(spec) not in RATES:

@@ -3,6 +3,8 @@ keyed by data content, seeds that reach hash tables, failed cells, GPU placement
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -148,3 +150,30 @@ def test_study_workers_spread_over_fake_gpus():
     assert worker_devices("cuda", 4, 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert worker_devices("cuda", 3, 2) == ["cuda:0", "cuda:1", "cuda:0"]
     assert worker_devices("cpu", 2, 2) == [None, None]  # CPU studies keep the config's device
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FINDINGS_MIN_TOKENS = {"collapse": 20e6, "hash_vs_learned": 20e6, "zloss": 5e6, "specialization": 5e6,
+                       "zloss_25m": 5e6, "specialization_25m": 5e6}  # issue 16's floors
+
+
+@pytest.mark.parametrize("name", sorted(FINDINGS_MIN_TOKENS))
+def test_gpu_findings_files_train_at_least_their_minimum_with_three_seeds(name):
+    spec = yaml.safe_load((ROOT / f"configs/ablations/gpu/{name}.yaml").read_text())
+    train, block = spec["base"]["train"], spec["base"]["task"]["block_size"]
+    assert train["steps"] * train["batch_size"] * block >= FINDINGS_MIN_TOKENS[name]
+    assert len(spec["axes"]["seed"]) >= 3
+    assert train.get("precision") in ("bf16-pure", "bf16-mixed") and "dtype" not in train  # says what it means
+
+
+def test_gpu_findings_refuses_a_grid_below_its_minimum_and_writes_nothing(tmp_path):
+    spec = yaml.safe_load((ROOT / "configs/ablations/gpu/hash_vs_learned.yaml").read_text())
+    spec["base"]["train"]["steps"] = 301  # 9.9M tokens: what the first planner cut it to
+    (tmp_path / "hash_vs_learned.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_findings.py"), "--configs", str(tmp_path),
+                           "--grids", "hash_vs_learned", "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "9,863,168 tokens per run, below its minimum 20,000,000" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
