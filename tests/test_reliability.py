@@ -269,6 +269,34 @@ def test_two_ablations_sharing_one_runs_folder_are_refused(tmp_path):
         holder.wait()
 
 
+KILLER_PLUGIN = """
+import multiprocessing, os, signal
+from routerlab.routers.registry import register_router
+from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
+
+@register_router("killer", SoftmaxTopKParams)
+class Killer(SoftmaxTopK):
+    def forward(self, x, *, token_ids=None):
+        if multiprocessing.parent_process() is not None:  # inside a pool worker only, never the test process
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x, token_ids=token_ids)
+"""
+
+
+def test_an_ablation_whose_worker_dies_reports_the_cell_and_exits_1(tmp_path):
+    plugin = tmp_path / "killer.py"
+    plugin.write_text(KILLER_PLUGIN)
+    path = ablation_file(tmp_path)
+    path.write_text(path.read_text().replace("base:\n", f"base:\n  plugins: [{plugin}]\n").replace("[softmax_topk, switch]", "[killer]"))  # two cells: the pool path
+    code, out = cli("ablate", path, "--out", tmp_path / "out", "--workers", "2")
+    assert code == 1, out
+    summary = (tmp_path / "out" / "summary.md").read_text()  # the report is written all the same
+    killed = [line for line in summary.splitlines() if "killer" in line and "worker process died" in line]
+    assert killed and "rerun the same command to continue" in killed[0], summary
+    assert not list((tmp_path / "out").glob("cells/*killer*.json"))
+    assert "Traceback" not in out and "worker process died" in out
+
+
 def children(pid: int) -> set[int]:
     found = set()
     for stat_file in os.listdir("/proc"):
