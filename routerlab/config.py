@@ -103,7 +103,7 @@ class TrainConfig(Strict):
     # torch.compile of the model (routerlab/compile.py): "dense" = everything but the MoE layers, "moe" = the MoE
     # layers too; "auto" = off for now (measured slower in the trainer before a router fix; see compile.py)
     compile: Literal["auto", "off", "dense", "moe"] = "auto"
-    tf32: bool = True  # float32 on CUDA: TF32 matmuls (about 8x the fp32 rate on an H200); false = full fp32
+    tf32: bool = True  # float32 matmuls on CUDA (fp32 runs; the float32 router gates of bf16 runs) in TF32; false = full fp32
     # CUDA: capture each step's forward + backward once as a CUDA graph and replay it (routerlab/step_graph.py) when
     # the step qualifies (one process, one micro-batch, routers declared graph-safe, no extra loss terms); CPU: ignored
     cuda_graph: bool = True

@@ -134,7 +134,7 @@ class Trainer:
         self.layers = self.model.moe_layers()
         check_compatible(self.model, self.task, config)
         t = config.train
-        if self.device.type == "cuda" and self.dtype == torch.float32:
+        if self.device.type == "cuda":  # every float32 matmul: fp32 runs, and the float32 router gates of bf16 runs
             set_tf32(t.tf32)
         self.compiled = compile_model(self.model, resolve_compile(t.compile, self.device))
         # routers that read RoutingStats after each step; the others' stats are computed only for logging

@@ -121,6 +121,25 @@ def profile_step(trainer, iters: int = 5) -> dict[str, float]:
     return res
 
 
+# kernel name patterns -> the part of the step they belong to (first match wins; names seen on the H200, torch 2.11)
+KERNEL_PARTS = [
+    ("attention (SDPA)", ("sdpa", "flash", "cudnn")),
+    ("experts (grouped GEMM, SwiGLU)", ("GemmUniversal", "enable_3x_kernel_for_sm9x", "_fwd", "_bwd")),
+    ("dispatch + combine (sort, permute, combine)", ("radix_sort", "RadixSort", "_gather_rows", "_gather_reduce", "_combine_grads", "searchsorted")),
+    ("router (fp32 gate, top-k, softmax, losses)", ("f32f32", "sgemm", "TopK", "bitonicSort", "indexFunc", "softmax_warp")),
+    ("optimizer (grad norm, fused AdamW)", ("multi_tensor_apply",)),
+    ("dense GEMMs (projections, head; the twin's FFN)", ("nvjet", "gemm", "splitKreduce")),
+    ("norms", ("layer_norm", "GammaBeta")),
+]
+
+
+def kernel_part(name: str) -> str:
+    for part, patterns in KERNEL_PARTS:
+        if any(p in name for p in patterns):
+            return part
+    return "other (elementwise, copies, casts, reductions)"
+
+
 def kernel_profile(trainer, steps: int = 3, top: int = 40) -> dict:
     """torch.profiler over `steps` train steps: wall, GPU kernel time (sum and union), idle, kernel launches, the
     `top` kernels by time (ms per step) and the host syncs of one more step (CUDA sync debug mode, by source line)."""
@@ -139,18 +158,21 @@ def kernel_profile(trainer, steps: int = 3, top: int = 40) -> dict:
             trainer.train_step()
         _sync()
         wall = (time.perf_counter() - t0) / steps * 1e3
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+               and "#" not in e.name and not e.name.startswith("ProfilerStep")]  # kernels, not the GPU-side annotation ranges
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, end = 0.0, -math.inf
     for a, b in spans:  # union of kernel intervals (us)
         if b > end:
             busy += b - max(a, end)
             end = b
-    by_name = Counter()
+    by_name, by_part = Counter(), Counter()
     for e in kernels:
         by_name[e.name[:110]] += e.time_range.end - e.time_range.start
+        by_part[kernel_part(e.name)] += e.time_range.end - e.time_range.start
     out = {"wall ms/step": wall, "kernel ms/step (sum)": sum(b - a for a, b in spans) / 1e3 / steps,
            "kernel ms/step (union)": busy / 1e3 / steps, "launches/step": len(kernels) / steps,
+           "parts ms/step": {n: t / 1e3 / steps for n, t in by_part.most_common()},
            "top kernels ms/step": {n: t / 1e3 / steps for n, t in by_name.most_common(top)}}
     out["idle ms/step (wall - union)"] = wall - out["kernel ms/step (union)"]
     syncs = Counter()
@@ -230,6 +252,11 @@ def table(report: dict) -> str:
         graph = ("on" if r.get("graphed") else f"off ({r.get('graph_off')})") if r.get("cuda_graph") else "off"
         cell = f"{ratio / r['tokens_per_s']:.2f}x" if ratio else "-"
         lines.append(f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {graph} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {cell} |")
+    for run, kp in report.get("kernels", {}).items():
+        lines += ["", f"| {run}: GPU kernel time per step (torch.profiler, {kp['launches/step']:.0f} launches) | ms |", "|---|---:|"]
+        lines += [f"| {part} | {ms:.2f} |" for part, ms in kp["parts ms/step"].items()]
+        lines += [f"| all kernels (union) | {kp['kernel ms/step (union)']:.2f} |", f"| host gaps (GPU idle: wall - union) | {kp['idle ms/step (wall - union)']:.2f} |",
+                  f"| wall (profiled) | {kp['wall ms/step']:.2f} |", f"| host syncs in a step | {kp['host syncs in one step (where)']} |"]
     if report["profile"]:
         prof = dict(report["profile"])
         step = prof.pop("measured step")
