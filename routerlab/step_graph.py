@@ -110,6 +110,7 @@ class StepGraph:
             p.grad = None  # the captured backward then writes each gradient instead of adding to it
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(trainer.device)
+        torch.cuda.empty_cache()  # the eager steps' cached blocks go back, so the graph's own pool can take that memory
         try:
             with torch.cuda.graph(graph):
                 outputs = trainer.forward_backward(static, 1.0)
