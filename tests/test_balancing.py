@@ -111,7 +111,7 @@ def test_rank_overload_is_the_busiest_rank_over_the_mean_rank():
     assert routing_metrics(stats, ranks=4)["rank_overload"] == pytest.approx(2.0)
 
 
-# ---- selection options of the top-k family -------------------------------------------------------------
+# ---- selection options (every router: tests/test_router_options.py) -------------------------------------------------------------
 E8 = 8
 
 
@@ -185,7 +185,7 @@ def test_null_experts_take_slots_without_compute():
     assert 0 < (out.experts >= 0).sum(1).float().mean() < 2  # realized k below the nominal 2
 
 
-def test_routers_outside_the_topk_family_refuse_selection_options():
+def test_a_router_refuses_a_selection_option_it_cannot_honour():
     with pytest.raises(Exception, match="does not take score='sigmoid'"):
         build_router({"name": "sparsemax", "score": "sigmoid"}, D, E8)
     with pytest.raises(Exception, match="expert_groups=3 must divide"):
