@@ -84,9 +84,9 @@ class Padded:
         expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=kept)
         starts = counts.cumsum(0) - counts
         slot = expert_of_row * capacity + torch.arange(kept, device=x.device) - starts[expert_of_row]
-        buf = x.new_zeros(E * capacity, x.shape[1]).index_copy(0, slot, x[:kept]).view(E, capacity, -1)
+        buf = x.new_zeros(E * capacity, x.shape[1]).index_copy(0, slot, x[:kept]).view(E, capacity, x.shape[1])  # not -1: capacity may be 0
         y = torch.bmm(bank.act(torch.bmm(buf, bank.w_in)), bank.w_out)  # act takes the 3-D [E, C, 2h] tensor
-        return _pad_rows(y.reshape(E * capacity, -1)[slot], x.shape[0])
+        return _pad_rows(y.flatten(0, 1)[slot], x.shape[0])  # flatten, not reshape(-1): capacity may be 0 (nothing kept)
 
 
 @register_backend("auto")
