@@ -108,6 +108,8 @@ class StepGraph:
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         for p in params:
             p.grad = None  # the captured backward then writes each gradient instead of adding to it
+        for layer in trainer.layers:  # the last eager step's aux losses keep its autograd graph alive, and with it
+            layer.restore((None, {}, layer.sequence_length))  # AccumulateGrad nodes bound to the default stream: capture fails
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(trainer.device)
         torch.cuda.empty_cache()  # the eager steps' cached blocks go back, so the graph's own pool can take that memory
@@ -117,12 +119,16 @@ class StepGraph:
         except RuntimeError as err:
             for p in params:
                 p.grad = None
-            self._give_up(f"capture failed: {str(err).splitlines()[0][:200]}")
+            first = err.__context__ or err  # the error inside the capture, not the capture's end reporting it
+            self._give_up(f"capture failed: {str(first).splitlines()[0][:200]}")
             return
         self.graph, self.static, self.outputs = graph, static, outputs
         self.params, self.grads = params, [p.grad for p in params]
         self.addresses = [p.data_ptr() for p in params]
-        self.records = [layer.recorded() for layer in trainer.layers]
+        self.records = []
+        for layer in trainer.layers:  # detached: the same memory, without the captured autograd graph behind it
+            pending, aux, length = layer.recorded()
+            self.records.append((pending, {k: v.detach() for k, v in aux.items()}, length))
 
     def _fits(self, batch: Batch) -> bool:
         for ours, theirs in zip(_fields(self.static), _fields(batch)):

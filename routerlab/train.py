@@ -282,7 +282,7 @@ class Trainer:
             # the fused step divides each gradient by grad_scale as it reads it: clipping without a pass of its own
             # (clip_grad_norm_'s factor max_norm / (norm + 1e-6), at most 1, as a divisor)
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None], foreach=True)
-            self.optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp_min(1.0) if math.isfinite(max_norm) else None
+            self.optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp_min(1.0) if math.isfinite(max_norm) else None
         else:  # max_norm=inf leaves the gradients as they are but still returns their (global) norm
             norm = self.parallel.clip_grad_norm_(self.model, max_norm)
         total = loss.detach() + sum(v.detach() for v in aux.values())  # task loss plus aux losses, on the device

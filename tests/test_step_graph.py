@@ -83,3 +83,25 @@ def test_clipping_as_the_fused_steps_divisor_equals_clip_grad_norm(tmp_path):
     for a, b in zip(device_path.model.parameters(), host_path.model.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not all(torch.allclose(a, c, rtol=1e-5, atol=1e-6) for a, c in zip(device_path.model.parameters(), unclipped.model.parameters()))
+
+
+def test_a_layers_record_put_back_after_an_evaluation_gives_the_training_steps_statistics(tmp_path):
+    """What a replay relies on: restore() brings back the step's routing record after an eager forward replaced it."""
+    t = trainer(tmp_path)
+    t.train_step()
+    layer = t.layers[0]
+    recorded, load = layer.recorded(), layer.stats.load.clone()
+    t.evaluate()  # eager forwards on other batches: a new record
+    assert not torch.equal(layer.stats.load, load)
+    layer.restore(recorded)
+    assert torch.equal(layer.stats.load, load)
+
+
+def test_the_device_path_steps_a_bf16_model(tmp_path):
+    """bf16 gradients give a bf16 norm; the fused step takes its divisor in float32 (a GPU run once failed here)."""
+    t = fused(trainer(tmp_path, "train.precision=bf16-pure", "train.grad_clip=0.01"))
+    before = snapshot(t)
+    t.train_step()
+    t.train_step()
+    assert t.optimizer.grad_scale.dtype == torch.float32 and float(t.optimizer.grad_scale) > 1
+    assert not same(before, snapshot(t)) and all(torch.isfinite(p).all() for p in t.model.parameters())
