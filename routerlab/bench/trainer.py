@@ -1,6 +1,6 @@
 """Issue 19's trainer comparison on one GPU: an E=64, k=6 MoE LM against its dense twin, and where a step goes.
 
-    python3 -m routerlab.bench.trainer [--steps 20] [--compile off,auto] [--json FILE]
+    python3 -m routerlab.bench.trainer [--steps 20] [--compile off,auto] [--cuda-graph on,off] [--kernels] [--json FILE]
 
 Models: the presets configs/gpu/stdlib-110m-e64k6.yaml and its dense twin stdlib-110m-dense.yaml (d_model
 1024, 8 layers, 16 heads, block 512, batch 32, SwiGLU; MoE: 64 experts of hidden 512, softmax_topk k=6, ~110M
@@ -14,6 +14,9 @@ The profile table times each part of the MoE model's step alone with CUDA events
 modules and batch shapes (x the number of layers): attention (norm + attention, fwd+bwd), dense rest
 (embeddings, final norm, head, loss), router, dispatch (plan + permute), experts, combine, statistics, the
 optimizer (grad clip + AdamW); host gaps = the measured step minus their sum (launch gaps, syncs, the batch).
+Timed alone, launch-bound parts read as their host time, so the sum can exceed the step. --kernels adds, per run, the
+GPU's own view (torch.profiler over 3 steps): kernel time by part of the step (KERNEL_PARTS, by kernel name), the
+GPU's idle time (wall - union of kernel intervals), launches per step, and where the step's host syncs are.
 """
 from __future__ import annotations
 
