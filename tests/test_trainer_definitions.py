@@ -173,3 +173,72 @@ def test_constant_schedule_after_warmup(tmp_path):
 def test_incompatible_router_and_task_are_refused(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         trainer(tmp_path, *extra)
+
+
+def test_training_scalars_in_tensorboard_are_the_window_mean_lr_and_aux(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = trainer(tmp_path, "router.name=switch", "train.log_every=2", "train.steps=4", log=True)
+    for _ in range(4):
+        t.train_step()
+    t.close()
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0}).Reload()
+    loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert sorted(loss) == [2, 4] and loss[4] == pytest.approx(sum(t.losses[2:4]) / 2, rel=1e-5)
+    lr = {e.step: e.value for e in acc.Scalars("train/lr")}
+    f = lr_lambda(t.config)
+    assert lr[4] == pytest.approx(t.config.train.lr * f(4), rel=1e-5)  # the lr of the next update
+    aux = acc.Scalars("train/aux/layer0/balance")
+    assert [e.step for e in aux] == [2, 4] and all(0 < e.value < 0.1 for e in aux)  # alpha 0.01 x E sum f P ~ 1
+    assert [e.step for e in acc.Scalars("routing/load_cv/layer0")] == [2, 4]
+
+
+def test_lm_perplexity_and_attention_flops(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    t = Trainer(load_config(None, ["task.name=chars", f"task.corpus={corpus}", "task.block_size=8", "model.d_model=16", "model.n_heads=2",
+                                   "model.n_layers=1", "model.num_experts=4", "model.expert_hidden=16", "train.batch_size=4", "train.eval_batches=1"]),
+                run_dir=tmp_path / "run", log=False)
+    t.train_step()
+    m = t.evaluate()
+    assert t.task.kind == "lm" and m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-9)
+    linear = sum(mod.weight.numel() for mod in t.model.modules() if isinstance(mod, torch.nn.Linear))
+    experts = sum(p.numel() for p in t.layers[0].experts.parameters())
+    k_eff = float(t.layers[0].stats.load.sum()) / float(t.layers[0].stats.tokens)
+    assert k_eff == 2.0
+    assert t.flops_per_token() == pytest.approx(6.0 * (linear + experts * k_eff / 4) + 12.0 * 1 * 16 * 8)
+
+
+def test_the_progress_bar_names_the_run_and_counts_steps(tmp_path, capsys):
+    t = Trainer(load_config(None, TINY + ["train.steps=3", "train.log_every=1"]), run_dir=tmp_path / "run", log=False, progress=True)
+    t.fit()
+    out = capsys.readouterr().out
+    assert t.config.run_name() in out and f"loss {t.losses[-1]:.4f}" in out  # (a narrow console elides the count)
+    quiet = Trainer(load_config(None, TINY + ["train.steps=2"]), run_dir=tmp_path / "q", log=False)
+    quiet.fit()
+    assert "loss" not in capsys.readouterr().out
+
+
+def test_resume_refuses_another_config_or_other_data_and_keeps_the_probe(tmp_path):
+    from routerlab.checkpoint import load_checkpoint  # noqa: F401
+
+    a = trainer(tmp_path, log=True)
+    a.train_step()
+    a.evaluate()
+    a.data_info = {"data_checksum": "a" * 64}
+    path = a.save()
+    a.close()
+    other = Trainer(load_config(None, TINY + ["train.lr=0.5"]), run_dir=tmp_path / "o", log=False)
+    with pytest.raises(ConfigError, match="different config"):
+        other.load(path)
+    same = Trainer(a.config, run_dir=tmp_path / "s", log=False)
+    same.data_info = {"data_checksum": "b" * 64}
+    with pytest.raises(ConfigError, match="trained on data aaaaaaaaaaaa, but this task's data is bbbbbbbbbbbb"):
+        same.load(path)
+    same.data_info = {"data_checksum": "a" * 64}
+    same.load(path)
+    assert [torch.equal(p, q) for p, q in zip(same.probe_top1, a.probe_top1)] == [True]
+    unknown = Trainer(a.config, run_dir=tmp_path / "u", log=False)
+    unknown.data_info = {}  # a task without a checksum resumes any checkpoint of its config
+    unknown.load(path)
+    assert unknown.step == 1
