@@ -130,9 +130,15 @@ def test_fit_evaluates_every_eval_every_and_at_the_end_and_reports_the_last_wind
     assert saves[0] == 4  # the first checkpoint is written after step 3
     assert result["train_loss"] == pytest.approx(sum(t.losses[-2:]) / 2)
     assert result["step"] == 5 and t.step == 5
-    partial = trainer(tmp_path / "u", "train.steps=5", "train.eval_every=100")
+    partial = trainer(tmp_path / "u", "train.steps=5", "train.eval_every=2")
+    calls = []
+    evaluate = partial.evaluate
+    partial.evaluate = lambda: calls.append(partial.step) or evaluate()
     partial.fit(until=3)
-    assert partial.step == 3 and partial.last_eval["step"] == 3  # an evaluation at the stopping point
+    assert partial.step == 3 and partial.last_eval["step"] == 3 and calls == [2, 3]  # a fresh evaluation at the stopping point
+    partial.fit(until=4)
+    assert calls == [2, 3, 4]  # step 4 was evaluated in the loop: not again at the end
+    assert math.isnan(trainer(tmp_path / "z").fit(until=0)["train_loss"])  # no step, no training loss
 
 
 def test_load_weights_takes_a_partial_dict_and_refuses_unknown_names(tmp_path):
@@ -214,6 +220,7 @@ def test_the_progress_bar_names_the_run_and_counts_steps(tmp_path, capsys):
     t.fit()
     out = capsys.readouterr().out
     assert t.config.run_name() in out and f"loss {t.losses[-1]:.4f}" in out  # (a narrow console elides the count)
+    assert f"eval {t.last_eval['loss']:.4f}" in out and f"load_cv {t.last_eval['load_cv']:.2f}" in out
     quiet = Trainer(load_config(None, TINY + ["train.steps=2"]), run_dir=tmp_path / "q", log=False)
     quiet.fit()
     assert "loss" not in capsys.readouterr().out
