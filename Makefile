@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/routerlab ablate configs/ablations/demo.yaml
 
+# Two xdist workers (one per core); tests that share a module-scoped fixture carry one xdist_group mark.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/routerlab bench

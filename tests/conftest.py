@@ -9,6 +9,26 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two xdist workers with --dist loadgroup: tests marked xdist_group("name") run in one worker.
+
+    pytest-xdist 3.8 tells its scheduler a test's group by renaming `item._nodeid`, which pytest 9.2 no longer
+    reads (pytest-dev/pytest-xdist#1386), so the groups are silently ignored. Rename the id pytest does read;
+    without this, grouped tests still pass, each worker just builds their shared fixture again.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest before 9.2: xdist's own renaming works
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid and hasattr(item, "_id"):
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """Overrides that make any task train in about a second."""

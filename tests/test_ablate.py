@@ -49,6 +49,9 @@ def stable(rows: list[dict[str, str]]) -> list[tuple]:
     return sorted(tuple(r[c] for c in STABLE_COLUMNS) for r in rows)
 
 
+ONE_WORKER = pytest.mark.xdist_group("test_ablate.finished")  # `make test` (xdist): the fixture's users run in one worker, so it runs once
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablate")
@@ -57,6 +60,7 @@ def finished(tmp_path_factory):
     return tmp, path, report
 
 
+@ONE_WORKER
 def test_tiny_ablation_writes_csv_summary_and_plots(finished):
     tmp, path, report = finished
     out = tmp / "results" / "tiny"
@@ -75,6 +79,7 @@ def test_tiny_ablation_writes_csv_summary_and_plots(finished):
     assert all(any(d.glob("events.out.tfevents.*")) for d in run_dirs)
 
 
+@ONE_WORKER
 def test_rerun_skips_every_finished_cell(finished):
     tmp, path, report = finished
     out = tmp / "results" / "tiny"

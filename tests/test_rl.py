@@ -23,6 +23,9 @@ def frozen(**kwargs) -> TokenRoutingEnv:
     return TokenRoutingEnv(mode="frozen", **kwargs)  # pre-trained experts are cached per process
 
 
+ONE_WORKER = pytest.mark.xdist_group("test_rl.ppo_policy")  # `make test` (xdist): the fixture's users run in one worker, so it runs once
+
+
 @pytest.fixture(scope="module")
 def ppo_policy(tmp_path_factory):
     """A short PPO run on the frozen Discrete env, saved as `routerlab rl train` saves it."""
@@ -135,6 +138,7 @@ def test_vectorized_envs_step_in_lockstep():
     envs.close()
 
 
+@ONE_WORKER
 def test_short_ppo_run_beats_random_oracle_accuracy(ppo_policy):
     model, _ = ppo_policy
     env = frozen()
@@ -144,6 +148,7 @@ def test_short_ppo_run_beats_random_oracle_accuracy(ppo_policy):
     assert trained["oracle_accuracy"] > 0.85 and trained["return"] > random["return"] + 50
 
 
+@ONE_WORKER
 def test_rl_router_matches_the_policy_deterministic_actions(ppo_policy):
     model, path = ppo_policy
     env = frozen()

@@ -252,12 +252,15 @@ def test_a_killed_workers_trial_is_retried(tmp_path):
 def test_workers_started_together_on_a_new_sqlite_file_all_open_it(tmp_path):
     # every process tries to create Optuna's tables at the same instant; the losers must open the winner's schema
     url = f"sqlite:///{tmp_path / 'new' / 'study.db'}"
-    start = time.time() + 6  # past every process's import of optuna
-    code = ("import sys, time; from studies.storage import open_storage; t = float(sys.argv[2])\n"
-            "while time.time() < t: pass\n"
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    # a barrier: each process imports optuna and SQLAlchemy, says so with a file, and waits (sleeping) for all four
+    code = ("import sys, time; from pathlib import Path; from optuna.storages import RDBStorage; from studies.storage import open_storage\n"
+            "ready = Path(sys.argv[2]); (ready / sys.argv[3]).touch(); deadline = time.time() + 100\n"
+            "while len(list(ready.iterdir())) < 4 and time.time() < deadline: time.sleep(0.001)\n"
             "open_storage(sys.argv[1], 1)")
-    workers = [subprocess.Popen([sys.executable, "-c", code, url, str(start)], env=ENV, stderr=subprocess.PIPE, text=True)
-               for _ in range(4)]
+    workers = [subprocess.Popen([sys.executable, "-c", code, url, str(ready), str(i)], env=ENV, stderr=subprocess.PIPE, text=True)
+               for i in range(4)]
     errors = [w.communicate(timeout=120)[1] for w in workers]
     assert [w.returncode for w in workers] == [0] * 4, "\n".join(e[-500:] for e in errors if e)
     optuna.create_study(study_name="after", storage=open_storage(url, 1)).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
