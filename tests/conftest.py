@@ -9,9 +9,15 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes 20 s or more (services, subprocesses); `make test` hands these out first")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs two xdist workers with --dist loadgroup: tests marked xdist_group("name") run in one worker.
+    """`make test` runs two xdist workers with --dist loadgroup, which hands out tests in collection order:
+    tests marked slow go first, so the workers end on short tests and finish together; tests marked
+    xdist_group("name") run in one worker (their shared module fixture is built once).
 
     pytest-xdist 3.8 tells its scheduler a test's group by renaming `item._nodeid`, which pytest 9.2 no longer
     reads (pytest-dev/pytest-xdist#1386), so the groups are silently ignored. Rename the id pytest does read;
@@ -19,6 +25,7 @@ def pytest_collection_modifyitems(config, items):
     """
     if not getattr(config.option, "loadgroup", False):
         return
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the order within each part stays
     try:
         from _pytest.nodeid import NodeId
     except ImportError:  # pytest before 9.2: xdist's own renaming works

@@ -60,6 +60,7 @@ def finished(tmp_path_factory):
     return tmp, path, report
 
 
+@pytest.mark.slow
 @ONE_WORKER
 def test_tiny_ablation_writes_csv_summary_and_plots(finished):
     tmp, path, report = finished
@@ -91,6 +92,7 @@ def test_rerun_skips_every_finished_cell(finished):
     assert read_csv(out / "results.csv") == before  # the table is rebuilt from the same cells
 
 
+@pytest.mark.slow
 def test_killed_ablation_resumes_to_the_same_table(tmp_path):
     # one in-process worker here (the fixture covers spawned workers): cheap, and the same thread count
     # for the killed, the resumed and the uninterrupted run, so their numbers must agree exactly

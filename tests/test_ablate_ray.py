@@ -100,6 +100,7 @@ def cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_ray_grid_survives_a_killed_worker_node(cluster, tmp_path):
     address, second_node, second_port = cluster
     path = tmp_path / "raygrid.yaml"

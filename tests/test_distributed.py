@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distributed_worker import DROPS, LAYER_CASES, ROUTERS, config, fixed_ok  # noqa: E402
 
 TOL = 1e-5
-pytestmark = pytest.mark.xdist_group("test_distributed")  # `make test` (xdist): one worker, so each torchrun launch runs once
+pytestmark = [pytest.mark.xdist_group("test_distributed"), pytest.mark.slow]  # `make test` (xdist): one worker, so each torchrun launch runs once
 
 
 def free_port() -> int:

@@ -251,6 +251,7 @@ def test_cli_rejects_bad_strategy_with_one_line():
 
 
 # ---- Flower runs --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_simulation_personal_router_with_failed_client(tmp_path):
     """Ray simulation: 3 clients, one raises in every round; routers never leave the clients; the
     in-process engine gives the same model from the same seed."""
@@ -279,6 +280,7 @@ def test_simulation_personal_router_with_failed_client(tmp_path):
     assert same["final"]["personal_acc_mean"] == summary["final"]["personal_acc_mean"]
 
 
+@pytest.mark.slow
 def test_secure_deployment_refuses_an_unknown_supernode(tmp_path):
     """TLS + SuperNode authentication: 2 registered SuperNodes train over HTTPS; a SuperNode whose key was
     never registered is refused (Flower's exit code 305 in its log) and never listed; `flwr run` of a copy of the app
@@ -326,6 +328,7 @@ def _clientapp_pids(session: int) -> set[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_failed_run_exits_nonzero_and_a_killed_supernode_costs_one_round_timeout(tmp_path):
     """Deployment engine (plain HTTP, the explicit local option): (1) a run wanting 3 SuperNodes where 2 are
     up fails after federated.node_wait and `flwr_run` reports it (exit 1, finished:failed, failed.json);

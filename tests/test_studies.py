@@ -220,6 +220,7 @@ def test_a_hyperband_study_reports_on_the_step_scale(tmp_path):
     assert set(states(study)) <= {"COMPLETE", "PRUNED"} and len(states(study)) == 2
     assert list(study.trials[0].intermediate_values) == [2, 4]
 
+@pytest.mark.slow
 def test_a_killed_workers_trial_is_retried(tmp_path):
     path = write_spec(tmp_path)
     name = path.stem
@@ -266,6 +267,7 @@ def test_workers_started_together_on_a_new_sqlite_file_all_open_it(tmp_path):
     optuna.create_study(study_name="after", storage=open_storage(url, 1)).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["postgresql", "sqlite", "journal"])
 def test_two_workers_trials_add_up(tmp_path, kind, request):
     path = write_spec(tmp_path)
