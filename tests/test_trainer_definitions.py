@@ -109,7 +109,9 @@ def test_tokens_per_second_leaves_out_the_first_steps(tmp_path):
     t.step_log = [(10.0, 100), (10.0, 100), (1.0, 50), (3.0, 150)]
     assert t.tokens_per_s == pytest.approx(200 / 4)
     assert t.train_tokens == 400 and t.train_time == pytest.approx(24.0)
-    assert t.perf_metrics()["step_time_ms"] == pytest.approx(2000.0)
+    assert t.perf_metrics()["step_time_ms"] == pytest.approx(2000.0) and t.perf_metrics()["tokens_per_s"] == pytest.approx(50.0)
+    t.step_log = [(10.0, 100), (10.0, 100), (4.0, 80)]  # one steady step
+    assert t.perf_metrics()["step_time_ms"] == pytest.approx(4000.0)
     t.step_log = t.step_log[:2]  # no steady steps yet: all of them
     assert t.tokens_per_s == pytest.approx(10.0)
     assert t.peak_flops() == (None, "unknown (set train.peak_flops)")
@@ -139,6 +141,19 @@ def test_fit_evaluates_every_eval_every_and_at_the_end_and_reports_the_last_wind
     partial.fit(until=4)
     assert calls == [2, 3, 4]  # step 4 was evaluated in the loop: not again at the end
     assert math.isnan(trainer(tmp_path / "z").fit(until=0)["train_loss"])  # no step, no training loss
+
+
+def test_close_releases_the_board_and_the_folder_lock(tmp_path):
+    from routerlab import outputs
+
+    t = trainer(tmp_path, log=True)
+    key = str((tmp_path / "run").resolve())
+    assert key in outputs._held and t.board is not None
+    state = t.state_dict()
+    assert state["config"] == t.config.model_dump(mode="json") and state["step"] == 0
+    t.close()
+    assert key not in outputs._held and t.board is None and t._lock is None
+    t.close()  # twice is harmless
 
 
 def test_load_weights_takes_a_partial_dict_and_refuses_unknown_names(tmp_path):
@@ -213,6 +228,14 @@ def test_lm_perplexity_and_attention_flops(tmp_path):
     k_eff = float(t.layers[0].stats.load.sum()) / float(t.layers[0].stats.tokens)
     assert k_eff == 2.0
     assert t.flops_per_token() == pytest.approx(6.0 * (linear + experts * k_eff / 4) + 12.0 * 1 * 16 * 8)
+    hashed = Trainer(load_config(None, ["task.name=chars", f"task.corpus={corpus}", "task.block_size=8", "model.d_model=16", "model.n_heads=2",
+                                        "model.n_layers=1", "model.num_experts=4", "model.expert_hidden=16", "train.batch_size=4",
+                                        "train.eval_batches=1", "router.name=hash"]), run_dir=tmp_path / "hash", log=False)
+    batch = hashed.next_batch()
+    hashed.train_step(batch)  # the token ids reach the router (a hash router refuses to route without them)
+    table = hashed.layers[0].router.table
+    want = torch.bincount(table[batch.token_ids.reshape(-1) % table.numel()], minlength=4)
+    assert hashed.layers[0].stats.load.tolist() == want.tolist()
 
 
 def test_the_progress_bar_names_the_run_and_counts_steps(tmp_path, capsys):
