@@ -422,9 +422,12 @@ def test_a_cuda_index_this_machine_lacks_is_bad_input(tmp_path, monkeypatch):
     code, out = cli(*train_args(tmp_path, "train.device=cuda:3"))
     assert code == 2 and one_line(out), out
     assert "train.device is 'cuda:3' but this machine has 1 CUDA GPU (cuda:0 .. cuda:0)" in out, out
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    code, out = cli(*train_args(tmp_path, "train.device=cuda:2"))
+    assert code == 2 and "this machine has 2 CUDA GPUs (cuda:0 .. cuda:1); choose one of them" in out, out
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, out = cli(*train_args(tmp_path, "train.device=cuda:0"))
-    assert code == 2 and one_line(out) and "no CUDA GPU is available" in out, out
+    assert code == 2 and out == "error: train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu\n", out
     assert not (tmp_path / "runs").exists()
 
 

@@ -272,3 +272,79 @@ def test_resume_refuses_another_config_or_other_data_and_keeps_the_probe(tmp_pat
     unknown.data_info = {}  # a task without a checksum resumes any checkpoint of its config
     unknown.load(path)
     assert unknown.step == 1
+
+
+def test_the_aux_losses_are_backpropagated_with_the_task_loss(tmp_path):
+    t = trainer(tmp_path, "router.name=switch", "router.alpha=0.5")
+    batch = t.next_batch()
+    ref = copy.deepcopy(t.model).train()
+    task, aux = hand_loss(ref, batch)
+    (task + aux).backward()
+    t.model.train()
+    t.optimizer.zero_grad(set_to_none=True)
+    loss, parts = t.forward_backward(batch, 1.0)
+    assert float(loss) == pytest.approx(float(task), rel=1e-6) and set(parts) == {"layer0/balance"}
+    for (name, p), q in zip(t.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_micro_batch_aux_losses_are_weighted_by_their_tokens(tmp_path):
+    t = trainer(tmp_path, "router.name=switch", "train.batch_size=4", "train.micro_batches=2", "train.log_every=1", log=True)
+    batch = t.next_batch()
+    ref = copy.deepcopy(t.model).train()
+    want = sum(0.5 * float(hand_loss(ref, part)[1]) for part in batch.chunks(2))
+    seen = {}
+    t._log_train = lambda aux: seen.update({k: float(v) for k, v in aux.items()})
+    t.train_step(batch)
+    t.close()
+    assert seen == {"layer0/balance": pytest.approx(want, rel=1e-5)}
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_stops_the_run(tmp_path):
+    from routerlab.errors import RunStopped
+
+    plugin = tmp_path / "nan_grad.py"
+    plugin.write_text(
+        "import torch\n"
+        "from routerlab.routers.registry import register_router\n"
+        "from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams\n"
+        "@register_router('nan_grad', SoftmaxTopKParams)\n"
+        "class NanGrad(SoftmaxTopK):\n"
+        "    def forward(self, x, *, token_ids=None):\n"
+        "        out = super().forward(x, token_ids=token_ids)\n"
+        "        w = out.weights + torch.sqrt(out.weights - out.weights) * 0  # 0 forward, NaN gradient\n"
+        "        return type(out)(out.experts, w, out.logits, out.aux)\n")
+    t = trainer(tmp_path, f"plugins=[{plugin}]", "router.name=nan_grad")
+    before = [p.detach().clone() for p in t.model.parameters()]
+    with pytest.raises(RunStopped, match="is not finite"):
+        t.train_step()
+    assert all(torch.equal(p, q) for p, q in zip(t.model.parameters(), before))
+
+
+def test_compatibility_and_the_fixed_evaluation_set(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    lm = ["task.name=chars", f"task.corpus={corpus}", "task.block_size=8", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
+          "model.num_experts=4", "model.expert_hidden=16", "train.batch_size=4", "train.eval_batches=1", "router.name=expert_choice"]
+    with pytest.raises(ConfigError, match="router 'expert_choice' is not causal .* set router.allow_noncausal=true"):
+        Trainer(load_config(None, lm), run_dir=tmp_path / "a", log=False)
+    Trainer(load_config(None, lm + ["router.allow_noncausal=true"]), run_dir=tmp_path / "b", log=False)
+    trainer(tmp_path / "c", "router.name=expert_choice")  # a classifier: nothing leaks
+    one, other = trainer(tmp_path / "d", "seed=1"), trainer(tmp_path / "e", "seed=2")
+    assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(one.eval_set, other.eval_set))  # the same for every run
+
+
+def test_the_schedule_with_a_single_decay_step_and_bf16_pure_steps(tmp_path):
+    f = lr_lambda(load_config(None, ["train.steps=2", "train.warmup_steps=1"]))
+    assert (f(0), f(1), f(2)) == (pytest.approx(1.0), pytest.approx(1.0), pytest.approx(0.1))
+    t = trainer(tmp_path, "train.precision=bf16-pure")
+    assert math.isfinite(t.train_step()) and next(t.model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_reinforce_router_gets_the_token_losses(tmp_path):
+    t = trainer(tmp_path, "router.name=reinforce", "train.log_every=1", log=True)
+    seen = {}
+    t._log_train = lambda aux: seen.update(aux)
+    t.train_step()
+    t.close()
+    assert "layer0/reinforce" in seen and math.isfinite(float(seen["layer0/reinforce"]))
