@@ -184,3 +184,85 @@ def test_importances_say_why_they_are_missing(monkeypatch):
         assert importances(spec, study) == {"loss": {"unavailable": "cannot evaluate importances"}}
     spec, study = study_with([[1.0], [2.0], [1.5]], ["minimize"])
     assert importances(spec, study) == {"loss": {"train.lr": 1.0}}  # one parameter carries all of it
+
+
+def test_shown_metrics_add_the_test_loss_the_se_and_the_train_mode_twins(tmp_path):
+    plan, table = plan_and_table(tmp_path)
+    for row in table:
+        row.update(test_loss=1.0, load_cv_as_trained=0.2, max_vio_as_trained=0.3)
+    stats = report.group_stats(plan, table, ["loss", "loss_se", "test_loss", "load_cv", "load_cv_as_trained", "max_vio_as_trained", "tokens_per_s"])
+    assert report.shown_metrics(plan, stats) == ["loss", "loss_se", "test_loss", "load_cv", "load_cv_as_trained", "tokens_per_s"]
+    names, metrics = report.summary_columns(plan, stats)
+    assert names == ["router"] and metrics == report.shown_metrics(plan, stats)
+    report.write_csv(tmp_path / "r.csv", plan, table)
+    header = (tmp_path / "r.csv").read_text().splitlines()[0].split(",")
+    assert header == ["cell", "router", "seed", "loss", "load_cv", "tokens_per_s", "load_cv_as_trained", "loss_se", "max_vio_as_trained", "test_loss",
+                      "train_tokens", "wall_s", "cpu_s"]
+
+
+def test_the_reproduce_block_names_commit_torch_data_and_cards(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import torch
+
+    plan, _ = plan_and_table(tmp_path)
+    results = {plan.cells[0].id: {"device_name": "H200", "device": "cuda:0", "host": "gpu1"}, plan.cells[1].id: {}}
+    monkeypatch.setenv("ROUTERLAB_COMMIT", "abc123")
+    p = report.provenance(plan, results)
+    assert p["commit"] == "abc123 (copied tree; named by ROUTERLAB_COMMIT)"
+    assert (p["torch"], p["python"]) == (torch.__version__, sys.version.split()[0])
+    assert p["data sha256"] == f"clusters: {plan.cells[0].data_checksum[:16]}" and len(plan.cells[0].data_checksum) == 64
+    assert p["ran on"] == "? (?) on ?; H200 (cuda:0) on gpu1" and p["working directory"] == str(__import__("os").getcwd())
+    monkeypatch.delenv("ROUTERLAB_COMMIT")
+    answers = {"rev-parse": "f" * 40 + "\n", "status": " M x.py\n"}
+
+    def fake_git(cmd, **kwargs):
+        assert kwargs["cwd"] == report.Path(report.__file__).resolve().parent and kwargs["timeout"] == 10
+        return subprocess.CompletedProcess(cmd, 0, answers[cmd[1]], "")
+
+    monkeypatch.setattr(report.subprocess, "run", fake_git)
+    assert report.provenance(plan, {})["commit"] == "f" * 40 + " (with uncommitted changes)"
+    answers["status"] = ""
+    assert report._git_commit() == "f" * 40
+    answers["rev-parse"] = ""
+    assert report._git_commit() == "unknown (not a git checkout)"
+
+    def no_git(cmd, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(report.subprocess, "run", no_git)
+    assert report._git_commit() == "unknown (git not available)"
+    assert report.provenance(plan, {})["ran on"] == "-"
+
+
+def test_the_scale_line(tmp_path):
+    plan, table = plan_and_table(tmp_path)
+    for row in table:
+        row.update(params_active=1000.0 + row["seed"], params_total=5000.0)
+    stats = report.group_stats(plan, table, ["params_active", "params_total"])
+    cfg = plan.cells[0].config
+    same = report.scale_line(plan, stats, {"a": {"train_tokens": 2_000_000}, "b": {"train_tokens": 2_000_000}})
+    assert same == (f"{cfg.train.steps} steps x batch {cfg.train.batch_size}; 2.00M training tokens per run; "
+                    f"parameters active 1,000-1,001 of total 5,000-5,000; "  # group means: c has seed 0 only
+                    f"evaluation: {cfg.train.eval_batches * cfg.train.batch_size} examples (sequences) per run, fixed across runs")
+    spread = report.scale_line(plan, [], {"a": {"train_tokens": 1_000_000}, "b": {"train_tokens": 3_500_000}, "c": {}})
+    assert "; 1.00M-3.50M training tokens per run; evaluation:" in spread and "parameters" not in spread
+
+
+def test_summary_markdown_lists_the_description_skipped_cells_and_tensorboard(tmp_path):
+    plan, table = plan_and_table(tmp_path)
+    plan.spec.description = "Why this grid.\n"
+    plan.skipped.append(({"router": "x", "seed": "0"}, "needs token ids"))
+    stats = report.group_stats(plan, table, ["loss"])
+    text = report.summary_markdown(plan, stats, {}, "cmd", None)
+    lines = text.splitlines()
+    assert lines[:3] == ["# Ablation `s`", "", "Why this grid."]
+    assert "- x / 0: needs token ids" in lines and "Failed" not in text
+    assert f"`tensorboard --logdir {plan.cells[0].config.run.dir}`." in text
+    assert f"- ablation config hash: `{plan.spec.config_hash()}`" in lines
+    assert "| router | n | loss |" in lines and "|---|--:|--:|" in lines
+    assert "| row | pairs | loss |" in lines and "|---|--:|--:|" in lines
+    complete = [r for r in table if r["router"] != "c"]
+    done = report.summary_markdown(plan, report.group_stats(plan, complete, ["loss"]), {}, "cmd")
+    assert "Incomplete: 3 of 9" in done
