@@ -266,3 +266,89 @@ def test_summary_markdown_lists_the_description_skipped_cells_and_tensorboard(tm
     complete = [r for r in table if r["router"] != "c"]
     done = report.summary_markdown(plan, report.group_stats(plan, complete, ["loss"]), {}, "cmd")
     assert "Incomplete: 3 of 9" in done
+
+
+def test_summary_markdown_layout_line_by_line(tmp_path):
+    plan, table = plan_and_table(tmp_path)
+    stats = report.group_stats(plan, table, ["loss", "loss_se", "load_cv", "tokens_per_s"])
+    lines = report.summary_markdown(plan, stats, {"x": "boom"}, "cmd").splitlines()
+    assert lines[:2] == ["# Ablation `s`", ""]
+    assert "| router | n | loss | eval SE | load CV | tokens/s |" in lines and "|---|--:|--:|--:|--:|--:|" in lines
+    assert "| c | 1 | 3.0000 | 0.0100 | 0.000 | 1,000 |" in lines  # one seed: no interval
+    assert "| row | pairs | loss | load CV |" in lines and "|---|--:|--:|--:|" in lines  # no counts, no SE compared
+    assert "| c | 1 | +2.0000 (1 pair) | +0.000 (1 pair) |" in lines
+    i = lines.index("Failed (recorded with the reason; rerun the command to retry):")
+    assert lines[i - 1:i + 3] == ["", "Failed (recorded with the reason; rerun the command to retry):", "", "- x: boom"]
+    j = lines.index("**Incomplete: 2 of 9 runs have no result yet.**")
+    assert lines[j - 1] == "" and lines[j + 1] == ""
+    assert lines[j + 2] == f"Plots: `quality_vs_balance.png`, `loads.png`, `curves.png`. Per-run TensorBoard: `tensorboard --logdir {plan.cells[0].config.run.dir}`."
+    assert lines[j + 3:j + 7] == ["", "Reproduce:", "", "- command: `cmd`"]
+    assert lines[-1].startswith("- ablation config hash:")
+    report.write_summary_csv(tmp_path / "s.csv", plan, stats)
+    assert (tmp_path / "s.csv").read_text().splitlines()[0] == "row,metric,n,mean,std,ci95_low,ci95_high,diff_vs_baseline,diff_ci95_low,diff_ci95_high,pairs"
+    plan.spec.baseline = None
+    report.write_summary_csv(tmp_path / "n.csv", plan, stats)
+    assert all(r["diff_vs_baseline"] == "" for r in csv.DictReader(io.StringIO((tmp_path / "n.csv").read_text())))
+    assert "Paired difference" not in report.summary_markdown(plan, stats, {}, "cmd")
+
+
+def test_pairs_skip_non_finite_values_and_headers_fall_back_to_the_name(tmp_path):
+    plan, table = plan_and_table(tmp_path)
+    next(r for r in table if r["router"] == "b" and r["seed"] == 1)["loss"] = float("nan")
+    stats = report.group_stats(plan, table, ["loss", "nothing"])
+    diffs = {d["row"]: d for d in report.paired_differences(stats, "a", ["loss", "nothing"])}
+    assert diffs["b"]["loss"].n == 2 and diffs["b"]["loss"].mean == pytest.approx(0.75)  # seeds 0 and 2
+    assert "nothing" not in diffs["b"]
+    assert report.paired_differences(stats, "a", ["nothing"])[0]["n"] == 0
+    assert report.header("odd_as_trained") == "odd_as_trained (train mode)"
+    two = report.summarize([1.0, 3.0])
+    assert report.fmt_value("load_cv", two) == f"2.000 ± {two.half:.3f} (sd {two.std:.3f})"
+    assert report.fmt_diff("load_cv", two) == f"+2.000 [{two.low:+.3f}, {two.high:+.3f}]"
+
+
+def record_axes(monkeypatch):
+    from matplotlib.axes import Axes
+
+    calls = []
+    for name in ("scatter", "step", "axhline", "set_xlabel", "set_ylabel"):
+        original = getattr(Axes, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, args, kwargs))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Axes, name, spy)
+    return calls
+
+
+def test_history_plot_draws_the_best_so_far_and_the_baseline(tmp_path, monkeypatch):
+    from studies.report import history_png
+
+    calls = record_axes(monkeypatch)
+    spec, study = study_with([[0.9], [0.95], [0.4], None, [0.6]], ["minimize"])
+    history_png(spec, study, tmp_path / "h.png")
+    (step,) = [c for c in calls if c[0] == "step"]
+    assert list(step[1][0]) == [0, 1, 2, 4] and list(step[1][1]) == [0.9, 0.9, 0.4, 0.4]
+    assert [c[1][0] for c in calls if c[0] == "axhline"] == [0.9]  # trial 0 is the baseline
+    assert ("set_ylabel", ("loss",), {}) in calls and ("set_xlabel", ("trial",), {}) in calls
+    calls.clear()
+    spec, study = study_with([[0.9], [0.95], [0.4]], ["maximize"], fixed_first=False)
+    history_png(spec, study, tmp_path / "m.png")
+    (step,) = [c for c in calls if c[0] == "step"]
+    assert list(step[1][1]) == [0.9, 0.95, 0.95] and not [c for c in calls if c[0] == "axhline"]
+
+
+def test_pareto_plot_colours_the_front_and_greys_the_rest(tmp_path, monkeypatch):
+    from studies.report import pareto_png
+
+    calls = record_axes(monkeypatch)
+    points = [[3.0, 0.2], [1.0, 0.5], [2.0, 0.3], [1.5, 0.6]]  # [1.5, 0.6] is dominated
+    spec, study = study_with(points, ["minimize", "minimize"])
+    pareto_png(spec, study, tmp_path / "p.png")
+    scatters = [c for c in calls if c[0] == "scatter"]
+    grey = [c for c in scatters if c[2].get("label") == "dominated"]
+    front = [c for c in scatters if str(c[2].get("label", "")).startswith("front: ")]
+    assert [(list(c[1][0]), list(c[1][1])) for c in grey] == [([1.5], [0.6])] and grey[0][2]["c"] == "lightgrey"
+    assert len(front) == 1 and front[0][2]["label"] == "front: softmax_topk"
+    assert sorted(zip(front[0][1][0], front[0][1][1])) == [(1.0, 0.5), (2.0, 0.3), (3.0, 0.2)]
+    assert ("set_xlabel", ("loss (minimize)",), {}) in calls and ("set_ylabel", ("load_cv (minimize)",), {}) in calls
