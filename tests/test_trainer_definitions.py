@@ -303,18 +303,19 @@ def test_micro_batch_aux_losses_are_weighted_by_their_tokens(tmp_path):
 def test_a_finite_loss_with_a_non_finite_gradient_stops_the_run(tmp_path):
     from routerlab.errors import RunStopped
 
-    plugin = tmp_path / "nan_grad.py"
+    name = f"nan_grad_{tmp_path.name}"  # unique: a process may run this test twice (mutation testing)
+    plugin = tmp_path / f"{name}.py"
     plugin.write_text(
         "import torch\n"
         "from routerlab.routers.registry import register_router\n"
         "from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams\n"
-        "@register_router('nan_grad', SoftmaxTopKParams)\n"
+        f"@register_router('{name}', SoftmaxTopKParams)\n"
         "class NanGrad(SoftmaxTopK):\n"
         "    def forward(self, x, *, token_ids=None):\n"
         "        out = super().forward(x, token_ids=token_ids)\n"
         "        w = out.weights + torch.sqrt(out.weights - out.weights) * 0  # 0 forward, NaN gradient\n"
         "        return type(out)(out.experts, w, out.logits, out.aux)\n")
-    t = trainer(tmp_path, f"plugins=[{plugin}]", "router.name=nan_grad")
+    t = trainer(tmp_path, f"plugins=[{plugin}]", f"router.name={name}")
     before = [p.detach().clone() for p in t.model.parameters()]
     with pytest.raises(RunStopped, match="is not finite"):
         t.train_step()
