@@ -352,3 +352,39 @@ def test_pareto_plot_colours_the_front_and_greys_the_rest(tmp_path, monkeypatch)
     assert len(front) == 1 and front[0][2]["label"] == "front: softmax_topk"
     assert sorted(zip(front[0][1][0], front[0][1][1])) == [(1.0, 0.5), (2.0, 0.3), (3.0, 0.2)]
     assert ("set_xlabel", ("loss (minimize)",), {}) in calls and ("set_ylabel", ("load_cv (minimize)",), {}) in calls
+
+
+def test_the_report_folder_holds_exactly_the_named_files(tmp_path):
+    import json as jsonlib
+
+    from studies.report import importances, write_report
+
+    spec, study = study_with([[3.0, 0.2], [1.0, 0.5], [2.0, 0.3]], ["minimize", "minimize"])
+    out = tmp_path / "deep" / "report"  # parents created
+    write_report(spec, study, out)
+    assert sorted(p.name for p in out.iterdir()) == ["baseline_config.yaml", "best_config.yaml", "history.png", "importances.json",
+                                                     "pareto.csv", "pareto.png", "trials.csv"]
+    text = (out / "importances.json").read_text()
+    assert jsonlib.loads(text) == importances(spec, study) and text.endswith("}\n") and '\n  "' in text  # indent 2
+    write_report(spec, study, out)  # a second report over the first
+    spec.baseline = False
+    again = tmp_path / "plain"
+    write_report(spec, study, again)
+    assert not (again / "baseline_config.yaml").exists()
+    spec.baseline = True
+    _, failed_first = study_with([None, [1.0, 0.5], [2.0, 0.3]], ["minimize", "minimize"])
+    write_report(spec, failed_first, tmp_path / "f")
+    assert not (tmp_path / "f" / "baseline_config.yaml").exists()  # trial 0 did not complete
+
+
+def test_trials_csv_leaves_missing_params_and_metrics_empty():
+    import optuna
+
+    from studies.report import trials_csv
+
+    spec, study = study_with([[1.0]], ["minimize"])
+    dist = {"model.num_experts": optuna.distributions.IntDistribution(2, 8)}
+    study.add_trial(optuna.trial.create_trial(params={"model.num_experts": 4}, distributions=dist, values=[2.0], user_attrs={}))
+    rows = list(csv.DictReader(io.StringIO(trials_csv(spec, study.get_trials(), ("loss", "load_cv")))))
+    assert rows[0]["model.num_experts"] == "" and rows[1]["train.lr"] == "" and rows[1]["loss"] == "" and rows[0]["load_cv"] == ""
+    assert rows[0]["retry_of"] == "" and rows[1]["model.num_experts"] == "4"
