@@ -32,6 +32,7 @@ class Hash(Router):
     """
 
     needs_token_ids = True
+    cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
 
     def __init__(self, d_model: int, num_experts: int, params: HashParams) -> None:
         super().__init__(d_model, num_experts, params)

@@ -11,6 +11,8 @@ normalized), and the group limit, null experts and route_scale apply; the two lo
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,11 @@ def cv_squared(v: Tensor) -> Tensor:
     return v.var(correction=0) / (v.mean().square() + 1e-10)
 
 
+def normal_cdf(z: Tensor) -> Tensor:
+    """Phi(z), as torch.distributions.Normal(0, 1).cdf computes it, without its argument check (a host sync on CUDA)."""
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
 def load_probability(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int) -> Tensor:
     """P(x)_i: probability that expert i stays in the top k when only its own noise is redrawn."""
     num_experts = clean.shape[-1]
@@ -47,9 +54,8 @@ def load_probability(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int) ->
     threshold_if_in = top[:, k : k + 1]  # i is in the top k: it must beat the (k+1)-th value
     threshold_if_out = top[:, k - 1 : k]  # i is out: it must beat the k-th value
     is_in = noisy > threshold_if_in
-    normal = torch.distributions.Normal(0.0, 1.0)
-    prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
-    prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+    prob_if_in = normal_cdf((clean - threshold_if_in) / noise_std)
+    prob_if_out = normal_cdf((clean - threshold_if_out) / noise_std)
     return torch.where(is_in, prob_if_in, prob_if_out)
 
 

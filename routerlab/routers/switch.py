@@ -24,6 +24,7 @@ class Switch(GatedRouter):
     """Top-1 expert, weight = its softmax probability, Switch balance loss."""
 
     finishes_weights = True  # route_topk normalizes and scales
+    cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         out = self.route_topk(x, 1, renormalize=True)  # renormalizing one weight happens only with normalize_k1
