@@ -4,7 +4,6 @@ import os
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -318,6 +317,22 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def still_alive(pids, seconds: float) -> list[int]:
+    """The pids still running after waiting up to `seconds` for all of them to end."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """kill -9 the process group a test started (start_new_session=True), whatever is left of it."""
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_9_of_ablate_leaves_no_worker_behind(tmp_path):
     cmd = [sys.executable, "-m", "routerlab", "ablate", str(ablation_file(tmp_path, steps=400)), "--out", str(tmp_path / "out"), "--workers", "2"]
@@ -332,16 +347,10 @@ def test_kill_9_of_ablate_leaves_no_worker_behind(tmp_path):
         assert len(workers) >= 2, "the workers never started"
         proc.kill()  # the parent only: its workers must follow by themselves
         proc.wait()
-        deadline = time.time() + 15
-        while time.time() < deadline and any(alive(p) for p in workers):
-            time.sleep(0.2)
-        assert not [p for p in workers if alive(p)], "orphaned ablate workers"
+        assert not still_alive(workers, 15), "orphaned ablate workers"
         assert not list((tmp_path / "out").glob("cells/*.json"))  # only the work in flight was lost
     finally:
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
+        kill_group(proc)
 
 
 def test_piped_output_keeps_a_long_checkpoint_path_on_one_line(tmp_path):
@@ -536,15 +545,9 @@ def test_study_workers_die_with_a_killed_parent(tmp_path):
         assert alive(child)
         parent.kill()
         parent.wait()
-        deadline = time.time() + 10
-        while time.time() < deadline and alive(child):
-            time.sleep(0.1)
-        assert not alive(child)
+        assert not still_alive([child], 10)
     finally:
-        try:
-            os.killpg(parent.pid, 9)
-        except ProcessLookupError:
-            pass
+        kill_group(parent)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -569,15 +572,9 @@ def test_kill_9_of_a_real_study_with_workers_leaves_no_worker_behind(tmp_path):
         assert len(workers) == 2, "the study never started its workers"
         proc.kill()
         proc.wait()
-        deadline = time.time() + 15
-        while time.time() < deadline and any(alive(w) for w in workers):
-            time.sleep(0.1)
-        assert not any(alive(w) for w in workers), "a study worker outlived its killed parent"
+        assert not still_alive(workers, 15), "a study worker outlived its killed parent"
     finally:
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
+        kill_group(proc)
 
 
 def test_kill_9_of_routerlab_train_then_resume_is_bit_exact(tmp_path):

@@ -29,6 +29,15 @@ def gate_logits(router, x):
     return x.float() @ router.gate.weight.detach().float().t()  # the linear gate, no bias, fp32
 
 
+def assert_softmax_top2(out, logits, **tolerance):
+    """The routing is softmax top-2 of `logits`, weights renormalized over the two; returns the softmax."""
+    probs = torch.softmax(logits, 1)
+    top, idx = probs.topk(2, 1)
+    assert torch.equal(out.experts, idx)
+    torch.testing.assert_close(out.weights, top / top.sum(1, keepdim=True), **tolerance)
+    return probs
+
+
 def rows(experts, weights):
     """{expert: weight} per token, unused slots (-1) left out."""
     return [{int(e): float(w) for e, w in zip(er, wr) if e >= 0} for er, wr in zip(experts.tolist(), weights.tolist())]
@@ -359,10 +368,7 @@ def test_graph_router_scores_against_message_passed_expert_states(adjacency):
     for M in r.mix:
         H = H + torch.tanh(A @ H @ M.detach())
     scores = (x @ r.gate.weight.detach().t()) @ H.t() / math.sqrt(dim)
-    probs = torch.softmax(scores, 1)
-    top, idx = probs.topk(2, 1)
-    assert torch.equal(out.experts, idx)
-    torch.testing.assert_close(out.weights, top / top.sum(1, keepdim=True), rtol=1e-5, atol=1e-6)
+    assert_softmax_top2(out, scores, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.8])
@@ -444,10 +450,7 @@ def test_adversarial_selects_like_softmax_topk_and_charges_prices_on_violation()
     r.prices.copy_(torch.tensor([0.01, 0.0, 0.02, 0.005]))
     x = tokens(T)
     out = r.train()(x)
-    probs = torch.softmax(gate_logits(r, x), 1)
-    top, idx = probs.topk(2, 1)
-    assert torch.equal(out.experts, idx)
-    torch.testing.assert_close(out.weights, top / top.sum(1, keepdim=True))
+    probs = assert_softmax_top2(out, gate_logits(r, x))
     violation = E * probs.mean(0) - 1
     assert float(out.aux["adversary"]) == pytest.approx(float((r.prices * violation).sum()), rel=1e-5)
 
@@ -467,13 +470,10 @@ def test_adversarial_critic_selects_softmax_topk_and_feeds_the_critic_sorted_usa
     r = make("adversarial_critic", E, k=2, group_size=n)
     x = tokens(T)
     out = r.train()(x)
-    probs = torch.softmax(gate_logits(r, x), 1)
-    top, idx = probs.topk(2, 1)
-    assert torch.equal(out.experts, idx)
-    torch.testing.assert_close(out.weights, top / top.sum(1, keepdim=True))
+    assert_softmax_top2(out, gate_logits(r, x))
     usage = []
     for g in range(T // n):
-        counts = torch.bincount(idx[g * n:(g + 1) * n].reshape(-1), minlength=E).double()
+        counts = torch.bincount(out.experts[g * n:(g + 1) * n].reshape(-1), minlength=E).double()
         usage.append(sorted((E * counts / (n * 2)).tolist(), reverse=True))
     torch.testing.assert_close(r._usage.double(), torch.tensor(usage, dtype=torch.float64))
 
