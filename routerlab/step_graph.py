@@ -53,6 +53,19 @@ def is_sync_warning(w: warnings.WarningMessage) -> bool:
     return "synchronizing CUDA operation" in str(w.message)
 
 
+def catching_syncs(fn):
+    """fn() under CUDA's sync debug mode: (its result, the host-sync warnings, every other warning it raised)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if is_sync_warning(w)]
+    return out, syncs, [w for w in caught if not is_sync_warning(w)]
+
+
 def _fields(batch: Batch) -> tuple:
     return batch.inputs, batch.targets, batch.token_ids
 
@@ -87,17 +100,9 @@ class StepGraph:
 
     def _checked(self, batch: Batch):
         """An eager step under CUDA's sync debug mode; a host sync in it rules the graph out."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                out = self.trainer.forward_backward(batch, 1.0)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in caught if is_sync_warning(w)]
-        for w in caught:
-            if w not in syncs:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        out, syncs, others = catching_syncs(lambda: self.trainer.forward_backward(batch, 1.0))
+        for w in others:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if syncs:
             self._give_up(f"a host sync in forward or backward ({str(syncs[0].message).splitlines()[0][:160]}, {syncs[0].filename}:{syncs[0].lineno})")
         return out

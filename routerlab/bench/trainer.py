@@ -146,13 +146,12 @@ def kernel_part(name: str) -> str:
 def kernel_profile(trainer, steps: int = 3, top: int = 40) -> dict:
     """torch.profiler over `steps` train steps: wall, GPU kernel time (sum and union), idle, kernel launches, the
     `top` kernels by time (ms per step) and the host syncs of one more step (CUDA sync debug mode, by source line)."""
-    import warnings
     from collections import Counter
 
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from routerlab.step_graph import is_sync_warning
+    from routerlab.step_graph import catching_syncs
 
     _sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -178,18 +177,8 @@ def kernel_profile(trainer, steps: int = 3, top: int = 40) -> dict:
            "parts ms/step": {n: t / 1e3 / steps for n, t in by_part.most_common()},
            "top kernels ms/step": {n: t / 1e3 / steps for n, t in by_name.most_common(top)}}
     out["idle ms/step (wall - union)"] = wall - out["kernel ms/step (union)"]
-    syncs = Counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            trainer.train_step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    for w in caught:
-        if is_sync_warning(w):
-            syncs[f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"] += 1
-    out["host syncs in one step (where)"] = dict(syncs)
+    _, syncs, _ = catching_syncs(trainer.train_step)
+    out["host syncs in one step (where)"] = dict(Counter(f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in syncs))
     return out
 
 
