@@ -2,6 +2,8 @@
 
     python benchmarks/mutation.py moe            # or routers, trainer, reports; several names run one after another
     python benchmarks/mutation.py moe --keep DIR # reuse DIR (a rerun continues, survivors named on the command line rerun)
+    python benchmarks/mutation.py routers --only routerlab/routers/oracle.py --tests tests/test_router_definitions.py
+                                                 # one file of a pass, with a narrower test selection (faster)
 
 Each pass copies this checkout into its own folder (mutmut writes `mutants/` there), sets `[tool.mutmut]` to the
 pass's modules and its fast, targeted tests, runs `mutmut run --max-children 1` under `nice -n 10` and prints
@@ -87,7 +89,7 @@ def scores(folder: Path) -> dict[str, Counter]:
     return per
 
 
-def run_pass(name: str, keep: Path | None, names: list[str]) -> dict[str, Counter]:
+def run_pass(name: str, keep: Path | None, names: list[str], only: list[str], tests: list[str]) -> dict[str, Counter]:
     folder = keep or Path(tempfile.mkdtemp(prefix=f"mutation-{name}-"))
     folder.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns(".git", "mutants", "runs", "results", "__pycache__", ".venv")
@@ -96,7 +98,8 @@ def run_pass(name: str, keep: Path | None, names: list[str]) -> dict[str, Counte
         shutil.copytree(ROOT / "tests", folder / "mutants" / "tests", dirs_exist_ok=True)
     pyproject = folder / "pyproject.toml"
     text = re.sub(r"\[tool\.mutmut\]\n(?:[^\[].*\n|\n)*", "", pyproject.read_text())
-    pyproject.write_text(text.rstrip() + "\n\n" + mutmut_block(PASSES[name]))
+    spec = {"only_mutate": only or PASSES[name]["only_mutate"], "tests": tests or PASSES[name]["tests"]}
+    pyproject.write_text(text.rstrip() + "\n\n" + mutmut_block(spec))
     subprocess.run(["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", "1", *names], cwd=folder,
                    env={**os.environ, "PYTHONPATH": str(folder)}, check=False)
     return scores(folder)
@@ -107,9 +110,11 @@ def main() -> None:
     parser.add_argument("passes", nargs="+", choices=sorted(PASSES))
     parser.add_argument("--keep", type=Path, help="folder of the pass (one pass): reuse it")
     parser.add_argument("--mutants", nargs="*", default=[], help="mutant names to rerun")
+    parser.add_argument("--only", nargs="+", default=[], help="files to mutate instead of the pass's (one pass)")
+    parser.add_argument("--tests", nargs="+", default=[], help="pytest arguments selecting the tests instead of the pass's")
     args = parser.parse_args()
     for name in args.passes:
-        per = run_pass(name, args.keep, args.mutants)
+        per = run_pass(name, args.keep, args.mutants, args.only, args.tests)
         print(f"pass {name}:")
         for module, counts in sorted(per.items()):
             tested = sum(v for k, v in counts.items() if k not in NOT_COUNTED)
