@@ -37,11 +37,16 @@ GRIDS = {
     "specialization": (7, 5_000_000),
     "zloss_25m": (9, 5_000_000),
     "specialization_25m": (11, 5_000_000),
+    "collapse_25m": (3, 20_000_000),  # graphed runs: a few at once only fill each other's host gaps
+    "hash_vs_learned_25m": (3, 20_000_000),
 }
 # model -> training tokens/s over a grid's wall time, lowest measured on one H200 (2026-12-02): the 2M-active
 # model, 6-9 runs at once (benchmarks/h200/2026-12-02-gpu-findings/plan.json: 1.18M-1.78M); the 25M preset
-# E=8 top-2, alone (benchmarks/h200/gpu_presets_2026-12-02.txt: 263k; several at once can only add)
-RATES = {"d256x4": 1.18e6, "d512x8": 2.6e5}
+# E=8 top-2, alone (benchmarks/h200/gpu_presets_2026-12-02.txt: 263k; several at once can only add); the same preset
+# with train.cuda_graph, alone: 830k (softmax_topk), 994k (switch), 1,035k (hash) (docs/results.md, issue 16), rounded
+# down for routers not measured yet. "-graph": train.cuda_graph not turned off (it graphs the graph-safe routers only);
+# the 2M model's rates were measured eager, a floor for its graphed runs
+RATES = {"d256x4": 1.18e6, "d256x4-graph": 1.18e6, "d512x8": 2.6e5, "d512x8-graph": 8.0e5}
 START_S = 25.0  # worker start-up before the first step, on top of tokens / rate
 
 
@@ -78,8 +83,8 @@ def grid_tokens(out: Path) -> int:
 
 
 def model_key(spec: dict) -> str:
-    model = spec["base"]["model"]
-    return f"d{model['d_model']}x{model['n_layers']}"
+    model, graphed = spec["base"]["model"], spec["base"]["train"].get("cuda_graph", True)
+    return f"d{model['d_model']}x{model['n_layers']}" + ("-graph" if graphed else "")
 
 
 def grid_size(spec: dict) -> tuple[int, int]:

@@ -518,3 +518,53 @@ def test_sinkhorn_evaluates_as_plain_top1_with_its_probability():
     torch.testing.assert_close(out.weights[:, 0], probs.max(1).values)
     train = r.train()(x).experts[:, 0]
     assert sorted(torch.bincount(train, minlength=E).tolist()) == [7, 7, 8, 8]  # 30 = 4 * 7 + 2
+
+
+def reference_greedy_balanced(scores, E):
+    """Proposal rounds in plain Python: each unplaced token proposes to its best expert with room (lowest id on
+    ties); each expert keeps its best proposers (earliest token on ties) up to its room; loads q, then +1 for r."""
+    T = len(scores)
+    q, r = divmod(T, E)
+    assign = [-1] * T
+    for room in ([q] * E, [1] * E if r else [0] * E):
+        while any(a < 0 for a in assign) and sum(room):
+            proposals = {}
+            for t in (t for t in range(T) if assign[t] < 0):
+                best = max((e for e in range(E) if room[e] > 0), key=lambda e: (scores[t][e], -e))
+                proposals.setdefault(best, []).append(t)
+            for e, proposers in proposals.items():
+                kept = sorted(proposers, key=lambda t: (-scores[t][e], t))[: room[e]]
+                for t in kept:
+                    assign[t] = e
+                room[e] -= len(kept)
+    return assign
+
+
+@pytest.mark.parametrize("stop_early", [True, False])  # False: the masked all-rounds form CUDA runs (no host reads)
+def test_greedy_balanced_is_the_proposal_rounds_algorithm(stop_early, monkeypatch):
+    from routerlab.routers import assignment
+
+    fill = assignment._fill
+    monkeypatch.setattr(assignment, "_fill", lambda s, room, a, _: fill(s, room, a, stop_early))
+    g = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        T, E = int(torch.randint(0, 40, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+        scores = torch.randint(0, 3, (T, E), generator=g).float() if trial % 2 else torch.randn(T, E, generator=g)
+        got = assignment.greedy_balanced(scores)
+        assert got.tolist() == reference_greedy_balanced(scores.tolist(), E), (T, E)
+        if T:
+            loads = torch.bincount(got, minlength=E)
+            assert int(loads.max() - loads.min()) <= 1 and int(loads.sum()) == T
+
+
+def test_hash_balanced_reads_fitted_on_the_host_only_until_it_is_known():
+    E, size = 2, 8
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3])
+    fitted = make("hash_balanced", E, table_size=size).train()
+    fitted(tokens(len(ids)), token_ids=ids)
+    assert fitted.known_fitted  # later steps (a captured CUDA graph among them) read no device flag
+    fresh = make("hash_balanced", E, table_size=size).train()
+    fresh.load_state_dict(fitted.state_dict())
+    assert not fresh.known_fitted  # the loaded buffer decides: fitted, so the loaded table is kept, not refit
+    fresh(tokens(4), token_ids=torch.tensor([5, 5, 5, 5]))
+    assert fresh.known_fitted and torch.equal(fresh.table, fitted.table)

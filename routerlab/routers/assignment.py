@@ -42,27 +42,31 @@ def rank_within(groups: Tensor, values: Tensor, num_groups: int) -> Tensor:
     order = torch.argsort(values, descending=True, stable=True)
     order = order[torch.argsort(groups[order], stable=True)]
     g = groups[order]
-    counts = torch.bincount(g, minlength=num_groups)
+    counts = torch.zeros(num_groups, dtype=torch.long, device=g.device).scatter_add_(0, g, torch.ones_like(g))  # bincount reads its max on the host
     starts = counts.cumsum(0) - counts
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=order.device) - starts[g]
     return rank
 
 
-def _fill(scores: Tensor, room: Tensor, assign: Tensor) -> Tensor:
-    """Assign tokens with assign == -1 greedily (proposal rounds) into the remaining room; in place."""
+def _fill(scores: Tensor, room: Tensor, assign: Tensor, stop_early: bool) -> Tensor:
+    """Assign tokens with assign == -1 greedily (proposal rounds) into the remaining room; in place.
+
+    E + 1 rounds always suffice: a round either places every proposer or fills an expert. Without stop_early all of
+    them run, masked, and no value is read on the host (CUDA: train.cuda_graph can capture it).
+    """
     num_experts = scores.shape[1]
-    room = room.clone()
-    while True:
-        pending = (assign < 0).nonzero().squeeze(1)
-        if pending.numel() == 0 or int(room.sum()) == 0:
-            return assign
-        s = scores[pending].masked_fill((room <= 0)[None, :], float("-inf"))
-        value, choice = s.max(1)
-        rank = rank_within(choice, value, num_experts)
-        accept = rank < room[choice]
-        assign[pending[accept]] = choice[accept]
-        room -= torch.bincount(choice[accept], minlength=num_experts)
+    room = torch.cat([room, room.new_zeros(1)])  # a last group, with no room, for the tokens already placed
+    for _ in range(num_experts + 1):
+        pending = assign < 0
+        if stop_early and not (pending.any() and room.any()):
+            break
+        value, choice = scores.masked_fill((room[:num_experts] <= 0)[None, :], float("-inf")).max(1)
+        choice = torch.where(pending, choice, num_experts)
+        accept = rank_within(choice, value, num_experts + 1) < room[choice]
+        assign.copy_(torch.where(accept, choice, assign))
+        room -= torch.zeros_like(room).scatter_add_(0, choice, accept.long())
+    return assign
 
 
 def balanced_capacities(num_tokens: int, num_experts: int) -> tuple[int, int]:
@@ -75,9 +79,10 @@ def greedy_balanced(scores: Tensor) -> Tensor:
     q, r = balanced_capacities(num_tokens, num_experts)
     scores = scores.detach().float()
     assign = torch.full((num_tokens,), -1, dtype=torch.long, device=scores.device)
-    _fill(scores, torch.full((num_experts,), q, device=scores.device, dtype=torch.long), assign)
+    stop_early = not scores.is_cuda  # the same assignment either way
+    _fill(scores, torch.full((num_experts,), q, device=scores.device, dtype=torch.long), assign, stop_early)
     if r:
-        _fill(scores, torch.ones(num_experts, device=scores.device, dtype=torch.long), assign)
+        _fill(scores, torch.ones(num_experts, device=scores.device, dtype=torch.long), assign, stop_early)
     return assign
 
 

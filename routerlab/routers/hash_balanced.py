@@ -40,9 +40,18 @@ def greedy_table(counts: Tensor, fallback: Tensor, num_experts: int) -> Tensor:
 class HashBalanced(Hash):
     """Token-id table balanced greedily by token frequency (fit on the first training batch or by fit())."""
 
+    # its one piece of Python state, whether `fitted` is known to be set, settles in the first training step: long
+    # before train.cuda_graph captures one (and a graphed step reads nothing on the host)
+    cuda_graph_safe = True
+
     def __init__(self, d_model: int, num_experts: int, params: HashParams) -> None:
         super().__init__(d_model, num_experts, params)
         self.register_buffer("fitted", torch.tensor(False))
+        self.known_fitted = False  # a host copy of `fitted` once it is True: reading the buffer syncs with the GPU
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.known_fitted = False  # the loaded buffer decides again
 
     @torch.no_grad()
     def fit(self, counts: Tensor) -> None:
@@ -54,9 +63,13 @@ class HashBalanced(Hash):
         fallback = random_table(self.num_experts, size, self.params.seed)
         self.table.copy_(greedy_table(full, fallback, self.num_experts).to(self.table.device))
         self.fitted.fill_(True)
+        self.known_fitted = True
 
     def keys(self, x: Tensor, token_ids: Tensor | None) -> Tensor:
         ids = token_ids % self.table.numel()
-        if self.training and not bool(self.fitted):
-            self.fit(torch.bincount(ids.cpu(), minlength=self.table.numel()))
+        if self.training and not self.known_fitted:
+            if bool(self.fitted):
+                self.known_fitted = True
+            else:
+                self.fit(torch.bincount(ids.cpu(), minlength=self.table.numel()))
         return ids

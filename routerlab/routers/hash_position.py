@@ -29,6 +29,7 @@ class HashPosition(Hash):
     """Fixed random table over sequence positions; weight 1."""
 
     needs_token_ids = False
+    cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
 
     def keys(self, x: Tensor, token_ids: Tensor | None) -> Tensor:
         pos = torch.arange(x.shape[0], device=x.device)

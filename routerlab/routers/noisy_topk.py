@@ -71,6 +71,7 @@ class NoisyTopK(GatedRouter):
         nn.init.zeros_(self.noise.weight)
 
     finishes_weights = True  # route_topk normalizes and scales
+    cuda_graph_safe = True  # no Python state across steps, no host reads (the load's normal CDF is erf, not torch.distributions)
     refuses = {"normalize_k1": "its weights, a softmax over the kept logits, are normalized at every k, k=1 included"}
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:

@@ -34,6 +34,7 @@ class Sinkhorn(GatedRouter):
     """Sinkhorn-balanced top-1 in training (loads equal within 1), plain top-1 at evaluation."""
 
     refuses = BALANCED_ASSIGNMENT_REFUSES
+    cuda_graph_safe = True  # no Python state across steps; on CUDA the balanced assignment reads nothing on the host
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         logits = self.gate_logits(x)
