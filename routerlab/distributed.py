@@ -73,8 +73,10 @@ class SingleProcess:
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
-    def reduce_step(self, layers, loss: Tensor) -> float:
-        return loss.item()
+    def reduce_step(self, layers, loss: Tensor, bad: Tensor) -> tuple[float, bool]:
+        """(the step's loss, whether it was finite): the step's one host read, of both at once."""
+        value, flag = torch.stack([loss.detach().float(), bad.float()]).tolist()
+        return value, not flag
 
     def sync_buffers(self, model: nn.Module) -> None:
         pass
@@ -210,8 +212,9 @@ class ExpertParallel(SingleProcess):
         return total
 
     # ---- routing statistics and router state ------------------------------------------------------
-    def reduce_step(self, layers, loss: Tensor) -> float:
-        """Replace every layer's stats by their sum over all ranks; return the global mean loss."""
+    def reduce_step(self, layers, loss: Tensor, bad: Tensor) -> tuple[float, bool]:
+        """Replace every layer's stats by their sum over all ranks; return the global mean loss and whether this
+        rank's step was finite (`bad`: this rank's flag), read together."""
         sums, maxes, layout = [loss.detach().float().reshape(1)], [], []
         for layer in layers:
             entry = []
@@ -236,7 +239,8 @@ class ExpertParallel(SingleProcess):
                 values[name] = src[offsets[kind] : offsets[kind] + n].view(shape)
                 offsets[kind] += n
             layer.stats = RoutingStats(**values)
-        return float(flat_sum[0]) / self.world_size
+        total, flag = torch.stack([flat_sum[0], bad.float()]).tolist()
+        return total / self.world_size, not flag
 
     def sync_buffers(self, model: nn.Module) -> None:
         """Average floating-point buffers (router EMAs, biases) over all ranks; integer tables are fixed."""

@@ -24,7 +24,8 @@ from routerlab.distributed import setup_parallel
 from routerlab.errors import ConfigError, RunStopped
 from routerlab.models import build_model
 from routerlab.outputs import check_writable, lock_output_dir
-from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization
+from routerlab.prefetch import BatchPrefetch
+from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization, stats_on_host
 from routerlab.routers.base import Router
 from routerlab.step_graph import StepGraph, why_not
 from routerlab.tasks import Batch, Task, build_task
@@ -148,6 +149,7 @@ class Trainer:
         self.step_graph = StepGraph(self) if self.cuda_graph_off is None else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.data_rng = torch.Generator().manual_seed(config.seed + 1)
+        self.prefetch = BatchPrefetch(self.device, self.dtype)  # the next step's batch, drawn before this step's host read
         eval_rng = torch.Generator().manual_seed(EVAL_SEED)
         # drawn as global batches and split like training batches: micro_batches never changes what is evaluated
         self.eval_set = [part for _ in range(t.eval_batches) for part in self.task.batch("val", t.batch_size * t.micro_batches, eval_rng).chunks(t.micro_batches)]
@@ -249,7 +251,10 @@ class Trainer:
         split, so N micro-batches of B see exactly the data of one batch of N*B)."""
         self.model.train()
         t = self.config.train
-        batch = batch or self.next_batch()
+        drawn_here = batch is None
+        if batch is None:
+            batch = self.prefetch.take(self.task, t.batch_size * t.micro_batches, self.data_rng) if self._data_source is None else None
+            batch = batch or self.next_batch()
         global_tokens = batch.num_tokens
         micro = batch.chunks(t.micro_batches)
         self._synchronize()
@@ -290,8 +295,14 @@ class Trainer:
         if on_device:  # the fused kernels skip the whole update (moments and step count too) where found_inf is set
             self.optimizer.found_inf = bad.float()
             self.optimizer.step()
-        value = self.parallel.reduce_step(self.layers, loss)  # the step's host read; stats summed over ranks before routers see them
-        finite = not bool(bad)
+        if drawn_here and self._data_source is None:  # while the GPU runs this step: after the read, the next one starts at once
+            self.prefetch.draw(self.task, t.batch_size * t.micro_batches, self.data_rng)
+        logged = self.board is not None and (self.step + 1) % t.log_every == 0
+        for layer, uses_stats in zip(self.layers, self._router_uses_stats):
+            if logged or uses_stats:  # the statistics this step reads after its host read: their kernels queued before it
+                layer.stats
+        # the step's one host read (loss and finite flag together); stats summed over ranks before routers see them
+        value, finite = self.parallel.reduce_step(self.layers, loss, bad)
         if not finite and self.config.train.on_nonfinite == "stop":  # the update did not happen: weights stay good
             raise RunStopped(
                 f"step {self.step + 1}: the loss ({float(total):.4g}) or gradient norm ({float(norm) if norm is not None else float('nan'):.4g}) "
@@ -317,7 +328,7 @@ class Trainer:
         self.losses.append(value)
         # training routing metrics: the logged step's batch. Stats are computed only then (and for routers
         # that read them after every step): 15% of an E=64 step on an H200 when computed every step (docs/benchmarks.md)
-        if self.board and self.step % t.log_every == 0:
+        if logged:
             self._log_train(aux)
         for hook in self._step_hooks:
             hook(self.step, value)
@@ -330,12 +341,15 @@ class Trainer:
     def _log_train(self, aux: dict[str, torch.Tensor]) -> None:
         window = self.config.train.log_every
         values = {"train/loss": float(np.mean(self.losses[-window:])), "train/lr": self.scheduler.get_last_lr()[0]}
-        values.update({f"train/aux/{k}": float(v.detach()) for k, v in aux.items()})
-        values.update({f"perf/{k}": v for k, v in self.perf_metrics().items()})
+        # each value below is read from the host's copies: one wait for the GPU for the aux losses, one for the stats
+        aux_values = torch.stack([v.detach().double() for v in aux.values()]).tolist() if aux else []
+        values.update({f"train/aux/{k}": v for k, v in zip(aux, aux_values)})
+        stats = stats_on_host([layer.stats for layer in self.layers])
+        values.update({f"perf/{k}": v for k, v in self.perf_metrics(stats).items()})
         for i, layer in enumerate(self.layers):  # router-specific scalars (adversary prices, critic loss)
             values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
         self.board.scalars(values, self.step)
-        self.board.routing("routing", [routing_metrics(layer.stats, self.config.parallel.expert) for layer in self.layers], self.step)
+        self.board.routing("routing", [routing_metrics(s, self.config.parallel.expert) for s in stats], self.step)
 
     @property
     def train_tokens(self) -> int:
@@ -359,13 +373,13 @@ class Trainer:
         seconds = sum(s for s, _ in steps)
         return sum(n for _, n in steps) / seconds if seconds > 0 else 0.0
 
-    def flops_per_token(self) -> float:
+    def flops_per_token(self, stats: list[RoutingStats | None] | None = None) -> float:
         """Training FLOPs per token on the weights a token uses: 6 x (its matmul weights) + 12 x layers x d_model
         x block (attention scores and values over the whole block; PaLM's count). Expert weights count
-        k_eff / E, k_eff = token-slots per token in the last step; embeddings and norms are not matmuls."""
+        k_eff / E, k_eff = token-slots per token in the last step (`stats`: its stats per layer, default the
+        layers' own); embeddings and norms are not matmuls."""
         matmul = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
-        for layer in self.layers:
-            stats = layer.stats
+        for layer, stats in zip(self.layers, stats or [layer.stats for layer in self.layers]):
             if stats is not None:
                 k_eff = float(stats.load.sum() / stats.tokens.clamp_min(1))
                 matmul += self.parallel.num_params(layer.experts) * k_eff / layer.router.num_experts
@@ -385,16 +399,16 @@ class Trainer:
                     return peak, source
         return None, "unknown (set train.peak_flops)"
 
-    def perf_metrics(self) -> dict[str, float]:
+    def perf_metrics(self, stats: list[RoutingStats | None] | None = None) -> dict[str, float]:
         """Steady-state tokens/s, step time, peak GPU memory and model FLOPs utilization (MFU, against the bf16
-        peak whatever train.precision is)."""
+        peak whatever train.precision is; `stats` as in flops_per_token)."""
         steps = self.steady_steps()
         out = {"tokens_per_s": self.tokens_per_s, "step_time_ms": 1e3 * sum(s for s, _ in steps) / max(1, len(steps))}
         if self.device.type == "cuda":
             out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         peak, _ = self.peak_flops()
         if peak is not None:
-            out["mfu"] = self.flops_per_token() * self.tokens_per_s / peak
+            out["mfu"] = self.flops_per_token(stats) * self.tokens_per_s / peak
         return out
 
     # ---- evaluation -----------------------------------------------------------------------------

@@ -36,11 +36,27 @@ class Batch:
     labels: Tensor  # long, one specialization label per MoE token ([B] or [B, L])
     token_ids: Tensor | None = None  # long, one id per MoE token, or None
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        """Move to device; float inputs also take the model's dtype (ids and labels stay integers)."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        inputs = self.inputs.to(device, dtype) if dtype is not None and self.inputs.is_floating_point() else move(self.inputs)
-        return Batch(inputs, move(self.targets), move(self.labels), move(self.token_ids))
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> Batch:
+        """Move to device; float inputs also take the model's dtype (ids and labels stay integers). A tensor that
+        is two fields (an LM's inputs are its token ids) is moved once. non_blocking: from pinned memory, the copy
+        runs asynchronously (routerlab/prefetch.py)."""
+        inputs = self.inputs.to(device, dtype, non_blocking=non_blocking) if dtype is not None and self.inputs.is_floating_point() else None
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking), inputs)
+
+    def pin_memory(self) -> Batch:
+        """A copy in page-locked host memory (CUDA only), so that a non-blocking copy to the GPU does not wait."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn, inputs: Tensor | None = None) -> Batch:
+        """fn applied to every field, once per distinct tensor (inputs: a result given for the inputs already)."""
+        done: dict[int, Tensor] = {} if inputs is None else {id(self.inputs): inputs}
+
+        def once(t: Tensor | None) -> Tensor | None:
+            if t is not None and id(t) not in done:
+                done[id(t)] = fn(t)
+            return None if t is None else done[id(t)]
+
+        return Batch(once(self.inputs), once(self.targets), once(self.labels), once(self.token_ids))
 
     def chunks(self, n: int) -> list[Batch]:
         """n micro-batches along the batch dimension (equal when n divides the batch)."""
