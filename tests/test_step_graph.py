@@ -105,3 +105,13 @@ def test_the_device_path_steps_a_bf16_model(tmp_path):
     t.train_step()
     assert t.optimizer.grad_scale.dtype == torch.float32 and float(t.optimizer.grad_scale) > 1
     assert not same(before, snapshot(t)) and all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+@pytest.mark.parametrize("loss, bad, finite", [(torch.tensor(2.0 ** -30 + 1.0), torch.tensor(False), True),
+                                               (torch.tensor(float("nan")), torch.tensor(True), False),
+                                               (torch.tensor(1.5), torch.tensor(True), False)])  # a finite loss, a non-finite norm
+def test_the_steps_one_host_read_gives_the_loss_as_item_would_and_the_finite_flag(loss, bad, finite):
+    from routerlab.distributed import SingleProcess
+
+    value, ok = SingleProcess().reduce_step([], loss, bad)
+    assert ok is finite and (value == loss.item() or (value != value and loss.item() != loss.item()))

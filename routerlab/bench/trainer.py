@@ -55,20 +55,28 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def steady_tokens_per_s(trainer, warmup: int, steps: int) -> tuple[float, float, float]:
-    """(tokens/s, ms per step, first-steps seconds) over `steps` steps after `warmup` steps."""
+def steady_tokens_per_s(trainer, warmup: int, steps: int) -> tuple[float, float, float, dict[str, float]]:
+    """(tokens/s, ms per step, first-steps seconds, step times) over `steps` steps after `warmup` steps. Step times:
+    the median step and the mean step that logged (the trainer ends each step synchronized, so each call's wall
+    time is its step's, logging included)."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         trainer.train_step()
     _sync()
     first = time.perf_counter() - t0
+    times, logged = [], []
     t0 = time.perf_counter()
     for _ in range(steps):
+        t1 = time.perf_counter()
         trainer.train_step()
+        times.append((time.perf_counter() - t1) * 1e3)
+        logged.append(trainer.step % trainer.config.train.log_every == 0)
     _sync()
     seconds = time.perf_counter() - t0
     tokens = steps * trainer.config.train.batch_size * trainer.task.block_size
-    return tokens / seconds, seconds / steps * 1e3, first
+    log_steps = [ms for ms, log in zip(times, logged) if log]
+    split = {"median step ms": sorted(times)[len(times) // 2], "logged step ms (mean)": sum(log_steps) / len(log_steps) if log_steps else math.nan}
+    return tokens / seconds, seconds / steps * 1e3, first, split
 
 
 def _time_host(fn, iters: int, warmup: int = 1) -> float:
@@ -160,14 +168,12 @@ def kernel_profile(trainer, steps: int = 3, top: int = 40) -> dict:
             trainer.train_step()
         _sync()
         wall = (time.perf_counter() - t0) / steps * 1e3
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
                and "#" not in e.name and not e.name.startswith("ProfilerStep")]  # kernels, not the GPU-side annotation ranges
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, end = 0.0, -math.inf
-    for a, b in spans:  # union of kernel intervals (us)
-        if b > end:
-            busy += b - max(a, end)
-            end = b
+    busy, gaps = union(spans)  # us
+    stalls = [(a, b) for a, b in gaps if b - a >= STALL_US]
     by_name, by_part = Counter(), Counter()
     for e in kernels:
         by_name[e.name[:110]] += e.time_range.end - e.time_range.start
@@ -177,9 +183,48 @@ def kernel_profile(trainer, steps: int = 3, top: int = 40) -> dict:
            "parts ms/step": {n: t / 1e3 / steps for n, t in by_part.most_common()},
            "top kernels ms/step": {n: t / 1e3 / steps for n, t in by_name.most_common(top)}}
     out["idle ms/step (wall - union)"] = wall - out["kernel ms/step (union)"]
+    out["idle ms/step in gaps < 0.1 ms (launch gaps)"] = sum(b - a for a, b in gaps if b - a < STALL_US) / 1e3 / steps
+    out["idle ms/step in gaps >= 0.1 ms (host stalls)"] = sum(b - a for a, b in stalls) / 1e3 / steps
+    out["host stalls per step"] = len(stalls) / steps
+    out["host during stalls ms/step (top-level CPU ops)"] = {n: t / 1e3 / steps for n, t in host_ops_during(events, stalls).most_common(top // 2)}
     _, syncs, _ = catching_syncs(trainer.train_step)
     out["host syncs in one step (where)"] = dict(Counter(f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in syncs))
     return out
+
+
+STALL_US = 100.0  # a GPU idle gap this long is the host not keeping up (a launch gap is a few us)
+
+
+def union(spans: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
+    """Total length of the union of sorted intervals, and the gaps between them."""
+    busy, end, gaps = 0.0, -math.inf, []
+    for a, b in spans:
+        if b > end:
+            if a > end > -math.inf:
+                gaps.append((end, a))
+            busy += b - max(a, end)
+            end = b
+    return busy, gaps
+
+
+def host_ops_during(events, stalls: list[tuple[float, float]]):
+    """Time (us) each top-level host op (an aten op, an Optimizer.step range, a CUDA runtime call) overlaps the
+    stalls, summed over threads; "(no torch op: Python)" is stall time during which none runs."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+
+    ops = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    by_op = Counter()
+    for a, b in stalls:
+        covered = []
+        for start, end, name in ops:
+            lo, hi = max(a, start), min(b, end)
+            if hi > lo:
+                by_op[name[:80]] += hi - lo
+                covered.append((lo, hi))
+        by_op["(no torch op: Python)"] += (b - a) - union(sorted(covered))[0]
+    return by_op
 
 
 def main(argv=None) -> None:
@@ -209,10 +254,10 @@ def main(argv=None) -> None:
         try:
             config = lm_config(kind, mode, run_dir, dtype, tf32, args.smoke, graph)
             trainer = Trainer(config, log=True, run_dir=os.path.join(run_dir, f"{kind}-{mode}-{dtype}-{tf32}-{graph}"))
-            tps, ms, first = steady_tokens_per_s(trainer, args.warmup, args.steps)
+            tps, ms, first, split = steady_tokens_per_s(trainer, args.warmup, args.steps)
             row = {"model": kind, "compile": mode, "dtype": dtype, "tf32": tf32, "cuda_graph": graph, "graphed": trainer.step_graph is not None and trainer.step_graph.graph is not None,
                    "graph_off": trainer.cuda_graph_off or (trainer.step_graph.off if trainer.step_graph else None),
-                   "tokens_per_s": tps, "ms_per_step": ms, "warmup_s": first, "compiled_modules": len(trainer.compiled),
+                   "tokens_per_s": tps, "ms_per_step": ms, **split, "warmup_s": first, "compiled_modules": len(trainer.compiled),
                    "losses": [round(v, 5) for v in trainer.losses[:args.warmup + 3]], "loss": trainer.losses[-1]}
             report["runs"].append(row)
             print(json.dumps(row), flush=True)
@@ -236,19 +281,23 @@ def main(argv=None) -> None:
 
 
 def table(report: dict) -> str:
-    lines = [f"{report['device']}, torch {report['torch']}", "| model | compile | dtype | cuda_graph | tokens/s | ms/step | dense twin / this |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = [f"{report['device']}, torch {report['torch']}", "| model | compile | dtype | cuda_graph | tokens/s | ms/step | median step ms | logged step ms | dense twin / this |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
     dense = {(r["compile"], r["dtype"], r.get("cuda_graph")): r["tokens_per_s"] for r in report["runs"] if r["model"] == "dense"}
     for r in report["runs"]:
         ratio = dense.get((r["compile"], r["dtype"], r.get("cuda_graph")))
         graph = ("on" if r.get("graphed") else f"off ({r.get('graph_off')})") if r.get("cuda_graph") else "off"
         cell = f"{ratio / r['tokens_per_s']:.2f}x" if ratio else "-"
-        lines.append(f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {graph} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {cell} |")
+        lines.append(f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {graph} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r.get('median step ms', math.nan):.1f} | {r.get('logged step ms (mean)', math.nan):.1f} | {cell} |")
     for run, kp in report.get("kernels", {}).items():
         lines += ["", f"| {run}: GPU kernel time per step (torch.profiler, {kp['launches/step']:.0f} launches) | ms |", "|---|---:|"]
         lines += [f"| {part} | {ms:.2f} |" for part, ms in kp["parts ms/step"].items()]
-        lines += [f"| all kernels (union) | {kp['kernel ms/step (union)']:.2f} |", f"| host gaps (GPU idle: wall - union) | {kp['idle ms/step (wall - union)']:.2f} |",
-                  f"| wall (profiled) | {kp['wall ms/step']:.2f} |", f"| host syncs in a step | {kp['host syncs in one step (where)']} |"]
+        lines += [f"| all kernels (union) | {kp['kernel ms/step (union)']:.2f} |", f"| host gaps (GPU idle: wall - union) | {kp['idle ms/step (wall - union)']:.2f} |"]
+        if "host stalls per step" in kp:
+            lines += [f"| of which gaps < 0.1 ms (launch gaps) | {kp['idle ms/step in gaps < 0.1 ms (launch gaps)']:.2f} |",
+                      f"| of which gaps >= 0.1 ms ({kp['host stalls per step']:.1f} host stalls) | {kp['idle ms/step in gaps >= 0.1 ms (host stalls)']:.2f} |"]
+            lines += [f"| host during stalls: {name} | {ms:.2f} |" for name, ms in kp["host during stalls ms/step (top-level CPU ops)"].items()]
+        lines += [f"| wall (profiled) | {kp['wall ms/step']:.2f} |", f"| host syncs in a step | {kp['host syncs in one step (where)']} |"]
     if report["profile"]:
         prof = dict(report["profile"])
         step = prof.pop("measured step")

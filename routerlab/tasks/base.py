@@ -44,8 +44,10 @@ class Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking), inputs)
 
     def pin_memory(self) -> Batch:
-        """A copy in page-locked host memory (CUDA only), so that a non-blocking copy to the GPU does not wait."""
-        return self._map(lambda t: t.pin_memory())
+        """A contiguous copy in page-locked host memory (CUDA only), so that a non-blocking copy to the GPU does not
+        wait. Contiguous: the copy of a strided view (an LM's inputs and targets are windows of one tensor) would
+        first go through a temporary in pageable memory, and wait."""
+        return self._map(lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t))
 
     def _map(self, fn, inputs: Tensor | None = None) -> Batch:
         """fn applied to every field, once per distinct tensor (inputs: a result given for the inputs already)."""
