@@ -188,7 +188,58 @@ def kernel_profile(trainer, steps: int = 3, top: int = 40) -> dict:
     out["host stalls per step"] = len(stalls) / steps
     out["host during stalls ms/step (top-level CPU ops)"] = {n: t / 1e3 / steps for n, t in host_ops_during(events, stalls).most_common(top // 2)}
     _, syncs, _ = catching_syncs(trainer.train_step)
+    out["host ms/step by part (5 more steps)"] = host_times(trainer)
     out["host syncs in one step (where)"] = dict(Counter(f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in syncs))
+    return out
+
+
+def host_times(trainer, steps: int = 5) -> dict[str, float]:
+    """Host milliseconds per step spent inside each part of the step (wrapped for `steps` steps, then restored), and
+    the host time from the return of the step's host read to the next step's forward (graph replay or eager): the
+    stretch in which the GPU has nothing queued. Parts a trainer lacks are left out (this runs on older trees too)."""
+    from collections import Counter
+
+    from routerlab.tasks import base
+
+    graph = getattr(trainer, "step_graph", None)
+    targets = [("train_step (all)", trainer, "train_step"), ("host read (waits for the GPU)", trainer.parallel, "reduce_step"),
+               ("next_batch (draw)", trainer, "next_batch"), ("Batch.to", base.Batch, "to"), ("model.train()", trainer.model, "train"),
+               ("optimizer.zero_grad", trainer.optimizer, "zero_grad"), ("optimizer.step", trainer.optimizer, "step"),
+               ("scheduler.step", trainer.scheduler, "step"), ("_log_train", trainer, "_log_train"),
+               ("prefetch.draw", getattr(trainer, "prefetch", None), "draw"), ("prefetch.take", getattr(trainer, "prefetch", None), "take"),
+               ("graph forward_backward (replay)", graph, "forward_backward"), ("eager forward_backward", trainer, "forward_backward")]
+    spent, marks, saved = Counter(), {"read_end": None, "gaps": []}, []
+
+    def wrap(name, fn):
+        def timed(*args, **kwargs):
+            if "forward_backward" in name and marks["read_end"] is not None:
+                marks["gaps"].append(time.perf_counter() - marks["read_end"])
+                marks["read_end"] = None
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t0
+                if name.startswith("host read"):
+                    marks["read_end"] = time.perf_counter()
+        return timed
+
+    for name, obj, attr in targets:
+        if obj is not None and hasattr(obj, attr):
+            saved.append((obj, attr, vars(obj).get(attr)))  # an instance's own attribute, or None for the class's
+            setattr(obj, attr, wrap(name, getattr(obj, attr)))
+    try:
+        for _ in range(steps):
+            trainer.train_step()
+        _sync()
+    finally:
+        for obj, attr, own in reversed(saved):
+            if own is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, own)
+    out = {name: ms * 1e3 / steps for name, ms in spent.items()}
+    out["read -> next forward (GPU has nothing queued)"] = 1e3 * sum(marks["gaps"]) / max(1, len(marks["gaps"]))
     return out
 
 
@@ -298,6 +349,7 @@ def table(report: dict) -> str:
                       f"| of which gaps >= 0.1 ms ({kp['host stalls per step']:.1f} host stalls) | {kp['idle ms/step in gaps >= 0.1 ms (host stalls)']:.2f} |"]
             lines += [f"| host during stalls: {name} | {ms:.2f} |" for name, ms in kp["host during stalls ms/step (top-level CPU ops)"].items()]
         lines += [f"| wall (profiled) | {kp['wall ms/step']:.2f} |", f"| host syncs in a step | {kp['host syncs in one step (where)']} |"]
+        lines += [f"| host inside {name} | {ms:.2f} |" for name, ms in kp.get("host ms/step by part (5 more steps)", {}).items()]
     if report["profile"]:
         prof = dict(report["profile"])
         step = prof.pop("measured step")

@@ -1,6 +1,7 @@
-"""The next batch drawn before the step's host read (routerlab/prefetch.py): the same batches, the same numbers, the
-same data generator in checkpoints, whatever happens between steps; pinned copies on CUDA (run on the GPU machine:
-docs/benchmarks.md, v5)."""
+"""The trainer's host path between steps: the next batch drawn before the step's host read (routerlab/prefetch.py: the
+same batches, the same numbers, the same data generator in checkpoints, whatever happens between steps; pinned copies
+on CUDA, run on the GPU machine: docs/benchmarks.md, v5), the one host read, the stats' one copy to the host, and the
+trainer bench's view of the host path."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from routerlab.bench.trainer import host_ops_during, union
+from routerlab.bench.trainer import host_ops_during, host_times, union
 from routerlab.config import load_config
 from routerlab.moe.stats import RoutingStats, stats_on_host
 from routerlab.prefetch import BatchPrefetch
@@ -167,3 +168,16 @@ def test_host_ops_during_stalls_count_overlap_and_python_time():
               event("kernel", 10, 20, device="CUDA")]  # not a host op
     by_op = host_ops_during(events, [(20, 100)])  # 80 us: item 10, zeros 5, graph launch 10, nothing 55
     assert by_op == {"aten::item": 10, "aten::zeros": 5, "cudaGraphLaunch": 10, "(no torch op: Python)": 55}
+
+
+def test_host_times_reports_the_parts_of_steps_and_leaves_the_trainer_as_it_was(tmp_path):
+    t = tiny(tmp_path)
+    t.train_step()
+    own, batch_to, optimizer_step = set(vars(t)), Batch.to, t.optimizer.step
+    times = host_times(t, steps=3)
+    assert t.step == 4 and set(vars(t)) == own and Batch.to is batch_to and t.optimizer.step == optimizer_step
+    assert "step" not in vars(t.scheduler) and "train" not in vars(t.model) and "draw" not in vars(t.prefetch)
+    parts = ("model.train()", "optimizer.zero_grad", "eager forward_backward", "optimizer.step", "prefetch.draw", "prefetch.take", "Batch.to")
+    assert all(0 < times[p] < times["train_step (all)"] for p in parts)
+    assert "next_batch (draw)" not in times  # every step took the batch drawn ahead
+    assert 0 < times["read -> next forward (GPU has nothing queued)"] < times["train_step (all)"]
