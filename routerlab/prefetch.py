@@ -44,7 +44,11 @@ class BatchPrefetch:
         """Draw task.batch("train", size) with a copy of `generator` and start moving it to the device."""
         before = generator.get_state()
         ahead = torch.Generator().set_state(before)
-        batch = task.batch("train", size, ahead)
+        self.drawn = None
+        try:
+            batch = task.batch("train", size, ahead)
+        except Exception:  # noqa: BLE001 - the next step draws this batch itself and raises there, as it always did
+            return  # (here the step being finished would be left half done: updated, not counted)
         if self.pin:
             batch = batch.pin_memory()
         self.drawn = _Drawn(task, size, before, ahead.get_state(), batch.to(self.device, self.dtype, non_blocking=self.pin))

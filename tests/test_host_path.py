@@ -89,6 +89,26 @@ def test_what_happens_between_steps_sees_the_generator_as_if_nothing_were_drawn_
     assert ahead.losses == plain.losses
 
 
+def test_a_batch_that_fails_to_draw_fails_at_its_own_step_as_before(tmp_path):
+    t = tiny(tmp_path)
+    draws = []
+    real = t.task.batch
+
+    def third_fails(split, size, generator):
+        draws.append(split)
+        if len(draws) >= 3:  # from the third draw on
+            raise ValueError("corpus file vanished")
+        return real(split, size, generator)
+
+    t.task.batch = third_fails
+    t.train_step()
+    t.train_step()  # drawing the third batch ahead fails here: this step still finishes and counts
+    assert t.step == 2 and len(t.losses) == 2 and t.prefetch.drawn is None
+    with pytest.raises(ValueError, match="vanished"):
+        t.train_step()  # ... and the failure comes where it always came: when the third step draws its batch
+    assert t.step == 2
+
+
 def reference_generator_state(trainer: Trainer, draws: int) -> torch.Tensor:
     rng = torch.Generator().manual_seed(trainer.config.seed + 1)
     for _ in range(draws):
