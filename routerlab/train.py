@@ -342,7 +342,7 @@ class Trainer:
         window = self.config.train.log_every
         values = {"train/loss": float(np.mean(self.losses[-window:])), "train/lr": self.scheduler.get_last_lr()[0]}
         # each value below is read from the host's copies: one wait for the GPU for the aux losses, one for the stats
-        aux_values = torch.stack([v.detach().double() for v in aux.values()]).tolist() if aux else []
+        aux_values = torch.stack([v.detach().double().reshape(()) for v in aux.values()]).tolist() if aux else []
         values.update({f"train/aux/{k}": v for k, v in zip(aux, aux_values)})
         stats = stats_on_host([layer.stats for layer in self.layers])
         values.update({f"perf/{k}": v for k, v in self.perf_metrics(stats).items()})
