@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from routerlab.bench.trainer import host_ops_during, host_times, union
+from routerlab.bench.trainer import gc_pauses, host_ops_during, host_times, union
 from routerlab.config import load_config
 from routerlab.moe.stats import RoutingStats, stats_on_host
 from routerlab.prefetch import BatchPrefetch
@@ -201,3 +201,14 @@ def test_host_times_reports_the_parts_of_steps_and_leaves_the_trainer_as_it_was(
     assert all(0 < times[p] < times["train_step (all)"] for p in parts)
     assert "next_batch (draw)" not in times  # every step took the batch drawn ahead
     assert 0 < times["read -> next forward (GPU has nothing queued)"] < times["train_step (all)"]
+
+
+def test_gc_pauses_add_the_collectors_time_by_generation():
+    import gc
+
+    seconds = {"Python GC, generation 2": 1.0}  # adds to what is there
+    with gc_pauses(seconds):
+        gc.collect(2)
+        gc.collect(0)
+    assert seconds["Python GC, generation 2"] > 1.0 and seconds["Python GC, generation 0"] > 0
+    assert all(cb.__name__ != "collection" for cb in gc.callbacks)  # removed afterwards

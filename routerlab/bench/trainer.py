@@ -21,6 +21,8 @@ GPU's idle time (wall - union of kernel intervals), launches per step, and where
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import os
@@ -58,24 +60,26 @@ def _sync() -> None:
 def steady_tokens_per_s(trainer, warmup: int, steps: int) -> tuple[float, float, float, dict[str, float]]:
     """(tokens/s, ms per step, first-steps seconds, step times) over `steps` steps after `warmup` steps. Step times:
     the median step and the mean step that logged (the trainer ends each step synchronized, so each call's wall
-    time is its step's, logging included)."""
+    time is its step's, logging included), and the pauses of Python's garbage collector per step."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         trainer.train_step()
     _sync()
     first = time.perf_counter() - t0
-    times, logged = [], []
+    times, logged, pauses = [], [], {}
     t0 = time.perf_counter()
-    for _ in range(steps):
-        t1 = time.perf_counter()
-        trainer.train_step()
-        times.append((time.perf_counter() - t1) * 1e3)
-        logged.append(trainer.step % trainer.config.train.log_every == 0)
-    _sync()
+    with gc_pauses(pauses):
+        for _ in range(steps):
+            t1 = time.perf_counter()
+            trainer.train_step()
+            times.append((time.perf_counter() - t1) * 1e3)
+            logged.append(trainer.step % trainer.config.train.log_every == 0)
+        _sync()
     seconds = time.perf_counter() - t0
     tokens = steps * trainer.config.train.batch_size * trainer.task.block_size
     log_steps = [ms for ms, log in zip(times, logged) if log]
-    split = {"median step ms": sorted(times)[len(times) // 2], "logged step ms (mean)": sum(log_steps) / len(log_steps) if log_steps else math.nan}
+    split = {"median step ms": sorted(times)[len(times) // 2], "logged step ms (mean)": sum(log_steps) / len(log_steps) if log_steps else math.nan,
+             "GC ms/step": {k: v * 1e3 / steps for k, v in sorted(pauses.items())}}
     return tokens / seconds, seconds / steps * 1e3, first, split
 
 
@@ -193,10 +197,31 @@ def kernel_profile(trainer, steps: int = 3, top: int = 40) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def gc_pauses(seconds: dict):
+    """Adds the seconds of each pause of Python's cyclic garbage collector inside the block to
+    seconds["Python GC, generation N"] (a pause stops the host wherever an allocation triggers it)."""
+    started = []
+
+    def collection(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            key = f"Python GC, generation {info['generation']}"
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started.pop()
+
+    gc.callbacks.append(collection)
+    try:
+        yield seconds
+    finally:
+        gc.callbacks.remove(collection)
+
+
 def host_times(trainer, steps: int = 5) -> dict[str, float]:
     """Host milliseconds per step spent inside each part of the step (wrapped for `steps` steps, then restored), and
     the host time from the return of the step's host read to the next step's forward (graph replay or eager): the
-    stretch in which the GPU has nothing queued. Parts a trainer lacks are left out (this runs on older trees too)."""
+    stretch in which the GPU has nothing queued; and the pauses of Python's garbage collector, by generation. Parts a
+    trainer lacks are left out (this runs on older trees too)."""
     from collections import Counter
 
     from routerlab.tasks import base
@@ -229,9 +254,10 @@ def host_times(trainer, steps: int = 5) -> dict[str, float]:
             saved.append((obj, attr, vars(obj).get(attr)))  # an instance's own attribute, or None for the class's
             setattr(obj, attr, wrap(name, getattr(obj, attr)))
     try:
-        for _ in range(steps):
-            trainer.train_step()
-        _sync()
+        with gc_pauses(spent):
+            for _ in range(steps):
+                trainer.train_step()
+            _sync()
     finally:
         for obj, attr, own in reversed(saved):
             if own is None:
@@ -332,14 +358,14 @@ def main(argv=None) -> None:
 
 
 def table(report: dict) -> str:
-    lines = [f"{report['device']}, torch {report['torch']}", "| model | compile | dtype | cuda_graph | tokens/s | ms/step | median step ms | logged step ms | dense twin / this |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"{report['device']}, torch {report['torch']}", "| model | compile | dtype | cuda_graph | tokens/s | ms/step | median step ms | logged step ms | Python GC ms/step | dense twin / this |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     dense = {(r["compile"], r["dtype"], r.get("cuda_graph")): r["tokens_per_s"] for r in report["runs"] if r["model"] == "dense"}
     for r in report["runs"]:
         ratio = dense.get((r["compile"], r["dtype"], r.get("cuda_graph")))
         graph = ("on" if r.get("graphed") else f"off ({r.get('graph_off')})") if r.get("cuda_graph") else "off"
         cell = f"{ratio / r['tokens_per_s']:.2f}x" if ratio else "-"
-        lines.append(f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {graph} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r.get('median step ms', math.nan):.1f} | {r.get('logged step ms (mean)', math.nan):.1f} | {cell} |")
+        lines.append(f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {graph} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r.get('median step ms', math.nan):.1f} | {r.get('logged step ms (mean)', math.nan):.1f} | {sum(r.get('GC ms/step', {}).values()):.2f} | {cell} |")
     for run, kp in report.get("kernels", {}).items():
         lines += ["", f"| {run}: GPU kernel time per step (torch.profiler, {kp['launches/step']:.0f} launches) | ms |", "|---|---:|"]
         lines += [f"| {part} | {ms:.2f} |" for part, ms in kp["parts ms/step"].items()]
