@@ -1,0 +1,284 @@
+"""Pins of the routers' defining behaviour that the mutation run (benchmarks/mutation.py routers) found unpinned:
+parameter ranges and their messages, the constructor's contract (sizes, buffers a checkpoint does or does not
+carry, dtypes), and the rules of graph, reinforce, replay and oracle, the hash family, lsh, noisy_topk, switch,
+bias_balanced, base and random, each against an independent reference written here. CPU, tiny shapes, fixed seeds.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from routerlab.errors import ConfigError
+from routerlab.routers.registry import router_entry
+from test_router_definitions import D, assert_softmax_top2, gate_logits, make, rows, tokens
+
+
+def refusal(name, **params):
+    """The message of the ValueError a router's parameter dataclass raises for these values."""
+    with pytest.raises(ValueError) as err:
+        router_entry(name).params(**params)
+    return str(err.value)
+
+
+def accepts(name, **params):
+    return router_entry(name).params(**params)
+
+
+# -- parameter ranges: the bound itself is accepted, the value past it refused with a message naming it ----------
+REFUSED = [
+    ("graph", {"k": 0}, "k must be >= 1, got 0"),
+    ("graph", {"dim": 0}, "dim must be >= 1, got 0"),
+    ("graph", {"rounds": 3}, "rounds must be 1 or 2, got 3"),
+    ("graph", {"adjacency": "full"}, "adjacency must be 'soft' or 'sparse', got 'full'"),
+    ("graph", {"neighbors": 0}, "neighbors must be >= 1, got 0"),
+    ("graph", {"alpha": -0.5}, "alpha must be >= 0, got -0.5"),
+    ("reinforce", {"pg_coef": 0.0}, "pg_coef must be > 0, got 0.0"),
+    ("reinforce", {"baseline_decay": 1.0}, "baseline_decay must be in [0, 1), got 1.0"),
+    ("reinforce", {"baseline_decay": -0.1}, "baseline_decay must be in [0, 1), got -0.1"),
+    ("reinforce", {"entropy": -1.0}, "entropy and balance must be >= 0, got -1.0, 0.0"),
+    ("reinforce", {"balance": -1.0}, "entropy and balance must be >= 0, got 0.01, -1.0"),
+    ("replay", {}, "trace must name a routing trace file (.npz from 'routerlab trace')"),
+    ("replay", {"trace": "t.npz", "layer": -2}, "layer must be >= 0, or -1 for automatic, got -2"),
+    ("oracle", {}, "oracle needs expert >= 0 (force one expert) or trace (an oracle trace from 'routerlab analyze')"),
+]
+ACCEPTED = [
+    ("graph", {"k": 1, "dim": 1, "neighbors": 1, "alpha": 0.0, "rounds": 2, "adjacency": "sparse"}),
+    ("reinforce", {"baseline_decay": 0.0, "entropy": 0.0, "balance": 0.0, "pg_coef": 1e-6}),
+    ("replay", {"trace": "t.npz", "layer": -1}),
+    ("oracle", {"expert": 0}),
+]
+
+
+@pytest.mark.parametrize("name, params, message", REFUSED)
+def test_out_of_range_parameters_are_refused_with_a_message_naming_the_bound(name, params, message):
+    assert refusal(name, **params) == message
+
+
+@pytest.mark.parametrize("name, params", ACCEPTED)
+def test_parameters_at_their_bounds_are_accepted(name, params):
+    assert {k: getattr(accepts(name, **params), k) for k in params} == params
+
+
+# -- graph -------------------------------------------------------------------------------------------------
+def graph_reference_scores(r, x):
+    """s(x)_e = <Q x, H_R[e]> / sqrt(dim), H by residual message passing over the (sparse) row-softmax graph,
+    written per row: each node's neighbours are the others, the `neighbors` largest when sparse."""
+    L, nodes, p = r.edge_logits.detach().double(), r.edge_logits.shape[0], r.params
+    A = torch.zeros(nodes, nodes, dtype=torch.float64)
+    for i in range(nodes):
+        others = sorted((j for j in range(nodes) if j != i), key=lambda j: -float(L[i, j]))
+        if p.adjacency == "sparse":
+            others = others[: p.neighbors]
+        z = sum(math.exp(float(L[i, j])) for j in others)
+        for j in others:
+            A[i, j] = math.exp(float(L[i, j])) / z
+    H = r.expert_emb.detach().double()
+    for M in r.mix:
+        H = H + torch.tanh(A @ H @ M.detach().double())
+    return (x.double() @ r.gate.weight.detach().double().t()) @ H.t() / math.sqrt(p.dim)
+
+
+@pytest.mark.parametrize("E, dim, neighbors", [(5, 4, 3), (2, 4, 1), (4, 1, 2), (6, 3, 4)])
+def test_graph_scores_follow_the_sparse_graph_at_every_neighbour_count(E, dim, neighbors):
+    r = make("graph", E, dim=dim, adjacency="sparse", neighbors=neighbors, rounds=2, k=2)
+    with torch.no_grad():
+        r.edge_logits.normal_()
+    x = tokens(12)
+    assert_softmax_top2(r.eval()(x), graph_reference_scores(r, x).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_graph_with_one_expert_routes_everything_to_it_with_weight_one():
+    out = make("graph", 1, k=1).train()(tokens(5))
+    assert out.experts.tolist() == [[0]] * 5
+    assert out.weights.tolist() == [[1.0]] * 5
+
+
+def test_graph_initial_scales_are_the_documented_ones():
+    torch.manual_seed(0)
+    dim, E = 64, 16
+    r = make("graph", E, dim=dim)
+    assert float(r.expert_emb.detach().std()) == pytest.approx(1 / math.sqrt(dim), rel=0.1)  # H0 ~ N(0, 1/dim)
+    assert float(r.edge_logits.detach().std()) == pytest.approx(0.01, rel=0.15)  # near-uniform graph at the start
+    assert float(r.mix[0].detach().std()) == pytest.approx(1 / math.sqrt(dim), rel=0.1)
+    assert r.gate.bias is None
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_graph_balance_loss_is_alpha_e_sum_f_p_in_training_only(score):
+    E, T, alpha = 4, 20, 0.5
+    r = make("graph", E, k=2, alpha=alpha, score=score, dim=4)
+    x = tokens(T)
+    out = r.train()(x)
+    s = graph_reference_scores(r, x)
+    probs = torch.softmax(s, 1) if score == "softmax" else torch.sigmoid(s) / torch.sigmoid(s).sum(1, keepdim=True)
+    f = torch.bincount(out.experts.reshape(-1), minlength=E).double() / (2 * T)
+    assert float(out.aux["balance"]) == pytest.approx(alpha * E * float((f * probs.mean(0)).sum()), rel=1e-5)
+    assert "balance" not in r.eval()(x).aux
+    assert "balance" not in make("graph", E, alpha=0.0).train()(x).aux
+
+
+# -- reinforce ---------------------------------------------------------------------------------------------
+def test_reinforce_routing_carries_its_logits_and_one_expert_per_token_in_the_input_dtype():
+    E, T = 3, 7
+    r = make("reinforce", E)
+    x = tokens(T).double()
+    for mode in (r.train(), r.eval()):
+        out = mode(x)
+        torch.testing.assert_close(out.logits, gate_logits(r, x))
+        assert out.experts.shape == (T, 1) and out.weights.dtype == torch.float64
+        assert isinstance(out.aux, dict)
+    assert out.aux == {}  # evaluation: no entropy bonus
+
+
+def test_reinforce_entropy_bonus_is_minus_coefficient_times_mean_policy_entropy():
+    E, T = 4, 9
+    x = tokens(T)
+    r = make("reinforce", E, entropy=0.3).train()
+    p = torch.softmax(gate_logits(r, x), 1)
+    entropy = -(p * p.log()).sum(1).mean()
+    assert float(r(x).aux["entropy_bonus"]) == pytest.approx(-0.3 * float(entropy), rel=1e-5)
+    assert "entropy_bonus" not in make("reinforce", E, entropy=0.0).train()(x).aux
+
+
+def test_reinforce_surrogate_uses_the_bias_corrected_ema_of_previous_batch_rewards():
+    """Three steps against the module docstring's formulas written out: b_1 = the first batch's mean reward,
+    b_n = EMA_{n-1} / (1 - decay^(n-1)); reward r_t = -l_t - balance (E f_{e_t} - 1)."""
+    E, T, decay, pg, balance = 3, 8, 0.9, 2.0, 0.5
+    r = make("reinforce", E, baseline_decay=decay, pg_coef=pg, balance=balance, entropy=0.0).train()
+    ema, means = 0.0, []
+    for step in range(3):
+        x = tokens(T, seed=10 + step)
+        out = r(x)
+        chosen = out.experts[:, 0].tolist()
+        logp = torch.log_softmax(gate_logits(r, x).double(), 1)[torch.arange(T), chosen]
+        loss = torch.linspace(0.5, 2.0, T) * (step + 1)
+        f = [chosen.count(e) / T for e in range(E)]
+        reward = [-float(loss[t]) - balance * (E * f[chosen[t]] - 1) for t in range(T)]
+        mean = sum(reward) / T
+        b = mean if step == 0 else ema / (1 - decay**step)
+        want = -pg * sum((reward[t] - b) * float(logp[t]) for t in range(T)) / T
+        got = r.observe_token_loss(loss)
+        assert float(got["reinforce"]) == pytest.approx(want, rel=1e-5)
+        ema = decay * ema + (1 - decay) * mean
+        means.append(mean)
+    state = r.state_dict()
+    assert float(state["baseline"]) == pytest.approx(ema, rel=1e-5) and int(state["baseline_steps"]) == 3
+    assert not state["baseline_steps"].is_floating_point()  # an exact step count
+
+
+def test_reinforce_surrogate_gradient_is_the_reinforce_estimator():
+    E, T = 3, 6
+    r = make("reinforce", E, entropy=0.0).train()
+    x = tokens(T)
+    chosen = r(x).experts[:, 0]
+    loss = torch.arange(T, dtype=torch.float32)
+    r.observe_token_loss(loss)["reinforce"].backward()
+    W = r.gate.weight.detach().clone().requires_grad_(True)
+    logp = torch.log_softmax(x @ W.t(), 1)[torch.arange(T), chosen]
+    advantage = -loss - (-loss).mean()  # first step: the baseline is the batch mean
+    (-(advantage * logp).mean()).backward()
+    torch.testing.assert_close(r.gate.weight.grad, W.grad)
+
+
+def test_reinforce_observes_a_loss_only_after_a_training_forward_of_as_many_tokens():
+    E = 3
+    r = make("reinforce", E)
+    assert r.observe_token_loss(torch.ones(4)) == {}  # nothing routed yet
+    r.eval()(tokens(4))
+    assert r.observe_token_loss(torch.ones(4)) == {}  # evaluation samples nothing
+    r.train()(tokens(4))
+    assert r.observe_token_loss(torch.ones(5)) == {}  # another batch's losses
+    r.train()(tokens(4))
+    assert set(r.observe_token_loss(torch.ones(4))) == {"reinforce"}
+    assert r.observe_token_loss(torch.ones(4)) == {}  # a forward's choices are used once
+
+
+# -- replay and oracle -------------------------------------------------------------------------------------
+def write_trace(path, E=4, token_ids=None):
+    """A two-layer trace of three tokens: layer 0 and layer 1 route differently."""
+    from routerlab.analysis.trace import LayerTrace, Trace, save_trace
+
+    ids = np.full(3, -1) if token_ids is None else np.asarray(token_ids)
+    layer0 = LayerTrace(np.array([[0, 1], [2, -1], [3, 0]], dtype=np.int64), np.array([[0.6, 0.4], [1.0, 0.0], [0.3, 0.7]], dtype=np.float32))
+    layer1 = LayerTrace(np.array([[1, 2], [3, 0], [-1, 2]], dtype=np.int64), np.array([[0.5, 0.5], [0.9, 0.1], [0.0, 1.0]], dtype=np.float32))
+    meta = {"num_experts": E, "num_layers": 2}
+    return str(save_trace(path, Trace(meta, ids, np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.float32), [layer0, layer1])))
+
+
+def test_replay_automatic_layers_count_the_routers_built_from_one_trace(tmp_path):
+    trace = write_trace(tmp_path / "auto.npz")
+    built = [make("replay", 4, trace=trace) for _ in range(3)]
+    assert [r.layer for r in built] == [0, 1, 0]  # the i-th router gets layer i, modulo the trace's 2 layers
+    assert built[1](tokens(1)).experts.tolist() == [[1, 2]]
+    assert make("replay", 4, trace=trace, layer=1).layer == 1  # explicit layers do not advance the count
+    assert make("replay", 4, trace=trace).layer == 1
+
+
+def test_replay_refuses_a_layer_the_trace_lacks_and_a_trace_of_another_expert_count(tmp_path):
+    trace = write_trace(tmp_path / "t.npz")
+    with pytest.raises(ConfigError, match="has 2 MoE layer"):
+        make("replay", 4, trace=trace, layer=2)
+    with pytest.raises(ConfigError, match="has 4 experts, this model 5"):
+        make("replay", 5, trace=trace, layer=0)
+
+
+def test_replay_recorded_weights_take_the_input_dtype_and_the_trace_stays_out_of_checkpoints(tmp_path):
+    r = make("replay", 4, trace=write_trace(tmp_path / "t.npz"), layer=0)
+    out = r(tokens(2).double())
+    assert out.weights.dtype == torch.float64 and out.logits is None
+    assert r.state_dict() == {}  # the trace file is the routing: a checkpoint does not copy it
+    assert (r.d_model, r.num_experts) == (D, 4)
+
+
+def test_replay_learned_gates_are_the_gate_softmax_at_the_replayed_experts_renormalized(tmp_path):
+    E = 4
+    r = make("replay", E, trace=write_trace(tmp_path / "t.npz"), layer=1, gates="learned")
+    assert r.gate.weight.shape == (E, D) and r.gate.bias is None
+    x = tokens(3).double()
+    out = r(x)
+    logits = gate_logits(r, x)
+    torch.testing.assert_close(out.logits, logits.float())
+    p = torch.softmax(logits, 1)
+    recorded = [[1, 2], [3, 0], [-1, 2]]
+    want = []
+    for t, experts in enumerate(recorded):
+        used = [float(p[t, e]) if e >= 0 else 0.0 for e in experts]
+        want.append([u / sum(used) for u in used])
+    assert out.experts.tolist() == recorded
+    torch.testing.assert_close(out.weights, torch.tensor(want, dtype=torch.float64))
+    assert r.state_dict().keys() == {"gate.weight"}
+
+
+def test_replay_checks_the_token_stream_against_the_trace_ids(tmp_path):
+    trace = write_trace(tmp_path / "ids.npz", token_ids=[5, 6, 7])
+    r = make("replay", 4, trace=trace, layer=0)
+    assert r(tokens(2), token_ids=torch.tensor([5, 6])).experts.tolist() == [[0, 1], [2, -1]]
+    with pytest.raises(ConfigError, match=r"token 0 of trace .* is id 5, the stream has 9"):
+        r(tokens(2), token_ids=torch.tensor([7, 9]))  # positions 2 and 0 (wrapped): the second differs
+    loose = make("replay", 4, trace=trace, layer=0, check_tokens=False)
+    assert loose(tokens(2), token_ids=torch.tensor([9, 9])).experts.tolist() == [[0, 1], [2, -1]]
+    assert make("replay", 4, trace=trace, layer=0)(tokens(1)).experts.tolist() == [[0, 1]]  # no ids: no check
+    unrecorded = make("replay", 4, trace=write_trace(tmp_path / "noids.npz"), layer=0)
+    assert unrecorded(tokens(2), token_ids=torch.tensor([9, 9])).experts.tolist() == [[0, 1], [2, -1]]
+
+
+def test_oracle_with_a_trace_replays_the_chosen_layer_and_checks_the_tokens(tmp_path):
+    trace = write_trace(tmp_path / "oracle.npz", token_ids=[5, 6, 7])
+    r = make("oracle", 4, trace=trace, layer=1)
+    assert (r.d_model, r.num_experts, r.replay.d_model, r.replay.num_experts) == (D, 4, D, 4)
+    out = r(tokens(3).double(), token_ids=torch.tensor([5, 6, 7]))
+    assert out.experts.tolist() == [[1, 2], [3, 0], [-1, 2]] and out.weights.dtype == torch.float64
+    with pytest.raises(ConfigError, match="is id 5, the stream has 0"):
+        r(tokens(1), token_ids=torch.tensor([0]))
+    assert make("oracle", 4, trace=str(tmp_path / "oracle.npz")).replay.layer == 0  # layer -1: the first automatic one
+
+
+def test_oracle_forces_any_expert_of_the_model_and_refuses_one_past_it():
+    x = tokens(3).double()
+    for e in (0, 3):
+        out = make("oracle", 4, expert=e)(x)
+        assert out.experts.tolist() == [[e]] * 3 and out.experts.dtype == torch.long
+        assert out.weights.dtype == torch.float64 and out.weights.tolist() == [[1.0]] * 3
+    with pytest.raises(ConfigError, match="expert=4 but the model has 4 experts; use 0..3"):
+        make("oracle", 4, expert=4)
