@@ -40,6 +40,15 @@ REFUSED = [
     ("reinforce", {"balance": -1.0}, "entropy and balance must be >= 0, got 0.01, -1.0"),
     ("replay", {}, "trace must name a routing trace file (.npz from 'routerlab trace')"),
     ("replay", {"trace": "t.npz", "layer": -2}, "layer must be >= 0, or -1 for automatic, got -2"),
+    ("noisy_topk", {"k": 0}, "k must be >= 1, got 0"),
+    ("noisy_topk", {"w_importance": -0.1}, "w_importance and w_load must be >= 0"),
+    ("noisy_topk", {"w_load": -0.1}, "w_importance and w_load must be >= 0"),
+    ("lsh", {"bits": 21}, "bits must be in [0, 20], got 21"),
+    ("lsh", {"bits": -1}, "bits must be in [0, 20], got -1"),
+    ("base", {"rel_eps": 0.0}, "rel_eps must be in (0, 1), got 0.0"),
+    ("base", {"rel_eps": 1.0}, "rel_eps must be in (0, 1), got 1.0"),
+    ("base", {"max_rounds": 0}, "max_rounds must be >= 1, got 0"),
+    ("random", {"k": 0}, "k must be >= 1, got 0"),
     ("oracle", {}, "oracle needs expert >= 0 (force one expert) or trace (an oracle trace from 'routerlab analyze')"),
 ]
 ACCEPTED = [
@@ -47,6 +56,11 @@ ACCEPTED = [
     ("reinforce", {"baseline_decay": 0.0, "entropy": 0.0, "balance": 0.0, "pg_coef": 1e-6}),
     ("replay", {"trace": "t.npz", "layer": -1}),
     ("oracle", {"expert": 0}),
+    ("noisy_topk", {"k": 1, "w_importance": 0.0, "w_load": 0.0}),
+    ("lsh", {"bits": 20}),
+    ("lsh", {"bits": 0}),
+    ("base", {"rel_eps": 0.999, "max_rounds": 1}),
+    ("random", {"k": 1}),
 ]
 
 
@@ -58,6 +72,18 @@ def test_out_of_range_parameters_are_refused_with_a_message_naming_the_bound(nam
 @pytest.mark.parametrize("name, params", ACCEPTED)
 def test_parameters_at_their_bounds_are_accepted(name, params):
     assert {k: getattr(accepts(name, **params), k) for k in params} == params
+
+
+MINE = ["graph", "reinforce", "oracle", "random", "base", "noisy_topk", "switch", "lsh", "hash", "hash_position",
+        "hash_bigram", "hash_balanced", "bias_balanced", "sinkhorn"]
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_a_router_keeps_its_sizes_and_parameters(name):
+    """The regret analysis rebuilds a layer's router from router.d_model and num_experts; params drive forward."""
+    params = {"expert": 1} if name == "oracle" else {}
+    r = make(name, 3, **params)
+    assert (r.d_model, r.num_experts, r.params) == (D, 3, accepts(name, **params))
 
 
 # -- graph -------------------------------------------------------------------------------------------------
@@ -113,7 +139,7 @@ def test_graph_balance_loss_is_alpha_e_sum_f_p_in_training_only(score):
     s = graph_reference_scores(r, x)
     probs = torch.softmax(s, 1) if score == "softmax" else torch.sigmoid(s) / torch.sigmoid(s).sum(1, keepdim=True)
     f = torch.bincount(out.experts.reshape(-1), minlength=E).double() / (2 * T)
-    assert float(out.aux["balance"]) == pytest.approx(alpha * E * float((f * probs.mean(0)).sum()), rel=1e-5)
+    assert out.aux["balance"].item() == pytest.approx(alpha * E * float((f * probs.mean(0)).sum()), rel=1e-5)
     assert "balance" not in r.eval()(x).aux
     assert "balance" not in make("graph", E, alpha=0.0).train()(x).aux
 
@@ -159,7 +185,7 @@ def test_reinforce_surrogate_uses_the_bias_corrected_ema_of_previous_batch_rewar
         b = mean if step == 0 else ema / (1 - decay**step)
         want = -pg * sum((reward[t] - b) * float(logp[t]) for t in range(T)) / T
         got = r.observe_token_loss(loss)
-        assert float(got["reinforce"]) == pytest.approx(want, rel=1e-5)
+        assert got["reinforce"].item() == pytest.approx(want, rel=1e-5)
         ema = decay * ema + (1 - decay) * mean
         means.append(mean)
     state = r.state_dict()
@@ -282,3 +308,125 @@ def test_oracle_forces_any_expert_of_the_model_and_refuses_one_past_it():
         assert out.weights.dtype == torch.float64 and out.weights.tolist() == [[1.0]] * 3
     with pytest.raises(ConfigError, match="expert=4 but the model has 4 experts; use 0..3"):
         make("oracle", 4, expert=4)
+
+
+# -- noisy_topk --------------------------------------------------------------------------------------------
+def normal_cdf(z):
+    return 0.5 * math.erfc(-z / math.sqrt(2))
+
+
+def noisy_topk_reference(r, x, noise, k):
+    """Shazeer et al. 2017 written out per token: H = clean + n * softplus(x W_noise) (+ 0.01), G = softmax over
+    the kept k of H, P_i = Phi((clean_i - kth largest of H without i) / std_i); both losses w * CV^2 (population)."""
+    clean = gate_logits(r, x).double()
+    std = torch.nn.functional.softplus(x.double() @ r.noise.weight.detach().double().t()) + 0.01
+    H = clean + noise.double() * std
+    T, E = clean.shape
+    G = torch.zeros(T, E, dtype=torch.float64)
+    P = torch.zeros(T, E, dtype=torch.float64)
+    for t in range(T):
+        kept = sorted(range(E), key=lambda e: -float(H[t, e]))[:k]
+        z = sum(math.exp(float(H[t, e])) for e in kept)
+        for e in kept:
+            G[t, e] = math.exp(float(H[t, e])) / z
+        for i in range(E):
+            others = sorted((float(H[t, j]) for j in range(E) if j != i), reverse=True)
+            P[t, i] = 1.0 if k >= E else normal_cdf((float(clean[t, i]) - others[k - 1]) / float(std[t, i]))
+
+    def cv2(v):
+        return float(((v - v.mean()) ** 2).mean() / v.mean() ** 2)
+
+    return G, r.params.w_importance * cv2(G.sum(0)), r.params.w_load * cv2(P.sum(0))
+
+
+@pytest.mark.parametrize("E, k", [(4, 2), (3, 2), (4, 1), (3, 3)])
+def test_noisy_topk_training_gates_and_losses_match_the_paper_with_the_same_noise(E, k):
+    T = 16
+    r = make("noisy_topk", E, k=k, w_importance=0.3, w_load=0.7).train()
+    torch.nn.init.normal_(r.gate.weight, std=0.5)
+    torch.nn.init.normal_(r.noise.weight, std=0.5)
+    x = tokens(T).double()  # a float64 model: the gates are scattered in the scores' dtype
+    torch.manual_seed(5)
+    out = r(x)
+    torch.manual_seed(5)
+    G, importance, load = noisy_topk_reference(r, x, torch.randn(T, E), k)
+    got = torch.zeros(T, E, dtype=torch.float64).scatter(1, out.experts, out.weights)
+    torch.testing.assert_close(got, G, rtol=1e-5, atol=1e-6)
+    assert out.aux["importance"].item() == pytest.approx(importance, rel=1e-4, abs=1e-9)
+    assert out.aux["load"].item() == pytest.approx(load, rel=1e-4, abs=1e-9)
+
+
+def test_noisy_topk_zero_init_noise_std_is_softplus_zero_plus_a_hundredth():
+    """Both weights start at zero: every logit is 0 and H = n * (log 2 + 0.01)."""
+    E, T = 4, 8
+    r = make("noisy_topk", E, k=1, w_importance=0.0, w_load=0.0).train()
+    torch.manual_seed(3)
+    out = r(tokens(T))
+    torch.manual_seed(3)
+    H = torch.randn(T, E) * (math.log(2) + 0.01)
+    assert out.experts[:, 0].tolist() == H.argmax(1).tolist()
+    assert out.aux == {}  # both coefficients 0: neither loss
+
+
+def test_noisy_topk_reads_its_gate_once_per_forward():
+    """The clean logits are computed once and handed to the selection: with gate smoothing on, a second gate
+    read would move the EMA of gate probabilities twice per step."""
+    E, T, decay = 4, 10, 0.5
+    r = make("noisy_topk", E, k=2, smoothing=0.5, ema_decay=decay).train()
+    torch.nn.init.normal_(r.gate.weight)
+    x = tokens(T)
+    probs = torch.softmax(gate_logits(r, x), 1)
+    r(x)
+    torch.testing.assert_close(r.gate_ema, decay * torch.full((E,), 1 / E) + (1 - decay) * probs.mean(0))
+
+
+# -- lsh ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("E, bits", [(1, 1), (2, 1), (3, 2), (8, 3), (5, 3)])
+def test_lsh_draws_its_hyperplanes_and_table_from_its_seed_alone(E, bits):
+    torch.manual_seed(123)  # the global generator must not matter
+    r = make("lsh", E, seed=7)
+    g = torch.Generator().manual_seed(7)
+    planes = torch.randn(D, bits, generator=g)  # ceil(log2 E) hyperplanes, at least one
+    table = torch.randperm(2**bits, generator=g) % E
+    assert torch.equal(r.planes, planes) and torch.equal(r.table, table)
+
+
+def test_lsh_code_bit_is_one_only_for_a_strictly_positive_side():
+    r = make("lsh", 4, seed=1)
+    out = r(torch.zeros(3, D, dtype=torch.float64))  # on every hyperplane: all bits 0, code 0
+    assert out.experts.tolist() == [[int(r.table[0])]] * 3
+    assert out.weights.dtype == torch.float64 and out.weights.tolist() == [[1.0]] * 3
+
+
+# -- base (BASE layers) and random -------------------------------------------------------------------------
+def test_base_max_rounds_bounds_the_auction_before_the_greedy_fallback():
+    """Two tokens, two experts, one place each. Scores [[10, 0], [10.5, 9]]: the optimum is token 0 -> 0,
+    token 1 -> 1 (19); the greedy rule (the higher proposer keeps expert 0, the other takes what is left)
+    gives [1, 0] (10.5). One auction round cannot finish, so max_rounds=1 falls back to greedy."""
+    x = torch.zeros(2, D)
+    x[0, 0] = x[1, 1] = 1.0
+    W = torch.zeros(2, D)
+    W[:, 0] = torch.tensor([10.0, 0.0])
+    W[:, 1] = torch.tensor([10.5, 9.0])
+    for max_rounds, want in [(2000, [0, 1]), (1, [1, 0])]:
+        r = make("base", 2, max_rounds=max_rounds).train()
+        r.gate.weight.data.copy_(W)
+        assert r(x).experts[:, 0].tolist() == want
+
+
+def test_base_balance_option_counts_the_balanced_assignment_not_the_argmax():
+    """balance_batch = c * E * sum_e f_e P_e with f the loads of the assignment actually made: T/E each, so
+    the loss is c * sum_e P_e = c whatever the (skewed) gate."""
+    E, T, c = 4, 12, 0.3
+    r = make("base", E, balance_batch=c).train()
+    r.gate.weight.data[0] += 3.0  # every token prefers expert 0
+    x = tokens(T).abs()
+    out = r(x.double())
+    assert torch.bincount(out.experts[:, 0], minlength=E).tolist() == [3] * E
+    assert out.aux["balance_batch"].item() == pytest.approx(c, rel=1e-5)
+    assert out.weights.dtype == torch.float64
+
+
+def test_random_routing_is_k_per_token_in_the_input_dtype():
+    out = make("random", 5, k=1)(tokens(6).double())
+    assert out.experts.shape == (6, 1) and out.weights.dtype == torch.float64 and out.weights.eq(1).all()
