@@ -49,6 +49,11 @@ REFUSED = [
     ("base", {"rel_eps": 1.0}, "rel_eps must be in (0, 1), got 1.0"),
     ("base", {"max_rounds": 0}, "max_rounds must be >= 1, got 0"),
     ("random", {"k": 0}, "k must be >= 1, got 0"),
+    ("switch", {"alpha": -1.0}, "alpha must be >= 0, got -1.0"),
+    ("hash_position", {"seq_len": -1}, "seq_len must be >= 0, got -1"),
+    ("hash", {"table_size": 0}, "table_size must be >= 1, got 0"),
+    ("bias_balanced", {"k": 0}, "k must be >= 1, got 0"),
+    ("bias_balanced", {"update_rate": -0.1}, "update_rate must be >= 0, got -0.1"),
     ("oracle", {}, "oracle needs expert >= 0 (force one expert) or trace (an oracle trace from 'routerlab analyze')"),
 ]
 ACCEPTED = [
@@ -61,6 +66,9 @@ ACCEPTED = [
     ("lsh", {"bits": 0}),
     ("base", {"rel_eps": 0.999, "max_rounds": 1}),
     ("random", {"k": 1}),
+    ("hash_position", {"seq_len": 0, "table_size": 1}),
+    ("hash", {"table_size": 1}),
+    ("bias_balanced", {"k": 1, "update_rate": 0.0}),
 ]
 
 
@@ -130,18 +138,36 @@ def test_graph_initial_scales_are_the_documented_ones():
     assert r.gate.bias is None
 
 
+def fedus_balance(alpha, logits, experts, score):
+    """alpha * E * sum_e f_e P_e: f over every slot's hard choice, P the mean normalized score (softmax, or
+    sigmoid / its row sum)."""
+    E, T = logits.shape[1], logits.shape[0]
+    s = torch.softmax(logits.double(), 1) if score == "softmax" else torch.sigmoid(logits.double())
+    P = (s / s.sum(1, keepdim=True)).mean(0)
+    f = torch.bincount(experts.reshape(-1), minlength=E).double() / experts.numel()
+    return alpha * E * float((f * P).sum())
+
+
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_graph_balance_loss_is_alpha_e_sum_f_p_in_training_only(score):
     E, T, alpha = 4, 20, 0.5
     r = make("graph", E, k=2, alpha=alpha, score=score, dim=4)
     x = tokens(T)
     out = r.train()(x)
-    s = graph_reference_scores(r, x)
-    probs = torch.softmax(s, 1) if score == "softmax" else torch.sigmoid(s) / torch.sigmoid(s).sum(1, keepdim=True)
-    f = torch.bincount(out.experts.reshape(-1), minlength=E).double() / (2 * T)
-    assert out.aux["balance"].item() == pytest.approx(alpha * E * float((f * probs.mean(0)).sum()), rel=1e-5)
+    want = fedus_balance(alpha, graph_reference_scores(r, x), out.experts, score)
+    assert out.aux["balance"].item() == pytest.approx(want, rel=1e-5)
     assert "balance" not in r.eval()(x).aux
     assert "balance" not in make("graph", E, alpha=0.0).train()(x).aux
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_switch_balance_loss_normalizes_elementwise_scores(score):
+    E, T, alpha = 4, 20, 0.5
+    r = make("switch", E, alpha=alpha, score=score)
+    x = tokens(T)
+    out = r(x)
+    assert out.aux["balance"].item() == pytest.approx(fedus_balance(alpha, gate_logits(r, x), out.experts, score), rel=1e-5)
+    assert "balance" not in make("switch", E, alpha=0.0)(x).aux
 
 
 # -- reinforce ---------------------------------------------------------------------------------------------
@@ -430,3 +456,29 @@ def test_base_balance_option_counts_the_balanced_assignment_not_the_argmax():
 def test_random_routing_is_k_per_token_in_the_input_dtype():
     out = make("random", 5, k=1)(tokens(6).double())
     assert out.experts.shape == (6, 1) and out.weights.dtype == torch.float64 and out.weights.eq(1).all()
+
+
+# -- the hash family ---------------------------------------------------------------------------------------
+def test_hash_position_with_sequences_of_one_token_sends_every_token_to_the_first_entry():
+    r = make("hash_position", 4, table_size=8, seq_len=1)
+    assert r(tokens(5)).experts[:, 0].tolist() == [int(r.table[0])] * 5  # every position is 0
+
+
+@pytest.mark.parametrize("name", ["hash", "hash_position", "hash_bigram", "hash_balanced"])
+def test_hash_routers_give_weight_one_in_the_input_dtype(name):
+    out = make(name, 4)(tokens(3).double(), token_ids=torch.tensor([1, 2, 3]))
+    assert out.weights.dtype == torch.float64 and out.weights.tolist() == [[1.0]] * 3
+
+
+# -- bias_balanced -----------------------------------------------------------------------------------------
+def test_bias_balanced_normalize_applies_at_k1_too():
+    """DeepSeek-V3's g = s / sum of the chosen s: one chosen expert gets weight 1; normalize=False keeps sigmoid(s)."""
+    E, T = 4, 6
+    x = tokens(T)
+    normalized = make("bias_balanced", E, k=1)(x)
+    assert normalized.weights.tolist() == [[1.0]] * T
+    raw = make("bias_balanced", E, k=1, normalize=False)
+    out = raw(x)
+    s = torch.sigmoid(gate_logits(raw, x))
+    assert out.experts[:, 0].tolist() == s.argmax(1).tolist()
+    torch.testing.assert_close(out.weights[:, 0], s.max(1).values)
