@@ -54,6 +54,7 @@ REFUSED = [
     ("hash", {"table_size": 0}, "table_size must be >= 1, got 0"),
     ("bias_balanced", {"k": 0}, "k must be >= 1, got 0"),
     ("bias_balanced", {"update_rate": -0.1}, "update_rate must be >= 0, got -0.1"),
+    ("hash_bigram", {"seq_len": -1}, "seq_len must be >= 0, got -1"),
     ("oracle", {}, "oracle needs expert >= 0 (force one expert) or trace (an oracle trace from 'routerlab analyze')"),
 ]
 ACCEPTED = [
@@ -69,6 +70,7 @@ ACCEPTED = [
     ("hash_position", {"seq_len": 0, "table_size": 1}),
     ("hash", {"table_size": 1}),
     ("bias_balanced", {"k": 1, "update_rate": 0.0}),
+    ("hash_bigram", {"seq_len": 0}),
 ]
 
 
@@ -464,6 +466,18 @@ def test_hash_position_with_sequences_of_one_token_sends_every_token_to_the_firs
     assert r(tokens(5)).experts[:, 0].tolist() == [int(r.table[0])] * 5  # every position is 0
 
 
+
+@pytest.mark.parametrize("seq_len", [0, 1])
+def test_hash_bigram_first_token_of_a_sequence_pairs_with_id_minus_one(seq_len):
+    """key = id_t * 1000003 + (id_{t-1} + 1) * 8191 with id_{t-1} = -1 at a sequence start: the batch's first
+    token (seq_len 0, one sequence), or every token (seq_len 1)."""
+    size = 97
+    r = make("hash_bigram", 4, table_size=size, seq_len=seq_len)
+    ids = [5, 11, 2, 40]
+    prev = [-1] + ids[:-1] if seq_len == 0 else [-1] * len(ids)
+    want = [int(r.table[(i * 1000003 + (p + 1) * 8191) % size]) for i, p in zip(ids, prev)]
+    assert r(tokens(4), token_ids=torch.tensor(ids)).experts[:, 0].tolist() == want
+
 @pytest.mark.parametrize("name", ["hash", "hash_position", "hash_bigram", "hash_balanced"])
 def test_hash_routers_give_weight_one_in_the_input_dtype(name):
     out = make(name, 4)(tokens(3).double(), token_ids=torch.tensor([1, 2, 3]))
@@ -482,3 +496,23 @@ def test_bias_balanced_normalize_applies_at_k1_too():
     s = torch.sigmoid(gate_logits(raw, x))
     assert out.experts[:, 0].tolist() == s.argmax(1).tolist()
     torch.testing.assert_close(out.weights[:, 0], s.max(1).values)
+
+
+# -- base.py: the shared balance loss ----------------------------------------------------------------------
+def test_switch_balance_loss_of_one_routed_slot_counts_it_as_the_whole_batch():
+    from routerlab.routers.base import switch_balance_loss
+
+    probs = torch.tensor([[0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
+    experts = torch.tensor([[2, -1], [-1, -1]])  # one used slot in the batch: f = (0, 0, 1)
+    assert float(switch_balance_loss(probs, experts, 3)) == pytest.approx(3 * (0.7 + 0.4) / 2)
+
+
+def test_switch_balance_loss_weights_tokens_by_their_importance_weights():
+    from routerlab.routers.base import switch_balance_loss
+
+    probs = torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]])
+    experts = torch.tensor([[2], [0]])  # f = (1/2, 0, 1/2)
+    w = torch.tensor([0.1, 0.3])  # small weights: the normalization is by their sum, not clamped to 1
+    P = [(0.1 * probs[0, e] + 0.3 * probs[1, e]) / 0.4 for e in range(3)]
+    want = 3 * (0.5 * float(P[0]) + 0.5 * float(P[2]))
+    assert float(switch_balance_loss(probs, experts, 3, w)) == pytest.approx(want, rel=1e-6)
