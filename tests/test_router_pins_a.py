@@ -473,10 +473,11 @@ def test_hash_bigram_first_token_of_a_sequence_pairs_with_id_minus_one(seq_len):
     token (seq_len 0, one sequence), or every token (seq_len 1)."""
     size = 97
     r = make("hash_bigram", 4, table_size=size, seq_len=seq_len)
-    ids = [5, 11, 2, 40]
-    prev = [-1] + ids[:-1] if seq_len == 0 else [-1] * len(ids)
-    want = [int(r.table[(i * 1000003 + (p + 1) * 8191) % size]) for i, p in zip(ids, prev)]
-    assert r(tokens(4), token_ids=torch.tensor(ids)).experts[:, 0].tolist() == want
+    for ids in ([5, 11, 2, 40], [0], [1], [2], [3], [4], [6], [7]):
+        prev = [-1] + ids[:-1] if seq_len == 0 else [-1] * len(ids)
+        want = [int(r.table[(i * 1000003 + (p + 1) * 8191) % size]) for i, p in zip(ids, prev)]
+        assert r(tokens(len(ids)), token_ids=torch.tensor(ids)).experts[:, 0].tolist() == want
+
 
 @pytest.mark.parametrize("name", ["hash", "hash_position", "hash_bigram", "hash_balanced"])
 def test_hash_routers_give_weight_one_in_the_input_dtype(name):
