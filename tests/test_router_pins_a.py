@@ -11,7 +11,7 @@ import torch
 
 from routerlab.errors import ConfigError
 from routerlab.routers.registry import router_entry
-from test_router_definitions import D, assert_softmax_top2, gate_logits, make, rows, tokens
+from test_router_definitions import D, assert_softmax_top2, gate_logits, make, reference_greedy_balanced, tokens
 
 
 def refusal(name, **params):
@@ -55,6 +55,7 @@ REFUSED = [
     ("bias_balanced", {"k": 0}, "k must be >= 1, got 0"),
     ("bias_balanced", {"update_rate": -0.1}, "update_rate must be >= 0, got -0.1"),
     ("hash_bigram", {"seq_len": -1}, "seq_len must be >= 0, got -1"),
+    ("sinkhorn", {"iters": 0}, "iters must be >= 1, got 0"),
     ("oracle", {}, "oracle needs expert >= 0 (force one expert) or trace (an oracle trace from 'routerlab analyze')"),
 ]
 ACCEPTED = [
@@ -71,6 +72,7 @@ ACCEPTED = [
     ("hash", {"table_size": 1}),
     ("bias_balanced", {"k": 1, "update_rate": 0.0}),
     ("hash_bigram", {"seq_len": 0}),
+    ("sinkhorn", {"iters": 1}),
 ]
 
 
@@ -442,17 +444,46 @@ def test_base_max_rounds_bounds_the_auction_before_the_greedy_fallback():
         assert r(x).experts[:, 0].tolist() == want
 
 
-def test_base_balance_option_counts_the_balanced_assignment_not_the_argmax():
+@pytest.mark.parametrize("name", ["base", "sinkhorn"])
+def test_balanced_assignment_routers_balance_option_counts_the_assignment_not_the_argmax(name):
     """balance_batch = c * E * sum_e f_e P_e with f the loads of the assignment actually made: T/E each, so
     the loss is c * sum_e P_e = c whatever the (skewed) gate."""
     E, T, c = 4, 12, 0.3
-    r = make("base", E, balance_batch=c).train()
+    r = make(name, E, balance_batch=c).train()
     r.gate.weight.data[0] += 3.0  # every token prefers expert 0
     x = tokens(T).abs()
     out = r(x.double())
     assert torch.bincount(out.experts[:, 0], minlength=E).tolist() == [3] * E
     assert out.aux["balance_batch"].item() == pytest.approx(c, rel=1e-5)
     assert out.weights.dtype == torch.float64
+
+
+def test_sinkhorn_training_rounds_the_textbook_plan_of_its_iterations():
+    """Training: Sinkhorn-Knopp on exp(logits) (`iters` rounds: columns to T/E, then rows to 1), rounded by
+    the proposal rounds; weight = the softmax probability of the assigned expert. On a skewed gate every
+    iteration count gives another assignment."""
+    E, T = 4, 14
+    x = tokens(T, scale=2)
+    assignments = []
+    for iters in (1, 2, 8):
+        r = make("sinkhorn", E, iters=iters).train()
+        r.gate.weight.data[0] += 0.5
+        logits = gate_logits(r, x).double()
+        plan = torch.exp(logits)
+        for _ in range(iters):
+            plan = plan / plan.sum(0, keepdim=True) * (T / E)
+            plan = plan / plan.sum(1, keepdim=True)
+        out = r(x)
+        want = reference_greedy_balanced(plan.tolist(), E)
+        assert out.experts[:, 0].tolist() == want, iters
+        torch.testing.assert_close(out.weights[:, 0].double(), torch.softmax(logits, 1)[torch.arange(T), want], rtol=1e-5, atol=1e-7)
+        assignments.append(want)
+    assert assignments[0] != assignments[1] != assignments[2]
+
+
+def test_sinkhorn_training_on_an_empty_batch_routes_nothing():
+    out = make("sinkhorn", 4).train()(torch.zeros(0, D))
+    assert out.experts.shape == (0, 1) and out.weights.shape == (0, 1)
 
 
 def test_random_routing_is_k_per_token_in_the_input_dtype():
