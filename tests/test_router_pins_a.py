@@ -549,3 +549,24 @@ def test_switch_balance_loss_weights_tokens_by_their_importance_weights():
     P = [(0.1 * probs[0, e] + 0.3 * probs[1, e]) / 0.4 for e in range(3)]
     want = 3 * (0.5 * float(P[0]) + 0.5 * float(P[2]))
     assert float(switch_balance_loss(probs, experts, 3, w)) == pytest.approx(want, rel=1e-6)
+
+
+# -- hash_balanced -----------------------------------------------------------------------------------------
+def test_hash_balanced_fit_folds_counts_onto_the_table_and_keeps_uncounted_ids_random():
+    """Counts longer than the table add up modulo its size: [3, 1, 2, 0, 2, 2, 0, 0] on 4 entries is
+    [5, 3, 2, 0]; LPT on 2 experts: id 0 -> 0 (load 5), id 1 -> 1 (3), id 2 -> 1 (5); id 3 keeps the seed's table."""
+    r = make("hash_balanced", 2, table_size=4, seed=9)
+    fallback = torch.randint(2, (4,), generator=torch.Generator().manual_seed(9))  # the plain hash table
+    assert r.table.tolist() == fallback.tolist() and not bool(r.fitted)
+    r.eval()(tokens(3), token_ids=torch.tensor([0, 1, 2]))
+    assert not bool(r.fitted)  # evaluation never fits
+    r.fit([3, 1, 2, 0, 2, 2, 0, 0])
+    assert r.table.tolist() == [0, 1, 1, int(fallback[3])] and bool(r.state_dict()["fitted"])
+
+
+def test_hash_balanced_fits_on_the_first_training_batch_ids_modulo_the_table():
+    r = make("hash_balanced", 2, table_size=4, seed=9).train()
+    fallback = r.table.clone()
+    out = r(tokens(5), token_ids=torch.tensor([4, 4, 4, 1, 6]))  # ids 0, 0, 0, 1, 2: counts [3, 1, 1, 0]
+    assert r.table.tolist() == [0, 1, 1, int(fallback[3])]
+    assert out.experts[:, 0].tolist() == [0, 0, 0, 1, 1]
