@@ -253,29 +253,30 @@ def test_reinforce_observes_a_loss_only_after_a_training_forward_of_as_many_toke
 
 # -- replay and oracle -------------------------------------------------------------------------------------
 def write_trace(path, E=4, token_ids=None):
-    """A two-layer trace of three tokens: layer 0 and layer 1 route differently."""
+    """A three-layer trace of three tokens: every layer routes differently."""
     from routerlab.analysis.trace import LayerTrace, Trace, save_trace
 
     ids = np.full(3, -1) if token_ids is None else np.asarray(token_ids)
     layer0 = LayerTrace(np.array([[0, 1], [2, -1], [3, 0]], dtype=np.int64), np.array([[0.6, 0.4], [1.0, 0.0], [0.3, 0.7]], dtype=np.float32))
     layer1 = LayerTrace(np.array([[1, 2], [3, 0], [-1, 2]], dtype=np.int64), np.array([[0.5, 0.5], [0.9, 0.1], [0.0, 1.0]], dtype=np.float32))
-    meta = {"num_experts": E, "num_layers": 2}
-    return str(save_trace(path, Trace(meta, ids, np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.float32), [layer0, layer1])))
+    layer2 = LayerTrace(np.array([[3, -1], [1, -1], [0, -1]], dtype=np.int64), np.ones((3, 2), dtype=np.float32) * [1.0, 0.0])
+    meta = {"num_experts": E, "num_layers": 3}
+    return str(save_trace(path, Trace(meta, ids, np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.float32), [layer0, layer1, layer2])))
 
 
 def test_replay_automatic_layers_count_the_routers_built_from_one_trace(tmp_path):
     trace = write_trace(tmp_path / "auto.npz")
-    built = [make("replay", 4, trace=trace) for _ in range(3)]
-    assert [r.layer for r in built] == [0, 1, 0]  # the i-th router gets layer i, modulo the trace's 2 layers
+    built = [make("replay", 4, trace=trace) for _ in range(4)]
+    assert [r.layer for r in built] == [0, 1, 2, 0]  # the i-th router gets layer i, modulo the trace's 3 layers
     assert built[1](tokens(1)).experts.tolist() == [[1, 2]]
-    assert make("replay", 4, trace=trace, layer=1).layer == 1  # explicit layers do not advance the count
+    assert make("replay", 4, trace=trace, layer=2).layer == 2  # explicit layers do not advance the count
     assert make("replay", 4, trace=trace).layer == 1
 
 
 def test_replay_refuses_a_layer_the_trace_lacks_and_a_trace_of_another_expert_count(tmp_path):
     trace = write_trace(tmp_path / "t.npz")
-    with pytest.raises(ConfigError, match="has 2 MoE layer"):
-        make("replay", 4, trace=trace, layer=2)
+    with pytest.raises(ConfigError, match="has 3 MoE layer"):
+        make("replay", 4, trace=trace, layer=3)
     with pytest.raises(ConfigError, match="has 4 experts, this model 5"):
         make("replay", 5, trace=trace, layer=0)
 
@@ -308,10 +309,10 @@ def test_replay_learned_gates_are_the_gate_softmax_at_the_replayed_experts_renor
 
 
 def test_replay_checks_the_token_stream_against_the_trace_ids(tmp_path):
-    trace = write_trace(tmp_path / "ids.npz", token_ids=[5, 6, 7])
+    trace = write_trace(tmp_path / "ids.npz", token_ids=[0, 6, 7])  # id 0 is a recorded id too (-1: none)
     r = make("replay", 4, trace=trace, layer=0)
-    assert r(tokens(2), token_ids=torch.tensor([5, 6])).experts.tolist() == [[0, 1], [2, -1]]
-    with pytest.raises(ConfigError, match=r"token 0 of trace .* is id 5, the stream has 9"):
+    assert r(tokens(2), token_ids=torch.tensor([0, 6])).experts.tolist() == [[0, 1], [2, -1]]
+    with pytest.raises(ConfigError, match=r"token 0 of trace .* is id 0, the stream has 9"):
         r(tokens(2), token_ids=torch.tensor([7, 9]))  # positions 2 and 0 (wrapped): the second differs
     loose = make("replay", 4, trace=trace, layer=0, check_tokens=False)
     assert loose(tokens(2), token_ids=torch.tensor([9, 9])).experts.tolist() == [[0, 1], [2, -1]]
