@@ -194,7 +194,7 @@ def test_reinforce_entropy_bonus_is_minus_coefficient_times_mean_policy_entropy(
     r = make("reinforce", E, entropy=0.3).train()
     p = torch.softmax(gate_logits(r, x), 1)
     entropy = -(p * p.log()).sum(1).mean()
-    assert float(r(x).aux["entropy_bonus"]) == pytest.approx(-0.3 * float(entropy), rel=1e-5)
+    assert r(x).aux["entropy_bonus"].item() == pytest.approx(-0.3 * float(entropy), rel=1e-5)
     assert "entropy_bonus" not in make("reinforce", E, entropy=0.0).train()(x).aux
 
 
