@@ -451,12 +451,14 @@ def test_balanced_assignment_routers_balance_option_counts_the_assignment_not_th
     """balance_batch = c * E * sum_e f_e P_e with f the loads of the assignment actually made: T/E each, so
     the loss is c * sum_e P_e = c whatever the (skewed) gate."""
     E, T, c = 4, 12, 0.3
-    r = make(name, E, balance_batch=c).train()
+    r = make(name, E, balance_batch=c, z_loss=0.1).train()
     r.gate.weight.data[0] += 3.0  # every token prefers expert 0
     x = tokens(T).abs()
     out = r(x.double())
     assert torch.bincount(out.experts[:, 0], minlength=E).tolist() == [3] * E
     assert out.aux["balance_batch"].item() == pytest.approx(c, rel=1e-5)
+    z = torch.logsumexp(gate_logits(r, x), 1).square().mean()  # the stability losses see the gate's logits
+    assert out.aux["z_loss"].item() == pytest.approx(0.1 * float(z), rel=1e-5)
     assert out.weights.dtype == torch.float64
 
 
