@@ -485,6 +485,20 @@ def test_sinkhorn_training_rounds_the_textbook_plan_of_its_iterations():
     assert assignments[0] != assignments[1] != assignments[2]
 
 
+def test_sinkhorn_training_on_one_token_follows_its_uniform_plan():
+    """T = 1: normalizing each column to T/E = 1/E leaves every entry of the one row equal, so the rounding's
+    proposal goes to the lowest id on the tie, expert 0, whatever the gate prefers (the textbook algorithm)."""
+    E = 4
+    r = make("sinkhorn", E).train()
+    for t in range(4):
+        x = tokens(1, seed=20 + t, scale=3)
+        out = r(x)
+        p = torch.softmax(gate_logits(r, x), 1)
+        assert out.experts.tolist() == [[reference_greedy_balanced([[1.0] * E], E)[0]]] == [[0]]
+        torch.testing.assert_close(out.weights[0, 0], p[0, 0])
+    assert [int(r.eval()(tokens(1, seed=20 + t, scale=3)).experts) for t in range(4)] != [0] * 4  # evaluation: the argmax
+
+
 def test_sinkhorn_training_on_an_empty_batch_routes_nothing():
     out = make("sinkhorn", 4).train()(torch.zeros(0, D))
     assert out.experts.shape == (0, 1) and out.weights.shape == (0, 1)
