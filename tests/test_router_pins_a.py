@@ -587,3 +587,17 @@ def test_hash_balanced_fits_on_the_first_training_batch_ids_modulo_the_table():
     out = r(tokens(5), token_ids=torch.tensor([4, 4, 4, 1, 6]))  # ids 0, 0, 0, 1, 2: counts [3, 1, 1, 0]
     assert r.table.tolist() == [0, 1, 1, int(fallback[3])]
     assert out.experts[:, 0].tolist() == [0, 0, 0, 1, 1]
+
+
+def test_hash_balanced_breaks_count_ties_by_the_lower_id_on_a_large_table():
+    """LPT with equal counts taken in id order (a stable sort): on hundreds of tied ids an unstable sort
+    would interleave them differently."""
+    E, size = 3, 300
+    counts = torch.randint(1, 4, (size,), generator=torch.Generator().manual_seed(4))
+    r = make("hash_balanced", E, table_size=size)
+    r.fit(counts)
+    load, want = [0] * E, [0] * size
+    for i in sorted(range(size), key=lambda i: (-int(counts[i]), i)):
+        want[i] = min(range(E), key=lambda e: (load[e], e))
+        load[want[i]] += int(counts[i])
+    assert r.table.tolist() == want
