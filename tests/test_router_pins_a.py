@@ -145,7 +145,7 @@ def test_graph_initial_scales_are_the_documented_ones():
 def fedus_balance(alpha, logits, experts, score):
     """alpha * E * sum_e f_e P_e: f over every slot's hard choice, P the mean normalized score (softmax, or
     sigmoid / its row sum)."""
-    E, T = logits.shape[1], logits.shape[0]
+    E = logits.shape[1]
     s = torch.softmax(logits.double(), 1) if score == "softmax" else torch.sigmoid(logits.double())
     P = (s / s.sum(1, keepdim=True)).mean(0)
     f = torch.bincount(experts.reshape(-1), minlength=E).double() / experts.numel()
