@@ -95,7 +95,9 @@ class Board:
     def __init__(self, run_dir: str | Path, purge_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step or None)
+        # TensorBoard drops the events at purge_step and after it; those at the checkpoint's own step (its
+        # evaluation, its training scalars) came before the checkpoint was written, so they stay
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step + 1 if purge_step else None)
         if not purge_step:
             self.writer.add_custom_scalars(custom_layout())
 
