@@ -117,9 +117,10 @@ class Trainer:
         self.parallel = setup_parallel(config.parallel.expert, config.train.device)  # one process unless torchrun
         self.progress = progress and self.parallel.is_main
         self.device = self.parallel.device(config.train.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        self.on_cuda = self.device.type == "cuda"  # CUDA-only work below: TF32, the fused optimizer, syncs, peaks, RNG
+        if self.on_cuda and not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
-        if self.device.type == "cuda" and (self.device.index or 0) >= (count := torch.cuda.device_count()):
+        if self.on_cuda and (self.device.index or 0) >= (count := torch.cuda.device_count()):
             raise ConfigError(f"train.device is {str(self.device)!r} but this machine has {count} CUDA GPU{'s' * (count != 1)} "
                               f"(cuda:0 .. cuda:{count - 1}); choose one of them")
         self.dtype, self.autocast_dtype = PRECISIONS[config.train.precision]
@@ -135,14 +136,14 @@ class Trainer:
         self.layers = self.model.moe_layers()
         check_compatible(self.model, self.task, config)
         t = config.train
-        if self.device.type == "cuda":  # every float32 matmul: fp32 runs, and the float32 router gates of bf16 runs
+        if self.on_cuda:  # every float32 matmul: fp32 runs, and the float32 router gates of bf16 runs
             set_tf32(t.tf32)
         self.compiled = compile_model(self.model, resolve_compile(t.compile, self.device))
         # routers that read RoutingStats after each step; the others' stats are computed only for logging
         self._router_uses_stats = [type(layer.router).after_step is not Router.after_step for layer in self.layers]
         # fused: one kernel pass over the parameters on CUDA (an 840M-parameter MoE steps 8x the dense twin's bytes)
         # fused also skips a non-finite update on the device (found_inf, as GradScaler does): no host sync before the step
-        fused = {"fused": True} if self.device.type == "cuda" else {}
+        fused = {"fused": True} if self.on_cuda else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95), **fused)
         # train.cuda_graph: forward + backward replayed from a CUDA graph where safe (routerlab/step_graph.py)
         self.cuda_graph_off = why_not(self)
@@ -291,7 +292,7 @@ class Trainer:
         else:  # max_norm=inf leaves the gradients as they are but still returns their (global) norm
             norm = self.parallel.clip_grad_norm_(self.model, max_norm)
         total = loss.detach() + sum(v.detach() for v in aux.values())  # task loss plus aux losses, on the device
-        bad = ~torch.isfinite(total) if norm is None else ~(torch.isfinite(total) & torch.isfinite(norm))
+        bad = ~(torch.isfinite(total) & torch.isfinite(norm))
         if on_device:  # the fused kernels skip the whole update (moments and step count too) where found_inf is set
             self.optimizer.found_inf = bad.float()
             self.optimizer.step()
@@ -305,7 +306,7 @@ class Trainer:
         value, finite = self.parallel.reduce_step(self.layers, loss, bad)
         if not finite and self.config.train.on_nonfinite == "stop":  # the update did not happen: weights stay good
             raise RunStopped(
-                f"step {self.step + 1}: the loss ({float(total):.4g}) or gradient norm ({float(norm) if norm is not None else float('nan'):.4g}) "
+                f"step {self.step + 1}: the loss ({float(total):.4g}) or gradient norm ({float(norm):.4g}) "
                 "is not finite; stopped without saving, the last good checkpoint is kept; lower train.lr, set train.grad_clip, "
                 "or set train.on_nonfinite=skip to skip such updates")
         if finite and not on_device:
@@ -335,7 +336,7 @@ class Trainer:
         return value
 
     def _synchronize(self) -> None:
-        if self.device.type == "cuda":  # kernels run asynchronously: time what the GPU did, not the launches
+        if self.on_cuda:  # kernels run asynchronously: time what the GPU did, not the launches
             torch.cuda.synchronize(self.device)
 
     def _log_train(self, aux: dict[str, torch.Tensor]) -> None:
@@ -392,7 +393,7 @@ class Trainer:
         """The card's bf16 peak FLOP/s for MFU and where it comes from (config, or the card's name)."""
         if self.config.train.peak_flops is not None:
             return self.config.train.peak_flops, "train.peak_flops"
-        if self.device.type == "cuda":
+        if self.on_cuda:
             name = torch.cuda.get_device_name(self.device)
             for key, (peak, source) in KNOWN_PEAKS.items():
                 if key in name:
@@ -404,7 +405,7 @@ class Trainer:
         peak whatever train.precision is; `stats` as in flops_per_token)."""
         steps = self.steady_steps()
         out = {"tokens_per_s": self.tokens_per_s, "step_time_ms": 1e3 * sum(s for s, _ in steps) / max(1, len(steps))}
-        if self.device.type == "cuda":
+        if self.on_cuda:
             out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         peak, _ = self.peak_flops()
         if peak is not None:
@@ -543,7 +544,7 @@ class Trainer:
             "losses": torch.tensor(self.losses, dtype=torch.float64),
             "probe_top1": self.probe_top1,
         }
-        if self.device.type == "cuda":
+        if self.on_cuda:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
@@ -569,7 +570,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_rng.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
+        if "cuda_rng" in state and self.on_cuda:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step = state["step"]
         self.losses = state["losses"].tolist()
