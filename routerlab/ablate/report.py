@@ -109,10 +109,9 @@ def write_csv(path: Path, plan: Plan, table: list[dict[str, Any]]) -> None:
 
 def _write_table(path: Path, columns: list[str], table: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")  # every key of a row is a column
     writer.writeheader()
-    for row in table:
-        writer.writerow({k: row.get(k, "") for k in columns})
+    writer.writerows(table)  # a column a row lacks is left empty
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -273,7 +272,7 @@ def summary_markdown(plan: Plan, stats: list[dict[str, Any]], errors: dict[str, 
         "|" + "|".join(["---"] * len(names) + ["--:"] * (1 + len(metrics))) + "|",
     ]
     for s in stats:
-        cells = [str(s.get(n, "")) for n in names] + [str(s["n"])]
+        cells = [str(s[n]) for n in names] + [str(s["n"])]  # every row holds every axis
         cells += [fmt_value(m, s[m]) if m in s else "-" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     if spec.baseline is not None:
@@ -342,5 +341,5 @@ def rich_table(plan: Plan, stats: list[dict[str, Any]]):
     for m in metrics:
         table.add_column(header(m), justify="right")
     for s in stats:
-        table.add_row(*[str(s.get(n, "")) for n in names], *[fmt_value(m, s[m], compact=True) if m in s else "-" for m in metrics])
+        table.add_row(*[str(s[n]) for n in names], *[fmt_value(m, s[m], compact=True) if m in s else "-" for m in metrics])
     return table
