@@ -50,8 +50,8 @@ def trials_csv(spec: StudySpec, trials: list, metrics: tuple[str, ...]) -> str:
     w.writerow(["number", "state", *[f"value_{n}" for n in names], *params, *metrics, "retry_of"])
     for t in trials:
         values = list(t.values) if t.values is not None else [""] * len(names)
-        w.writerow([t.number, t.state.name, *values, *[t.params.get(p, "") for p in params],
-                    *[t.user_attrs.get(m, "") for m in metrics], t.system_attrs.get("failed_trial", "")])
+        w.writerow([t.number, t.state.name, *values, *[t.params.get(p) for p in params],  # None: an empty field
+                    *[t.user_attrs.get(m) for m in metrics], t.system_attrs.get("failed_trial")])
     return out.getvalue()
 
 

@@ -5,6 +5,7 @@ import csv
 import io
 import math
 import subprocess
+import sys
 
 import pytest
 
@@ -119,3 +120,99 @@ def test_the_summary_shows_task_and_router_and_every_axis_that_varies(tmp_path):
     table = [{"cell": c.id, **c.labels, "seed": c.seed, "loss": 1.0} for c in plan.cells]
     names, _ = report.summary_columns(plan, report.group_stats(plan, table, ["loss"]))
     assert names == ["task", "router", "model.num_experts"]
+
+
+# ---- studies/report.py ------------------------------------------------------------------------------
+def test_importances_are_per_objective_and_rounded_to_four_places(monkeypatch):
+    import optuna
+
+    from studies.report import importances
+
+    spec, study = study_with([[1.0, 0.5], [2.0, 0.25]], ["minimize", "minimize"])
+    seen = []
+
+    def fake(study_, target):  # what optuna would compute; here the target each objective is scored by
+        seen.append([target(t) for t in study_.get_trials()])
+        return {"train.lr": 0.123456 * len(seen), "model.num_experts": 0.5}
+
+    optuna.importance.get_param_importances  # noqa: B018 (loads the lazily imported module: patch the module itself)
+    monkeypatch.setattr(sys.modules["optuna.importance"], "get_param_importances", fake)
+    assert importances(spec, study) == {"loss": {"train.lr": 0.1235, "model.num_experts": 0.5},
+                                        "load_cv": {"train.lr": 0.2469, "model.num_experts": 0.5}}
+    assert seen == [[1.0, 2.0], [0.5, 0.25]]
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the report draws, kept open (pyplot.close is recorded instead) so their data can be read back."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    closed, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: closed.append(fig))
+    yield closed
+    for fig in closed:
+        close(fig)
+
+
+def legend_labels(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_the_pareto_figure_shows_every_pair_of_objectives_and_counts_the_trials(tmp_path, figures):
+    import optuna
+
+    from studies.report import pareto_png
+    from studies.space import StudySpec
+
+    spec, study = study_with([[3.0, 0.2], [1.0, 0.5], [2.0, 0.3], [1.5, 0.6], None], ["minimize", "minimize"])
+    pareto_png(spec, study, tmp_path / "p.png")
+    (fig,) = figures
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert fig._suptitle.get_text() == "study s: Pareto front of 4 complete trials"  # the failed trial is not counted
+    (ax,) = fig.axes
+    assert legend_labels(ax) == ["dominated", "front: softmax_topk"]
+    # three objectives: three panels, one per pair, each labelled with its two objectives
+    figures.clear()
+    config = study.trials[0].user_attrs["config"]
+    spec3 = StudySpec(name="three", objectives=[{"metric": m, "direction": d} for m, d in
+                                                [("loss", "minimize"), ("load_cv", "minimize"), ("tokens_per_s", "maximize")]])
+    study3 = optuna.create_study(directions=["minimize", "minimize", "maximize"])
+    for values in ([1.0, 0.5, 10.0], [2.0, 0.1, 20.0], [3.0, 0.6, 5.0]):
+        study3.add_trial(optuna.trial.create_trial(values=values, user_attrs={"config": config}))
+    pareto_png(spec3, study3, tmp_path / "p3.png")
+    (fig,) = figures
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+    assert labels == [("loss (minimize)", "load_cv (minimize)"), ("loss (minimize)", "tokens_per_s (maximize)"),
+                      ("load_cv (minimize)", "tokens_per_s (maximize)")]
+    points = {tuple(p) for c in fig.axes[1].collections for p in c.get_offsets().tolist()}
+    assert points == {(1.0, 10.0), (2.0, 20.0), (3.0, 5.0)}  # trial 2 is dominated by trial 0: still drawn, in grey
+    assert legend_labels(fig.axes[0]) == ["dominated", "front: softmax_topk"] and fig.axes[1].get_legend() is None
+
+
+def test_the_history_figure_steps_the_best_so_far_after_each_trial(tmp_path, figures):
+    from studies.report import history_png
+
+    spec, study = study_with([[0.9], [0.95], [0.4], None, [0.6]], ["minimize"])
+    history_png(spec, study, tmp_path / "h.png")
+    (fig,) = figures
+    (ax,) = fig.axes
+    assert ax.get_title() == "study s" and legend_labels(ax) == ["trial", "best so far", "trial 0 (baseline)"]
+    best, baseline = ax.lines
+    assert best.get_drawstyle() == "steps-post"  # a best value holds from its trial on, not before it
+    assert list(best.get_xdata()) == [0, 1, 2, 4] and list(best.get_ydata()) == [0.9, 0.9, 0.4, 0.4]
+    assert list(baseline.get_ydata()) == [0.9, 0.9] and baseline.get_linestyle() == "--"
+    assert ax.collections[0].get_offsets().tolist() == [[0, 0.9], [1, 0.95], [2, 0.4], [4, 0.6]]
+
+
+def test_the_report_closes_its_figures(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from studies.report import write_report
+
+    spec, study = study_with([[3.0, 0.2], [1.0, 0.5], [2.0, 0.3]], ["minimize", "minimize"])
+    before = set(plt.get_fignums())
+    write_report(spec, study, tmp_path / "out")
+    assert set(plt.get_fignums()) == before  # a long-lived process (the study runner) does not collect open figures
