@@ -55,13 +55,26 @@ def trials_csv(spec: StudySpec, trials: list, metrics: tuple[str, ...]) -> str:
     return out.getvalue()
 
 
-def pareto_png(spec: StudySpec, study, path: Path) -> None:
-    """Pairwise scatter of the objectives: every complete trial in grey, the Pareto front in colour."""
+def _pyplot():
+    """pyplot on the Agg backend: the report is written where no display is."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    """Lay out, write (atomically) and close a report figure."""
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    _pyplot().close(fig)
+
+
+def pareto_png(spec: StudySpec, study, path: Path) -> None:
+    """Pairwise scatter of the objectives: every complete trial in grey, the Pareto front in colour."""
+    plt = _pyplot()
     names = [o.metric for o in spec.objectives]
     done = complete_trials(study)
     front = {t.number for t in study.best_trials}
@@ -80,17 +93,11 @@ def pareto_png(spec: StudySpec, study, path: Path) -> None:
         ax.set_ylabel(f"{names[j]} ({spec.directions[j]})")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"study {spec.name}: Pareto front of {len(done)} complete trials", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def history_png(spec: StudySpec, study, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     done = complete_trials(study)
     name, direction = spec.objectives[0].metric, spec.directions[0]
     xs = [t.number for t in done]
@@ -108,9 +115,7 @@ def history_png(spec: StudySpec, study, path: Path) -> None:
     ax.set_ylabel(name)
     ax.legend(fontsize=8)
     ax.set_title(f"study {spec.name}", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def importances(spec: StudySpec, study) -> dict[str, Any]:

@@ -216,3 +216,14 @@ def test_the_report_closes_its_figures(tmp_path):
     before = set(plt.get_fignums())
     write_report(spec, study, tmp_path / "out")
     assert set(plt.get_fignums()) == before  # a long-lived process (the study runner) does not collect open figures
+
+
+def test_the_scale_line_rounds_millions_of_tokens_and_needs_both_parameter_counts(tmp_path):
+    plan, table = plan_and_table(tmp_path)
+    for row in table:
+        row.update(params_active=1000.0)  # no params_total: no parameter part
+    stats = report.group_stats(plan, table, ["params_active", "params_total"])
+    same = report.scale_line(plan, stats, {"a": {"train_tokens": 2_005_001}})
+    assert "; 2.01M training tokens per run; evaluation:" in same and "parameters" not in same  # 2.005001 -> 2.01
+    spread = report.scale_line(plan, stats, {"a": {"train_tokens": 2_005_001}, "b": {"train_tokens": 3_005_001}})
+    assert "; 2.01M-3.01M training tokens per run;" in spread
