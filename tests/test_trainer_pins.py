@@ -114,11 +114,8 @@ def test_k_eff_of_a_single_token_is_its_slot_count(tmp_path):
 
 
 def test_attention_flops_scale_with_the_number_of_layers(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 60)
-    t = Trainer(load_config(None, ["task.name=chars", f"task.corpus={corpus}", "task.block_size=8", "model.d_model=16", "model.n_heads=2",
-                                   "model.n_layers=2", "model.num_experts=4", "model.expert_hidden=16", "train.batch_size=4", "train.eval_batches=1"]),
-                run_dir=tmp_path / "run", log=False)
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    t = trainer(tmp_path, "task.name=chars", f"task.corpus={tmp_path / 'corpus.txt'}", "task.block_size=8", "model.n_layers=2")  # d_model 16
     linear = sum(m.weight.numel() for m in t.model.modules() if isinstance(m, torch.nn.Linear))
     assert all(layer.stats is None for layer in t.layers)  # before any step: matmul weights and attention only
     assert t.flops_per_token() == pytest.approx(6.0 * linear + 12.0 * 2 * 16 * 8)
