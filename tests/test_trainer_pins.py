@@ -89,14 +89,34 @@ def test_the_step_log_holds_the_seconds_of_each_step(tmp_path):
 
 
 def test_the_logged_training_loss_is_the_mean_of_the_last_window(tmp_path):
-    t = trainer(tmp_path, "train.log_every=2", log=True)
+    t = trainer(tmp_path, "train.log_every=3", log=True)
     logged = {}
     t.board.scalars = lambda values, step: logged.update({step: values["train/loss"]})
-    for _ in range(6):
+    for _ in range(7):
         t.train_step()
     t.close()
-    assert sorted(logged) == [2, 4, 6]
-    assert logged[6] == pytest.approx((t.losses[4] + t.losses[5]) / 2) and logged[2] == pytest.approx((t.losses[0] + t.losses[1]) / 2)
+    assert sorted(logged) == [3, 6]
+    assert logged[3] == pytest.approx(sum(t.losses[:3]) / 3) and logged[6] == pytest.approx(sum(t.losses[3:6]) / 3)
+
+
+def test_each_step_after_the_first_draws_one_batch_the_next_step_takes(tmp_path):
+    """The next step's batch is drawn ahead, while this one finishes, and taken by that step: the same stream of
+    batches as drawing each one at its own step (routerlab/prefetch.py), one task draw per step."""
+    t = trainer(tmp_path, "train.batch_size=4", "train.micro_batches=2")
+    twin = trainer(tmp_path / "twin", "train.batch_size=4", "train.micro_batches=2")
+    draws = []
+    batch = t.task.batch
+    t.task.batch = lambda split, size, generator: draws.append(size) or batch(split, size, generator)
+    seen = []
+    t.on_step(lambda step, loss: seen.append(loss))
+    for _ in range(3):
+        t.train_step()
+    assert draws == [8, 8, 8, 8]  # the first step's own batch, then one drawn ahead at each step
+    assert t.prefetch.drawn is not None and t.prefetch.drawn.size == 8
+    assert seen == [twin.train_step(twin.next_batch()) for _ in range(3)]  # the batches a step draws for itself
+    draws.clear()
+    t.train_step(twin.next_batch())  # a batch handed in: nothing drawn from the task
+    assert draws == []
 
 
 def test_k_eff_of_a_single_token_is_its_slot_count(tmp_path):
