@@ -304,3 +304,23 @@ def test_resume_with_logging_drops_the_events_a_killed_run_left_past_the_checkpo
     loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [s for s, _ in loss] == [1, 2, 3] and loss[2][1] == pytest.approx(b.losses[2])  # step 3: the resumed run's
     assert [e.step for e in events.Scalars("eval/loss")] == [2]  # the checkpoint's own evaluation is kept
+
+
+def test_before_any_evaluation_there_are_no_metrics_and_no_loads(tmp_path):
+    t = trainer(tmp_path)
+    assert t.last_eval == {} and t.last_loads == []
+
+
+def test_the_data_description_is_recorded_only_with_logging(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from routerlab.tasks import build_task
+
+    config = load_config(None, TINY)
+    task = build_task(config.task)
+    task.data_info = lambda: {"data_checksum": "c" * 64}  # what a corpus task records
+    Trainer(config, task=task, run_dir=tmp_path / "quiet", log=False)  # nothing to record it in: no error
+    t = Trainer(config, task=task, run_dir=tmp_path / "run", log=True)
+    t.close()
+    texts = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0}).Reload().Tensors("data/text_summary")
+    assert len(texts) == 1 and "c" * 64 in texts[0].tensor_proto.string_val[0].decode()
