@@ -324,3 +324,15 @@ def test_the_data_description_is_recorded_only_with_logging(tmp_path):
     t.close()
     texts = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0}).Reload().Tensors("data/text_summary")
     assert len(texts) == 1 and "c" * 64 in texts[0].tensor_proto.string_val[0].decode()
+
+
+def test_a_run_dir_another_process_holds_is_refused_by_its_config_name(tmp_path):
+    from test_reliability import hold_lock
+
+    holder = hold_lock(tmp_path / "run")
+    try:
+        with pytest.raises(ConfigError, match=rf"^run\.dir '.*' is already in use by PID {holder.pid}"):
+            trainer(tmp_path, log=True)
+    finally:
+        holder.kill()
+        holder.wait()
