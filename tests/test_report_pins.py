@@ -38,7 +38,7 @@ def test_summary_csv_rows_hold_n_and_the_interval(tmp_path):
 def git_repo(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "init", "-q"], check=True)
     (repo / "tracked.py").write_text("x = 1\n")
     subprocess.run([*git, "add", "tracked.py"], check=True)
