@@ -227,3 +227,16 @@ def test_the_scale_line_rounds_millions_of_tokens_and_needs_both_parameter_count
     assert "; 2.01M training tokens per run; evaluation:" in same and "parameters" not in same  # 2.005001 -> 2.01
     spread = report.scale_line(plan, stats, {"a": {"train_tokens": 2_005_001}, "b": {"train_tokens": 3_005_001}})
     assert "; 2.01M-3.01M training tokens per run;" in spread
+
+
+def test_the_best_config_file_names_every_objective_and_keeps_the_config_order(tmp_path):
+    import yaml
+
+    from studies.report import best_trial, config_yaml
+
+    spec, study = study_with([[3.0, 0.2], [1.0, 0.5]], ["minimize", "minimize"])
+    text = config_yaml(spec, best_trial(study, spec))
+    assert text.startswith("# Best trial 1 of study 's' (loss=1, load_cv=0.5).\n")
+    config = study.trials[1].user_attrs["config"]
+    sections = list(yaml.safe_load(text))
+    assert sections == list(config) and sections != sorted(sections)  # in the config's own order, not alphabetical
