@@ -4,6 +4,7 @@ parameter counts, FLOPs and tokens/s, fit's evaluation and checkpoint cadence, p
 compatibility checks. The mutation run of routerlab/train.py selects this file (docs/reliability.md)."""
 import copy
 import math
+import uuid
 
 import pytest
 import torch
@@ -303,7 +304,7 @@ def test_micro_batch_aux_losses_are_weighted_by_their_tokens(tmp_path):
 def test_a_finite_loss_with_a_non_finite_gradient_stops_the_run(tmp_path):
     from routerlab.errors import RunStopped
 
-    name = f"nan_grad_{tmp_path.name}"  # unique: a process may run this test twice (mutation testing)
+    name = f"nan_grad_{uuid.uuid4().hex[:8]}"  # unique: a process may run this test twice (mutation testing)
     plugin = tmp_path / f"{name}.py"
     plugin.write_text(
         "import torch\n"
