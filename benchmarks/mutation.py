@@ -54,6 +54,7 @@ PASSES = {
         "only_mutate": ROUTERS,
         "tests": ["tests/test_router_definitions.py", "tests/test_router_zoo.py", "tests/test_routers_foundation.py",
                   "tests/test_router_options.py", "tests/test_balancing.py", "tests/test_adversarial.py", "tests/test_router_pins_a.py",
+                  "tests/test_router_pins_b.py",
                   "tests/test_definitions.py::test_top2_weights_are_the_renormalized_top2_softmax",
                   "tests/test_definitions.py::test_expert_choice_takes_each_experts_highest_scoring_tokens",
                   "tests/test_definitions.py::test_sinkhorn_iterations_balance_the_plan_as_the_textbook_algorithm",

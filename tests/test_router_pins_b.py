@@ -1,0 +1,256 @@
+"""Pins of router definitions the mutation run (benchmarks/mutation.py routers; docs/reliability.md) found
+unpinned: the gate options of routers/gated.py and the selection rules of the zoo routers. Every expected value
+comes from a hand computation or a plain-PyTorch / Python reference written here. Tiny CPU shapes, fixed seeds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from routerlab.errors import ConfigError
+from routerlab.routers import build_router
+from routerlab.routers.gated import GateParams, GatedRouter, group_limit_mask, importance_weights
+
+D = 8
+
+
+def make(name, E=4, d_model=D, **params):
+    torch.manual_seed(0)
+    return build_router({"name": name, **params}, d_model, E)
+
+
+def tokens(T, seed=1, d_model=D):
+    return torch.randn(T, d_model, generator=torch.Generator().manual_seed(seed))
+
+
+def gate_logits(router, x):
+    return x.float() @ router.gate.weight.detach().float().t()
+
+
+def slot_shares(experts, E, first_only=False):
+    """f_e = the share of chosen slots on expert e (-1 skipped), counted in plain Python."""
+    counts = [0.0] * E
+    for row in experts.tolist():
+        for e in row[:1] if first_only else row:
+            if e >= 0:
+                counts[e] += 1
+    total = max(sum(counts), 1.0)
+    return torch.tensor([c / total for c in counts])
+
+
+# ---- GateParams: every range check names its option and its bound ---------------------------------------------
+@pytest.mark.parametrize("options, message", [
+    ({"z_loss": -1.0}, r"z_loss must be >= 0, got -1.0"),
+    ({"jitter": 1.0}, r"jitter must be in \[0, 1\), got 1.0"),
+    ({"temperature": 0.0}, r"temperature must be > 0, got 0.0"),
+    ({"smoothing": 1.0}, r"smoothing must be in \[0, 1\), got 1.0"),
+    ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\), got 1.0"),
+    ({"router_clip": -1.0}, r"router_clip must be >= 0 \(0 = off\), got -1.0"),
+    ({"importance_balance": -1.0}, r"importance_balance must be >= 0, got -1.0"),
+    ({"importance_power": -1.0}, r"importance_power must be >= 0, got -1.0"),
+    ({"balance_batch": -1.0}, r"balance_batch must be >= 0, got -1.0"),
+    ({"balance_sequence": -1.0}, r"balance_sequence must be >= 0, got -1.0"),
+    ({"balance_global": -1.0}, r"balance_global must be >= 0, got -1.0"),
+    ({"balance_count": "some"}, r"balance_count must be 'all' or 'first', got 'some'"),
+    ({"balance_layers": "mean"}, r"balance_layers must be 'sum' or 'pool', got 'mean'"),
+    ({"init_std": -1.0}, r"init_std must be >= 0 \(0 = default init\), got -1.0"),
+    ({"score": "relu"}, r"score must be one of softmax, sigmoid, sqrt_softplus, got 'relu'"),
+    ({"route_scale": 0.0}, r"route_scale must be > 0, got 0.0"),
+    ({"expert_groups": 0}, r"expert_groups must be >= 1, got 0"),
+    ({"expert_groups": 2, "top_groups": 3}, r"top_groups must be in \[0, expert_groups=2\] \(0 = off\), got 3"),
+    ({"null_experts": -1}, r"null_experts must be >= 0, got -1"),
+])
+def test_gate_params_refuse_out_of_range_values_naming_the_option_and_bound(options, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        GateParams(**options)
+
+
+def test_gate_params_accept_the_closed_ends_of_their_ranges():
+    for options in ({"ema_decay": 0.0}, {"importance_power": 0.0}, {"expert_groups": 2, "top_groups": 2},
+                    {"jitter": 0.0, "smoothing": 0.0, "z_loss": 0.0, "init_std": 0.0, "null_experts": 0}):
+        GateParams(**options)
+
+
+def test_a_refusal_by_an_unregistered_router_names_its_class():
+    class Unregistered(GatedRouter):
+        refuses = {"score": "it has no scores"}
+
+    with pytest.raises(ConfigError, match=r"^router 'Unregistered' does not take score='sigmoid': it has no scores$"):
+        Unregistered(D, 4, GateParams(score="sigmoid"))
+
+
+# ---- gate: init, jitter, temperature ---------------------------------------------------------------------------
+def test_init_std_draws_gate_weights_centred_on_zero_with_that_spread():
+    w = make("softmax_topk", E=32, d_model=64, init_std=0.02).gate.weight.detach()
+    assert abs(float(w.mean())) < 0.002  # 2048 draws: the standard error of the mean is 0.00044
+    assert float(w.std()) == pytest.approx(0.02, rel=0.05)
+
+
+def test_jitter_multiplies_the_input_by_uniform_noise_in_one_minus_to_one_plus_jitter():
+    r = make("softmax_topk", E=2, d_model=1, jitter=0.5).train()
+    x = torch.ones(4000, 1)
+    factors = r.raw_logits(x).detach() / r.gate.weight.detach().t()  # [T, E]: x * u * w / w, u per token
+    u = factors[:, 0]
+    torch.testing.assert_close(factors[:, 1], u)  # one factor per input coordinate, shared by the experts
+    assert 0.5 <= float(u.min()) < 0.51 and 1.49 < float(u.max()) <= 1.5
+    assert float(u.mean()) == pytest.approx(1.0, abs=0.02)
+
+
+def test_temperature_two_halves_the_gate_logits():
+    r = make("softmax_topk", temperature=2.0)
+    x = tokens(6)
+    torch.testing.assert_close(r.gate_logits(x), gate_logits(r, x) / 2)
+
+
+# ---- scores: normalized for the balance losses, group limit ----------------------------------------------------
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "sqrt_softplus"])
+def test_balance_probs_are_the_scores_normalized_per_token(score):
+    r = make("softmax_topk", score=score)
+    logits = torch.tensor([[-3.0, -4.0, -2.5, -5.0], [1.0, 0.0, -1.0, 2.0], [0.5, 0.5, 3.0, -2.0]])
+    if score == "softmax":
+        s = logits.exp()
+    elif score == "sigmoid":
+        s = 1 / (1 + (-logits).exp())
+    else:
+        s = torch.log1p(logits.exp()).sqrt()
+    torch.testing.assert_close(r.balance_probs(logits), s / s.sum(1, keepdim=True))
+
+
+def best_groups(scores, groups, top_groups, best_of):
+    """Reference: per token, the experts of the top_groups groups ranked by the sum of their best_of scores."""
+    T, E = scores.shape
+    size = E // groups
+    keep = torch.zeros(T, E, dtype=torch.bool)
+    for t in range(T):
+        rank = sorted(range(groups), key=lambda g: -sum(sorted(scores[t, g * size:(g + 1) * size].tolist())[-best_of:]))
+        for g in rank[:top_groups]:
+            keep[t, g * size:(g + 1) * size] = True
+    return keep
+
+
+def test_group_limit_ranks_groups_by_their_best_two_scores_or_their_one_score():
+    # group 0 wins on its best two (1.0 > 0.95), group 1 would win on all three (1.39 > 1.1)
+    scores = torch.tensor([[0.9, 0.1, 0.1, 0.5, 0.45, 0.44], [0.0, 0.2, 0.15, 0.3, 0.0, 0.0]])
+    torch.testing.assert_close(group_limit_mask(scores, 2, 1), best_groups(scores, 2, 1, best_of=2))
+    assert group_limit_mask(scores, 2, 1)[0].tolist() == [True] * 3 + [False] * 3
+    single = torch.tensor([[0.1, 0.7, 0.3, 0.2], [0.4, 0.1, 0.2, 0.9]])  # groups of one expert: the top experts
+    torch.testing.assert_close(group_limit_mask(single, 4, 2), best_groups(single, 4, 2, best_of=1))
+
+
+def test_group_limit_leaves_the_null_experts_open():
+    r = make("softmax_topk", E=4, k=2, expert_groups=2, top_groups=1, null_experts=2)
+    with torch.no_grad():
+        r.gate.weight.normal_(0.0, 1.0)
+    x = tokens(20)
+    out = r.eval()(x)
+    scores = gate_logits(r, x).softmax(-1)  # over 4 real + 2 null experts
+    allowed = torch.cat([best_groups(scores[:, :4], 2, 1, best_of=2), torch.ones(20, 2, dtype=torch.bool)], 1)
+    chosen = scores.masked_fill(~allowed, -1.0).topk(2, -1).indices
+    assert torch.equal(out.experts, torch.where(chosen < 4, chosen, -1))
+    assert (chosen >= 4).any() and (chosen < 4).any()  # the draw exercises both kinds
+
+
+def test_route_topk_selects_and_weights_by_the_noisy_scores():
+    r = make("softmax_topk", E=5)
+    x, noise = tokens(12), torch.randn(12, 5, generator=torch.Generator().manual_seed(3))
+    out = r.route_topk(x, 2, True, logit_noise=noise)
+    noisy = (gate_logits(r, x) + noise).softmax(-1)
+    top, idx = noisy.topk(2, -1)
+    assert torch.equal(out.routing.experts, idx)
+    torch.testing.assert_close(out.routing.weights, top / top.sum(1, keepdim=True))
+    torch.testing.assert_close(out.logits, gate_logits(r, x))  # the logits stay clean
+
+
+@pytest.mark.parametrize("name", ["sparsemax", "top_p"])
+def test_route_scale_two_doubles_the_weights_of_a_router_finished_by_the_hook(name):
+    plain, scaled = make(name), make(name, route_scale=2.0)
+    x = tokens(10)
+    a, b = plain.eval()(x), scaled.eval()(x)
+    assert torch.equal(a.experts, b.experts)
+    torch.testing.assert_close(b.weights, 2 * a.weights)
+
+
+# ---- stability losses: balance scopes, counting, entropy, importance -------------------------------------------
+def batch_balance_ref(probs, experts, first_only=False):
+    return probs.shape[1] * float((slot_shares(experts, probs.shape[1], first_only) * probs.mean(0)).sum())
+
+
+def test_balance_batch_of_a_single_token_and_no_loss_for_no_tokens():
+    r = make("softmax_topk", k=2, balance_batch=1.0, importance_balance=1.0).train()
+    x = tokens(1)
+    out = r(x)
+    probs = gate_logits(r, x).softmax(-1)
+    assert float(out.aux["balance_batch"].detach()) == pytest.approx(batch_balance_ref(probs, out.experts), rel=1e-5)
+    assert "importance_balance" in out.aux
+    empty = r(torch.zeros(0, D))
+    assert "balance_batch" not in empty.aux and "importance_balance" not in empty.aux
+
+
+def test_stability_losses_count_the_argmax_when_given_no_choices():
+    r = make("softmax_topk", E=4, balance_batch=1.0, importance_balance=1.0, importance_power=1.0).train()
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [1.5, 0.0, 0.5, 0.0], [0.0, 0.0, 3.0, 0.0], [0.0, 1.0, 0.0, 0.0],
+                           [0.2, 0.0, 0.0, 0.0]])
+    aux = r.stability_losses(logits)
+    probs = logits.softmax(-1)
+    top1 = probs.argmax(1, keepdim=True)
+    assert float(aux["balance_batch"].detach()) == pytest.approx(batch_balance_ref(probs, top1), rel=1e-5)
+    assert float(aux["importance_balance"].detach()) == pytest.approx(importance_ref(probs, top1, 1.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("count", ["first", "all"])
+def test_sequence_global_and_pooled_balance_count_first_or_all_slots(count):
+    first = count == "first"
+    r = make("softmax_topk", E=4, k=2, balance_count=count, balance_sequence=1.0, balance_global=1.0,
+             balance_batch=1.0, balance_layers="pool").train()
+    r.sequence_length = 3
+    x = tokens(6)
+    out = r(x)
+    probs = gate_logits(r, x).softmax(-1)
+    seq = [batch_balance_ref(probs[s:s + 3], out.experts[s:s + 3], first) for s in (0, 3)]
+    assert float(out.aux["balance_sequence"].detach()) == pytest.approx(sum(seq) / 2, rel=1e-5)
+    assert float(out.aux["balance_global"].detach()) == pytest.approx(batch_balance_ref(probs, out.experts, first), rel=1e-5)
+    counts = slot_shares(out.experts, 4, first) * (6 if first else 12)
+    torch.testing.assert_close(r.balance_part.counts, counts)
+    assert "balance_batch" not in out.aux  # pooled: the model adds it over the layers
+
+
+def test_balance_sequence_alone_is_charged():
+    r = make("softmax_topk", balance_sequence=0.5).train()
+    x = tokens(4)
+    out = r(x)
+    probs = gate_logits(r, x).softmax(-1)
+    assert float(out.aux["balance_sequence"].detach()) == pytest.approx(0.5 * batch_balance_ref(probs, out.experts), rel=1e-5)
+
+
+def test_entropy_loss_is_the_mean_token_entropy_over_tokens_not_experts():
+    r = make("softmax_topk", E=4, entropy=0.5).train()
+    x = tokens(7)
+    p = gate_logits(r, x).softmax(-1)
+    want = 0.5 * sum(-sum(v * math.log(v) for v in row) for row in p.tolist()) / 7
+    assert float(r(x).aux["entropy"].detach()) == pytest.approx(want, rel=1e-5)
+
+
+def importance_ref(probs, experts, power):
+    """c=1: E * sum_i f_i P~_i, P~ the token-weighted mean probability, w_x = (1/E / f1_{e(x)})^power with f1 the
+    shares of first choices (a token whose first slot is unused counts its argmax)."""
+    T, E = probs.shape
+    top1 = [row[0] if row[0] >= 0 else int(probs[t].argmax()) for t, row in enumerate(experts.tolist())]
+    f1 = [top1.count(e) / T for e in range(E)]
+    w = torch.tensor([((1 / E) / f1[e]) ** power for e in top1])
+    P = (w[:, None] * probs).sum(0) / w.sum()
+    return E * float((slot_shares(experts, E) * P).sum())
+
+
+def test_importance_balance_takes_the_first_slot_as_the_top1_and_counts_every_slot():
+    r = make("softmax_topk", E=4, importance_balance=1.0, importance_power=2.0).train()
+    logits = torch.tensor([[2.0, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 3.0], [0.0, 2.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.5],
+                           [0.0, 0.0, 2.0, 1.0]])
+    # expert 0 first where it is not the argmax; an unused first slot; second slots beside them
+    experts = torch.tensor([[2, 0], [0, 3], [-1, 1], [3, 0], [2, -1]])
+    aux = r.stability_losses(logits, experts)
+    assert float(aux["importance_balance"].detach()) == pytest.approx(importance_ref(logits.softmax(-1), experts, 2.0), rel=1e-5)
+
+
+def test_importance_weights_of_a_single_token():
+    torch.testing.assert_close(importance_weights(torch.tensor([2]), 4, 1.0), torch.tensor([0.25]))
