@@ -187,8 +187,9 @@ def test_balance_batch_of_a_single_token_and_no_loss_for_no_tokens():
     assert "balance_batch" not in empty.aux and "importance_balance" not in empty.aux
 
 
-def test_stability_losses_count_the_argmax_when_given_no_choices():
-    r = make("softmax_topk", E=4, balance_batch=1.0, importance_balance=1.0, importance_power=1.0).train()
+@pytest.mark.parametrize("count", ["first", "all"])  # the same at k=1: one choice per token
+def test_stability_losses_count_the_argmax_when_given_no_choices(count):
+    r = make("softmax_topk", E=4, balance_batch=1.0, balance_count=count, importance_balance=1.0).train()
     logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [1.5, 0.0, 0.5, 0.0], [0.0, 0.0, 3.0, 0.0], [0.0, 1.0, 0.0, 0.0],
                            [0.2, 0.0, 0.0, 0.0]])
     aux = r.stability_losses(logits)
@@ -254,3 +255,140 @@ def test_importance_balance_takes_the_first_slot_as_the_top1_and_counts_every_sl
 
 def test_importance_weights_of_a_single_token():
     torch.testing.assert_close(importance_weights(torch.tensor([2]), 4, 1.0), torch.tensor([0.25]))
+
+
+# ---- adversarial_critic: the critic MLP, the usage statistics, the generator loss and the critic's Adam ----------
+@pytest.mark.parametrize("options, message", [
+    ({"k": 0}, r"k must be >= 1, got 0"), ({"weight": -0.1}, r"weight must be >= 0, got -0.1"),
+    ({"group_size": 0}, r"group_size must be >= 1, got 0"), ({"hidden": 0}, r"hidden must be >= 1, got 0"),
+    ({"critic_lr": -0.1}, r"critic_lr must be >= 0, got -0.1"), ({"critic_steps": 0}, r"critic_steps must be >= 1, got 0"),
+])
+def test_adversarial_critic_params_refuse_out_of_range_values(options, message):
+    from routerlab.routers.adversarial_critic import AdversarialCriticParams
+
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        AdversarialCriticParams(**options)
+    AdversarialCriticParams(k=1, weight=0.0, group_size=1, hidden=1, critic_lr=0.0, critic_steps=1)  # the closed ends
+
+
+def critic_ref(flat, usage, hidden):
+    """D(u) = w2 . tanh(W1 u + b1) + b, the weights read from `flat` in that order, written as loops."""
+    E = usage.shape[1]
+    W1 = [[float(flat[h * E + e]) for e in range(E)] for h in range(hidden)]
+    b1 = [float(flat[hidden * E + h]) for h in range(hidden)]
+    w2 = [float(flat[hidden * (E + 1) + h]) for h in range(hidden)]
+    return torch.tensor([sum(w2[h] * math.tanh(sum(W1[h][e] * float(u[e]) for e in range(E)) + b1[h]) for h in range(hidden))
+                         + float(flat[-1]) for u in usage])
+
+
+def test_critic_logit_is_a_tanh_mlp_over_the_packed_weights():
+    from routerlab.routers.adversarial_critic import critic_logit
+
+    hidden, E = 3, 4
+    flat = torch.randn(hidden * E + 2 * hidden + 1, generator=torch.Generator().manual_seed(0))
+    usage = torch.tensor([[2.0, 1.0, 1.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(critic_logit(flat, usage, hidden), critic_ref(flat, usage, hidden))
+
+
+def test_critic_starts_with_scaled_gaussian_weights_and_zero_biases():
+    r = make("adversarial_critic", E=16, hidden=256)
+    hidden, E, flat = 256, 16, r.critic
+    assert flat.shape == (hidden * E + 2 * hidden + 1,)
+    W1, b1, w2 = flat[: hidden * E], flat[hidden * E: hidden * (E + 1)], flat[hidden * (E + 1): -1]
+    assert float(W1.std()) == pytest.approx(1 / math.sqrt(E), rel=0.05)  # 4096 draws
+    assert float(w2.std()) == pytest.approx(1 / math.sqrt(hidden), rel=0.15)  # 256 draws
+    assert not b1.any() and float(flat[-1]) == 0.0
+    assert not r.critic_m.any() and not r.critic_v.any() and int(r.critic_step) == 0
+
+
+def usage_ref(experts, E, k, n):
+    """[G, E] E * (slot share of each expert in each group of n tokens), sorted descending; -1 slots skipped."""
+    rows = []
+    for g in range(experts.shape[0] // n):
+        counts = [0.0] * E
+        for row in experts[g * n:(g + 1) * n].tolist():
+            for e in row:
+                if e >= 0:
+                    counts[e] += 1
+        rows.append(sorted((E * c / (n * k) for c in counts), reverse=True))
+    return torch.tensor(rows)
+
+
+def test_group_usage_is_hard_counts_with_the_soft_mean_as_its_gradient():
+    r = make("adversarial_critic", E=4, k=2, group_size=3)
+    probs = torch.rand(7, 4, generator=torch.Generator().manual_seed(0)).softmax(-1).requires_grad_()
+    experts = torch.tensor([[0, 1], [0, 2], [0, -1], [3, 1], [1, 2], [1, 0], [2, 3]])  # the 7th token: no whole group
+    usage = r.group_usage(probs, experts)
+    torch.testing.assert_close(usage.detach(), usage_ref(experts, 4, 2, 3))
+    # straight-through: d usage[g, j] / d probs = E / n on the tokens of group g, for the expert sorted to j
+    usage[0, 0].backward()
+    top_expert = 0  # group 0: expert 0 holds 3 of 6 slots
+    want = torch.zeros(7, 4)
+    want[:3, top_expert] = 4 / 3
+    torch.testing.assert_close(probs.grad, want)
+
+
+def test_group_usage_of_fewer_tokens_than_a_group_is_one_group_of_them_all():
+    r = make("adversarial_critic", E=4, k=1, group_size=32)
+    experts = torch.tensor([[0], [0], [2], [1], [0]])
+    usage = r.group_usage(torch.full((5, 4), 0.25), experts)
+    torch.testing.assert_close(usage, usage_ref(experts, 4, 1, 5))
+    r.train()(tokens(5))
+    assert r._group_n == 5 and r._usage.shape == (1, 4)
+    assert "critic" in r(tokens(1)).aux  # one token is one group of one
+
+
+def test_balanced_usage_is_random_routing_to_k_distinct_uniform_experts():
+    r = make("adversarial_critic", E=4, k=2)
+    usage = r.balanced_usage(3, 5, torch.Generator().manual_seed(7))
+    draws = torch.rand(15, 4, generator=torch.Generator().manual_seed(7))  # k largest of E uniforms: a uniform k-subset
+    picks = [sorted(range(4), key=lambda e: -float(row[e]))[:2] for row in draws]
+    torch.testing.assert_close(usage, usage_ref(torch.tensor(picks), 4, 2, 5))
+    torch.testing.assert_close(usage.sum(1), torch.full((3,), 4.0))
+    one = make("adversarial_critic", E=8, k=1).balanced_usage(1, 1, torch.Generator().manual_seed(2))
+    assert one.tolist() == [[8.0] + [0.0] * 7]  # every expert has a column, drawn (here 4) or not
+
+
+def test_the_router_is_charged_the_mean_softplus_of_the_critic_on_its_usage():
+    r = make("adversarial_critic", E=4, k=2, group_size=4, weight=0.3)
+    x = tokens(12)
+    out = r.train()(x)
+    usage = usage_ref(out.experts, 4, 2, 4)
+    want = 0.3 * sum(math.log1p(math.exp(float(d))) for d in critic_ref(r.critic, usage, 32)) / 3
+    assert float(out.aux["critic"].detach()) == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(r._usage, usage)
+    assert r._group_n == 4
+    r.eval()(tokens(12, seed=2))
+    torch.testing.assert_close(r._usage, usage)  # evaluation leaves the training usage alone
+    assert "critic" not in r.train()(torch.zeros(0, D)).aux
+
+
+def test_after_step_trains_the_critic_by_adam_on_the_logistic_loss():
+    from routerlab.routers.adversarial_critic import critic_logit
+
+    r = make("adversarial_critic", E=4, k=1, group_size=4, critic_lr=0.05, critic_steps=2, seed=3)
+    assert math.isnan(r.extra_metrics()["critic_loss"])  # no critic step yet
+    r.after_step(None)  # no training forward yet: nothing to learn from
+    assert int(r.critic_step) == 0
+    r.train()(tokens(8))
+    usage, start = r._usage.clone(), r.critic.clone()
+    r.after_step(None)
+    # reference: torch.optim.Adam (betas 0.9, 0.999, eps 1e-8) on softplus(-D(router)) + softplus(D(balanced))
+    flat = start.clone().requires_grad_()
+    opt = torch.optim.Adam([flat], lr=0.05, betas=(0.9, 0.999), eps=1e-8)
+    for step in (1, 2):
+        balanced = r.balanced_usage(2, 4, torch.Generator().manual_seed(3 * 1_000_003 + step))
+        loss = torch.nn.functional.softplus(-critic_logit(flat, usage, 32)).mean() + \
+            torch.nn.functional.softplus(critic_logit(flat, balanced, 32)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.testing.assert_close(r.critic, flat.detach(), rtol=1e-5, atol=1e-6)
+    state = opt.state[flat]
+    torch.testing.assert_close(r.critic_m, state["exp_avg"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(r.critic_v, state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    assert int(r.critic_step) == 2
+    assert r.extra_metrics()["critic_loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    after = r.critic.clone()
+    r.after_step(None)  # no training forward since: nothing to learn from
+    assert torch.equal(r.critic, after) and int(r.critic_step) == 2
