@@ -4,6 +4,7 @@ comes from a hand computation or a plain-PyTorch / Python reference written here
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from routerlab.errors import ConfigError
 from routerlab.routers import build_router
 from routerlab.routers.gated import GateParams, GatedRouter, group_limit_mask, importance_weights
+from routerlab.routers.registry import router_entry
 
 D = 8
 
@@ -39,37 +41,94 @@ def slot_shares(experts, E, first_only=False):
     return torch.tensor([c / total for c in counts])
 
 
-# ---- GateParams: every range check names its option and its bound ---------------------------------------------
-@pytest.mark.parametrize("options, message", [
-    ({"z_loss": -1.0}, r"z_loss must be >= 0, got -1.0"),
-    ({"jitter": 1.0}, r"jitter must be in \[0, 1\), got 1.0"),
-    ({"temperature": 0.0}, r"temperature must be > 0, got 0.0"),
-    ({"smoothing": 1.0}, r"smoothing must be in \[0, 1\), got 1.0"),
-    ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\), got 1.0"),
-    ({"router_clip": -1.0}, r"router_clip must be >= 0 \(0 = off\), got -1.0"),
-    ({"importance_balance": -1.0}, r"importance_balance must be >= 0, got -1.0"),
-    ({"importance_power": -1.0}, r"importance_power must be >= 0, got -1.0"),
-    ({"balance_batch": -1.0}, r"balance_batch must be >= 0, got -1.0"),
-    ({"balance_sequence": -1.0}, r"balance_sequence must be >= 0, got -1.0"),
-    ({"balance_global": -1.0}, r"balance_global must be >= 0, got -1.0"),
-    ({"balance_count": "some"}, r"balance_count must be 'all' or 'first', got 'some'"),
-    ({"balance_layers": "mean"}, r"balance_layers must be 'sum' or 'pool', got 'mean'"),
-    ({"init_std": -1.0}, r"init_std must be >= 0 \(0 = default init\), got -1.0"),
-    ({"score": "relu"}, r"score must be one of softmax, sigmoid, sqrt_softplus, got 'relu'"),
-    ({"route_scale": 0.0}, r"route_scale must be > 0, got 0.0"),
-    ({"expert_groups": 0}, r"expert_groups must be >= 1, got 0"),
-    ({"expert_groups": 2, "top_groups": 3}, r"top_groups must be in \[0, expert_groups=2\] \(0 = off\), got 3"),
-    ({"null_experts": -1}, r"null_experts must be >= 0, got -1"),
-])
-def test_gate_params_refuse_out_of_range_values_naming_the_option_and_bound(options, message):
-    with pytest.raises(ValueError, match=f"^{message}$"):
-        GateParams(**options)
+# ---- parameters: every range check names its option and its bound; the closed ends are accepted ----------------
+RANGE_ERRORS = [  # (router, options, the whole message); "gate" is GateParams, the options every learned router takes
+    ("gate", {"z_loss": -1.0}, "z_loss must be >= 0, got -1.0"),
+    ("gate", {"jitter": 1.0}, "jitter must be in [0, 1), got 1.0"),
+    ("gate", {"temperature": 0.0}, "temperature must be > 0, got 0.0"),
+    ("gate", {"smoothing": 1.0}, "smoothing must be in [0, 1), got 1.0"),
+    ("gate", {"ema_decay": 1.0}, "ema_decay must be in [0, 1), got 1.0"),
+    ("gate", {"router_clip": -1.0}, "router_clip must be >= 0 (0 = off), got -1.0"),
+    ("gate", {"importance_balance": -1.0}, "importance_balance must be >= 0, got -1.0"),
+    ("gate", {"importance_power": -1.0}, "importance_power must be >= 0, got -1.0"),
+    ("gate", {"balance_batch": -1.0}, "balance_batch must be >= 0, got -1.0"),
+    ("gate", {"balance_sequence": -1.0}, "balance_sequence must be >= 0, got -1.0"),
+    ("gate", {"balance_global": -1.0}, "balance_global must be >= 0, got -1.0"),
+    ("gate", {"balance_count": "some"}, "balance_count must be 'all' or 'first', got 'some'"),
+    ("gate", {"balance_layers": "mean"}, "balance_layers must be 'sum' or 'pool', got 'mean'"),
+    ("gate", {"init_std": -1.0}, "init_std must be >= 0 (0 = default init), got -1.0"),
+    ("gate", {"score": "relu"}, "score must be one of softmax, sigmoid, sqrt_softplus, got 'relu'"),
+    ("gate", {"route_scale": 0.0}, "route_scale must be > 0, got 0.0"),
+    ("gate", {"expert_groups": 0}, "expert_groups must be >= 1, got 0"),
+    ("gate", {"expert_groups": 2, "top_groups": 3}, "top_groups must be in [0, expert_groups=2] (0 = off), got 3"),
+    ("gate", {"null_experts": -1}, "null_experts must be >= 0, got -1"),
+    ("softmax_topk", {"k": 0}, "k must be >= 1, got 0"),
+    ("adversarial_critic", {"k": 0}, "k must be >= 1, got 0"),
+    ("adversarial_critic", {"weight": -0.1}, "weight must be >= 0, got -0.1"),
+    ("adversarial_critic", {"group_size": 0}, "group_size must be >= 1, got 0"),
+    ("adversarial_critic", {"hidden": 0}, "hidden must be >= 1, got 0"),
+    ("adversarial_critic", {"critic_lr": -0.1}, "critic_lr must be >= 0, got -0.1"),
+    ("adversarial_critic", {"critic_steps": 0}, "critic_steps must be >= 1, got 0"),
+    ("adversarial", {"k": 0}, "k must be >= 1, got 0"),
+    ("adversarial", {"price_lr": -0.1}, "price_lr must be >= 0, got -0.1"),
+    ("adversarial", {"price_max": 0.0}, "price_max must be > 0, got 0.0"),
+    ("adversarial", {"price_decay": -0.1}, "price_decay must be >= 0, got -0.1"),
+    ("adversarial", {"price_decay": 2.0, "price_lr": 0.5}, "price_decay * price_lr must be < 1 (else the prices overshoot), got 1.0"),
+    ("adversarial", {"signal": "both"}, "signal must be 'soft' or 'hard', got 'both'"),
+    ("dselect_k", {"k": 0}, "k must be >= 1, got 0"),
+    ("dselect_k", {"gamma": 0.0}, "gamma must be > 0, got 0.0"),
+    ("dselect_k", {"entropy_reg": -0.1}, "entropy_reg must be >= 0, got -0.1"),
+    ("dselect_k", {"k_max": -1}, "k_max must be >= 0, got -1"),
+    ("expert_choice", {"capacity_factor": 0.0}, "capacity_factor must be > 0, got 0.0"),
+    ("gshard_top2", {"alpha": -0.1}, "alpha must be >= 0, got -0.1"),
+    ("gshard_top2", {"groups": 0}, "groups must be >= 1, got 0"),
+    ("gshard_top2", {"capacity_factor": 0.0}, "capacity_factor must be > 0, or null for no router-level capacity, got 0.0"),
+    ("hierarchical", {"groups": 0, "k_groups": 0}, "groups must be >= 1, got 0"),
+    ("hierarchical", {"k_groups": 3}, "k_groups must be in [1, groups=2], got 3"),
+    ("hierarchical", {"k_groups": 0}, "k_groups must be in [1, groups=2], got 0"),
+    ("hierarchical", {"k": 0}, "k must be >= 1, got 0"),
+    ("hierarchical", {"alpha": -0.1}, "alpha must be >= 0, got -0.1"),
+    ("quantile_balanced", {"k": 0}, "k must be >= 1, got 0"),
+    ("quantile_balanced", {"capacity": 0.5}, "capacity must be >= 1 (1 = exactly balanced), got 0.5"),
+    ("quantile_balanced", {"sweeps": 0}, "sweeps must be >= 1, got 0"),
+    ("quantile_balanced", {"eval_ema": 1.0}, "eval_ema must be in [0, 1), got 1.0"),
+    ("relu", {"k": 0.0}, "k must be > 0, got 0.0"),
+    ("relu", {"l1_init": 0.0}, "l1_init must be > 0, got 0.0"),
+    ("relu", {"l1_step": 1.0}, "l1_step must be > 1, got 1.0"),
+    ("sparsemax", {"k_max": 0}, "k_max must be >= 1, got 0"),
+    ("sparsemax", {"alpha": -0.1}, "alpha must be >= 0, got -0.1"),
+    ("top_p", {"threshold": 0.0}, "threshold must be in (0, 1], got 0.0"),
+    ("top_p", {"threshold": 1.5}, "threshold must be in (0, 1], got 1.5"),
+    ("top_p", {"k_max": 0}, "k_max must be >= 1, got 0"),
+]
+CLOSED_ENDS = [  # the boundary values each range includes
+    ("gate", {"ema_decay": 0.0, "importance_power": 0.0, "expert_groups": 2, "top_groups": 2, "jitter": 0.0,
+              "smoothing": 0.0, "z_loss": 0.0, "init_std": 0.0, "null_experts": 0}),
+    ("adversarial_critic", {"k": 1, "weight": 0.0, "group_size": 1, "hidden": 1, "critic_lr": 0.0, "critic_steps": 1}),
+    ("adversarial", {"k": 1, "price_lr": 0.0, "price_decay": 0.0}),
+    ("adversarial", {"price_decay": 1.9, "price_lr": 0.5}),
+    ("dselect_k", {"k": 1, "entropy_reg": 0.0, "k_max": 0}),
+    ("gshard_top2", {"alpha": 0.0, "groups": 1, "capacity_factor": None}),
+    ("hierarchical", {"groups": 2, "k_groups": 2, "k": 1, "alpha": 0.0}),
+    ("quantile_balanced", {"k": 1, "capacity": 1.0, "sweeps": 1, "eval_ema": 0.0}),
+    ("sparsemax", {"k_max": 1, "alpha": 0.0}),
+    ("top_p", {"threshold": 1.0, "k_max": 1}),
+]
 
 
-def test_gate_params_accept_the_closed_ends_of_their_ranges():
-    for options in ({"ema_decay": 0.0}, {"importance_power": 0.0}, {"expert_groups": 2, "top_groups": 2},
-                    {"jitter": 0.0, "smoothing": 0.0, "z_loss": 0.0, "init_std": 0.0, "null_experts": 0}):
-        GateParams(**options)
+def params_type(name):
+    return GateParams if name == "gate" else router_entry(name).params
+
+
+@pytest.mark.parametrize("name, options, message", RANGE_ERRORS)
+def test_parameters_refuse_out_of_range_values_naming_the_option_and_bound(name, options, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        params_type(name)(**options)
+
+
+@pytest.mark.parametrize("name, options", CLOSED_ENDS)
+def test_parameters_accept_the_closed_ends_of_their_ranges(name, options):
+    params_type(name)(**options)
 
 
 def test_a_refusal_by_an_unregistered_router_names_its_class():
@@ -258,19 +317,6 @@ def test_importance_weights_of_a_single_token():
 
 
 # ---- adversarial_critic: the critic MLP, the usage statistics, the generator loss and the critic's Adam ----------
-@pytest.mark.parametrize("options, message", [
-    ({"k": 0}, r"k must be >= 1, got 0"), ({"weight": -0.1}, r"weight must be >= 0, got -0.1"),
-    ({"group_size": 0}, r"group_size must be >= 1, got 0"), ({"hidden": 0}, r"hidden must be >= 1, got 0"),
-    ({"critic_lr": -0.1}, r"critic_lr must be >= 0, got -0.1"), ({"critic_steps": 0}, r"critic_steps must be >= 1, got 0"),
-])
-def test_adversarial_critic_params_refuse_out_of_range_values(options, message):
-    from routerlab.routers.adversarial_critic import AdversarialCriticParams
-
-    with pytest.raises(ValueError, match=f"^{message}$"):
-        AdversarialCriticParams(**options)
-    AdversarialCriticParams(k=1, weight=0.0, group_size=1, hidden=1, critic_lr=0.0, critic_steps=1)  # the closed ends
-
-
 def critic_ref(flat, usage, hidden):
     """D(u) = w2 . tanh(W1 u + b1) + b, the weights read from `flat` in that order, written as loops."""
     E = usage.shape[1]
