@@ -110,6 +110,7 @@ CLOSED_ENDS = [  # the boundary values each range includes
     ("dselect_k", {"k": 1, "entropy_reg": 0.0, "k_max": 0}),
     ("gshard_top2", {"alpha": 0.0, "groups": 1, "capacity_factor": None}),
     ("hierarchical", {"groups": 2, "k_groups": 2, "k": 1, "alpha": 0.0}),
+    ("hierarchical", {"groups": 1, "k_groups": 1}),
     ("quantile_balanced", {"k": 1, "capacity": 1.0, "sweeps": 1, "eval_ema": 0.0}),
     ("sparsemax", {"k_max": 1, "alpha": 0.0}),
     ("top_p", {"threshold": 1.0, "k_max": 1}),
@@ -438,3 +439,43 @@ def test_after_step_trains_the_critic_by_adam_on_the_logistic_loss():
     after = r.critic.clone()
     r.after_step(None)  # no training forward since: nothing to learn from
     assert torch.equal(r.critic, after) and int(r.critic_step) == 2
+
+
+# ---- hierarchical: the joint log-probabilities, both gates' z-loss, the balance loss on the joint ----------------
+def hierarchical_gates(r, x, G):
+    """log p(g), log p(e | g) ([T, G], [T, G, m]) from plain matrix products."""
+    group = (x @ r.group_gate.weight.detach().t()).log_softmax(-1)
+    inner = (x @ r.gate.weight.detach().t()).view(x.shape[0], G, -1).log_softmax(-1)
+    return group, inner
+
+
+def test_hierarchical_logits_are_the_joint_log_probabilities_and_the_balance_is_on_the_joint():
+    r = make("hierarchical", E=8, groups=2, k_groups=2, k=2, alpha=0.5, balance_batch=1.0).train()
+    x = tokens(6)
+    out = r(x)
+    group, inner = hierarchical_gates(r, x, 2)
+    joint = (group[:, :, None] + inner).reshape(6, 8)
+    torch.testing.assert_close(out.logits, joint)
+    probs = joint.exp()
+    assert out.experts.shape == (6, 4)  # k_groups * k slots
+    assert float(out.aux["balance"].detach()) == pytest.approx(0.5 * batch_balance_ref(probs, out.experts), rel=1e-5)
+    # the gate's balance option counts the same four slots per token
+    assert float(out.aux["balance_batch"].detach()) == pytest.approx(batch_balance_ref(probs, out.experts), rel=1e-5)
+    assert "z_loss" not in out.aux
+    assert "balance" not in r.eval()(x).aux and "balance" not in make("hierarchical", alpha=0.0).train()(x).aux
+
+
+def test_hierarchical_z_loss_is_the_sum_of_both_gates_z_losses():
+    r = make("hierarchical", E=8, groups=2, z_loss=0.1)
+    x = tokens(5)
+    group_logits = x @ r.group_gate.weight.detach().t()
+    expert_logits = (x @ r.gate.weight.detach().t()).view(5 * 2, 4)
+    want = 0.1 * (group_logits.logsumexp(-1).square().mean() + expert_logits.logsumexp(-1).square().mean())
+    torch.testing.assert_close(r(x).aux["z_loss"].detach(), want)
+
+
+def test_hierarchical_k_may_be_the_whole_group():
+    r = make("hierarchical", E=8, groups=2, k=4)
+    assert ((r(tokens(3)).experts >= 0).sum(1) == 4).all()
+    with pytest.raises(ConfigError, match="k=5 is larger than the group size 4"):
+        make("hierarchical", E=8, groups=2, k=5)
