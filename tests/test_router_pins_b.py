@@ -479,3 +479,70 @@ def test_hierarchical_k_may_be_the_whole_group():
     assert ((r(tokens(3)).experts >= 0).sum(1) == 4).all()
     with pytest.raises(ConfigError, match="k=5 is larger than the group size 4"):
         make("hierarchical", E=8, groups=2, k=5)
+
+
+# ---- dselect_k: the smooth step, the k_max cap, the selector entropy, the z-loss on the selector weights ----------
+def smooth_step_ref(v, gamma):
+    if v <= -gamma / 2:
+        return 0.0
+    if v >= gamma / 2:
+        return 1.0
+    return -2 * v**3 / gamma**3 + 3 * v / (2 * gamma) + 0.5
+
+
+def test_smooth_step_is_the_cubic_between_its_flat_ends():
+    from routerlab.routers.dselect_k import smooth_step
+
+    gamma = 2.0
+    t = torch.tensor([-3.0, -1.0, -0.99, -0.5, 0.0, 0.3, 0.99, 1.0, 2.5])
+    torch.testing.assert_close(smooth_step(t, gamma), torch.tensor([smooth_step_ref(float(v), gamma) for v in t]))
+    assert smooth_step(torch.tensor([0.0]), 0.5).item() == 0.5
+
+
+def dselect_ref(r, x, gamma, temperature=1.0):
+    """q [T, E] = sum_i softmax(A x)_i prod_j (bit j of e ? S(z_ij) : 1 - S(z_ij)) and the selectors r [T, k, E]."""
+    T, E, k, m = x.shape[0], r.num_experts, r.params.k, r.bits
+    z = (x @ r.gate.weight.detach().t() / temperature).view(T, k, m)
+    a = (x @ r.selector_weights.weight.detach().t() / temperature).softmax(-1)
+    sel = torch.zeros(T, k, E)
+    for t in range(T):
+        for i in range(k):
+            for e in range(E):
+                sel[t, i, e] = math.prod(smooth_step_ref(float(z[t, i, j]), gamma) if (e >> j) & 1 else
+                                         1 - smooth_step_ref(float(z[t, i, j]), gamma) for j in range(m))
+    return (a[:, :, None] * sel).sum(1), sel
+
+
+def test_dselect_k_caps_the_experts_per_token_at_k_max_and_renormalizes():
+    r = make("dselect_k", E=8, k=2, k_max=2, gamma=1.0)
+    x = tokens(10)
+    out = r.eval()(x)
+    q, _ = dselect_ref(r, x, 1.0)
+    assert ((q > 0).sum(1) > 2).any()  # the cap binds
+    for t in range(10):
+        top = sorted(range(8), key=lambda e: -float(q[t, e]))[:2]
+        kept = {e: float(q[t, e]) for e in top if q[t, e] > 0}
+        want = {e: v / sum(kept.values()) for e, v in kept.items()}
+        got = {int(e): float(w) for e, w in zip(out.experts[t], out.weights[t].detach()) if e >= 0}
+        assert got.keys() == want.keys() and all(got[e] == pytest.approx(want[e], rel=1e-5) for e in want)
+
+
+def test_dselect_k_logits_selector_entropy_and_z_loss():
+    r = make("dselect_k", E=4, k=2, gamma=3.0, entropy_reg=0.1, z_loss=0.01, temperature=2.0).train()
+    x = tokens(6)
+    out = r(x)
+    q, sel = dselect_ref(r, x, 3.0, temperature=2.0)
+    torch.testing.assert_close(out.logits, q.clamp_min(1e-9).log(), rtol=1e-5, atol=1e-5)
+    # sum over the k selectors, mean over tokens (the paper's and docs/routers.md's sum_i; it was a mean over selectors)
+    entropy = sum(-v * math.log(v) for v in sel.flatten().tolist() if v > 0) / 6
+    assert float(out.aux["selector_entropy"].detach()) == pytest.approx(0.1 * entropy, rel=1e-5)
+    alpha_logits = x @ r.selector_weights.weight.detach().t() / 2.0
+    torch.testing.assert_close(out.aux["z_loss"].detach(), 0.01 * alpha_logits.logsumexp(-1).square().mean())
+    assert "selector_entropy" not in r.eval()(x).aux  # a training regularizer
+    assert "z_loss" not in make("dselect_k", E=4).train()(x).aux
+
+
+def test_dselect_k_with_one_expert_sends_every_token_there_with_weight_one():
+    out = make("dselect_k", E=1, k=1).train()(tokens(3))
+    assert out.experts.tolist() == [[0]] * 3 and out.weights.tolist() == [[1.0]] * 3
+    assert "selector_entropy" not in out.aux  # no selector bits to regularize

@@ -99,6 +99,6 @@ class DSelectK(GatedRouter):
         if p.z_loss > 0:
             aux["z_loss"] = p.z_loss * z_loss(alpha_logits)
         if p.entropy_reg > 0 and sel is not None and self.training:
-            ent = -(sel * sel.clamp_min(1e-12).log()).sum(-1).mean()
+            ent = -(sel * sel.clamp_min(1e-12).log()).sum((1, 2)).mean()  # sum over selectors and codes, mean over tokens
             aux["selector_entropy"] = p.entropy_reg * ent
         return Routing(experts, weights.to(x.dtype), logits, aux)
