@@ -539,7 +539,33 @@ def test_dselect_k_logits_selector_entropy_and_z_loss():
     alpha_logits = x @ r.selector_weights.weight.detach().t() / 2.0
     torch.testing.assert_close(out.aux["z_loss"].detach(), 0.01 * alpha_logits.logsumexp(-1).square().mean())
     assert "selector_entropy" not in r.eval()(x).aux  # a training regularizer
-    assert "z_loss" not in make("dselect_k", E=4).train()(x).aux
+    plain = make("dselect_k", E=4, entropy_reg=0.0).train()(x).aux
+    assert "z_loss" not in plain and "selector_entropy" not in plain
+
+
+@pytest.mark.parametrize("E, gamma", [(2, 1.0), (8, 0.3)])
+def test_dselect_k_lists_each_tokens_experts_by_gate_value_then_pads_with_unused_slots(E, gamma):
+    r = make("dselect_k", E=E, k=2, gamma=gamma, balance_batch=1.0)
+    with torch.no_grad():
+        r.gate.weight.normal_(0.0, 1.0)
+    x = tokens(16)
+    out = r.train()(x)
+    q, _ = dselect_ref(r, x, gamma)
+    counts = (q > 0).sum(1)
+    assert counts.min() < counts.max()  # tokens differ in how many experts they reach
+    want = torch.full((16, int(counts.max())), -1)
+    for t in range(16):
+        used = sorted((e for e in range(E) if q[t, e] > 0), key=lambda e: -float(q[t, e]))
+        want[t, :len(used)] = torch.tensor(used)
+    assert torch.equal(out.experts, want)
+    torch.testing.assert_close(out.weights, torch.where(want >= 0, q.gather(1, want.clamp_min(0)), 0.0), rtol=1e-5, atol=1e-6)
+    # the gate's balance option counts every reached expert, not only the argmax
+    assert float(out.aux["balance_batch"].detach()) == pytest.approx(batch_balance_ref(q, want), rel=1e-4)
+
+
+def test_dselect_k_routes_no_tokens_to_an_empty_routing():
+    out = make("dselect_k", E=4).train()(torch.zeros(0, D))
+    assert out.experts.shape == (0, 1) and out.weights.shape == (0, 1)
 
 
 def test_dselect_k_with_one_expert_sends_every_token_there_with_weight_one():
