@@ -572,3 +572,55 @@ def test_dselect_k_with_one_expert_sends_every_token_there_with_weight_one():
     out = make("dselect_k", E=1, k=1).train()(tokens(3))
     assert out.experts.tolist() == [[0]] * 3 and out.weights.tolist() == [[1.0]] * 3
     assert "selector_entropy" not in out.aux  # no selector bits to regularize
+
+
+# ---- sparsemax / entmax15: the maps over the last dim of any shape; the sparse gate's balance loss ----------------
+def bisect_threshold(mass, lo, hi):
+    """tau with mass(tau) = 1 for a decreasing mass, by bisection (independent of the sort-based closed forms)."""
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mass(mid) > 1 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def sparse_map_ref(z, name):
+    """sparsemax [z - tau]_+ or 1.5-entmax [z/2 - tau]_+^2 of one vector (a list), tau by bisection."""
+    if name == "sparsemax":
+        tau = bisect_threshold(lambda tau: sum(max(v - tau, 0) for v in z), min(z) - 1, max(z))
+        return [max(v - tau, 0) for v in z]
+    tau = bisect_threshold(lambda tau: sum(max(v / 2 - tau, 0) ** 2 for v in z), min(z) / 2 - 1, max(z) / 2)
+    return [max(v / 2 - tau, 0) ** 2 for v in z]
+
+
+@pytest.mark.parametrize("name", ["sparsemax", "entmax15"])
+def test_sparse_maps_act_on_the_last_dim_of_a_vector_and_of_a_batch(name):
+    from routerlab.routers import sparsemax as module
+
+    fn = getattr(module, name)
+    vector = torch.tensor([1.2, -0.3, 0.9, 0.1, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(fn(vector), torch.tensor(sparse_map_ref(vector.tolist(), name), dtype=torch.float64))
+    batch = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = torch.tensor([[sparse_map_ref(row, name) for row in block] for block in batch.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(fn(batch), want)
+
+
+@pytest.mark.parametrize("name", ["sparsemax", "entmax15"])
+def test_sparse_gate_balance_loss_is_alpha_switch_loss_on_the_dense_sparse_gates(name):
+    r = make(name, E=6, k_max=4, alpha=0.5, balance_batch=1.0).train()
+    with torch.no_grad():
+        r.gate.weight.normal_(0.0, 0.7)
+    x = tokens(2)  # fewer tokens than k_max: every token still gets its k_max largest logits
+    out = r(x)
+    logits = gate_logits(r, x)
+    dense = torch.zeros(2, 6)
+    for t in range(2):
+        top = sorted(range(6), key=lambda e: -float(logits[t, e]))[:4]
+        for e, w in zip(top, sparse_map_ref([float(logits[t, e]) for e in top], name)):
+            dense[t, e] = w
+    got = torch.zeros(2, 6).scatter_add(1, out.experts.clamp_min(0), out.weights.detach())
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-6)
+    assert out.experts.shape == (2, 4)  # k_max slots, though there are fewer tokens
+    assert float(out.aux["balance"].detach()) == pytest.approx(0.5 * batch_balance_ref(dense, out.experts), rel=1e-5)
+    softmax = logits.softmax(-1)  # the gate's balance option: f over every used slot, P the softmax
+    assert float(out.aux["balance_batch"].detach()) == pytest.approx(batch_balance_ref(softmax, out.experts), rel=1e-5)
+    assert "balance" not in r.eval()(x).aux and "balance" not in make(name, alpha=0.0).train()(x).aux
