@@ -624,3 +624,28 @@ def test_sparse_gate_balance_loss_is_alpha_switch_loss_on_the_dense_sparse_gates
     softmax = logits.softmax(-1)  # the gate's balance option: f over every used slot, P the softmax
     assert float(out.aux["balance_batch"].detach()) == pytest.approx(batch_balance_ref(softmax, out.experts), rel=1e-5)
     assert "balance" not in r.eval()(x).aux and "balance" not in make(name, alpha=0.0).train()(x).aux
+
+
+# ---- balancing.py: shares of a single slot, sequence boundaries, a one-layer pool -------------------------------
+def test_shares_of_a_single_counted_slot_put_all_of_f_on_it():
+    from routerlab.routers.balancing import shares
+
+    torch.testing.assert_close(shares(torch.tensor([0.0, 1.0, 0.0])), torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(shares(torch.zeros(3)), torch.zeros(3))  # nothing counted: no share
+
+
+def test_sequence_balance_takes_one_token_and_refuses_no_tokens():
+    from routerlab.routers.balancing import sequence_balance
+
+    probs = torch.tensor([[0.7, 0.2, 0.1]])
+    # one token, one sequence: E * P of its expert
+    assert float(sequence_balance(probs, torch.tensor([[0]]), "all", None)) == pytest.approx(3 * 0.7)
+    with pytest.raises(ValueError, match="0 tokens is not a multiple of sequence length 4"):
+        sequence_balance(torch.zeros(0, 3), torch.zeros(0, 1, dtype=torch.long), "all", 4)
+
+
+def test_pooled_balance_of_one_layer_is_its_batch_balance():
+    from routerlab.routers.balancing import BalancePart, pooled_balance
+
+    part = BalancePart(0.5, torch.tensor([3.0, 1.0, 0.0, 0.0]), torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    assert float(pooled_balance([part])) == pytest.approx(0.5 * 4 * (0.75 * 0.4 + 0.25 * 0.3))
