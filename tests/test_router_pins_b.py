@@ -481,6 +481,16 @@ def test_hierarchical_k_may_be_the_whole_group():
         make("hierarchical", E=8, groups=2, k=5)
 
 
+def padded_by_value(values):
+    """[T, max used] the experts with a positive value, largest first, padded with -1."""
+    rows = [sorted((e for e in range(values.shape[1]) if values[t, e] > 0), key=lambda e: -float(values[t, e]))
+            for t in range(values.shape[0])]
+    out = torch.full((values.shape[0], max(1, max(map(len, rows)))), -1)
+    for t, row in enumerate(rows):
+        out[t, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
 # ---- dselect_k: the smooth step, the k_max cap, the selector entropy, the z-loss on the selector weights ----------
 def smooth_step_ref(v, gamma):
     if v <= -gamma / 2:
@@ -553,10 +563,7 @@ def test_dselect_k_lists_each_tokens_experts_by_gate_value_then_pads_with_unused
     q, _ = dselect_ref(r, x, gamma)
     counts = (q > 0).sum(1)
     assert counts.min() < counts.max()  # tokens differ in how many experts they reach
-    want = torch.full((16, int(counts.max())), -1)
-    for t in range(16):
-        used = sorted((e for e in range(E) if q[t, e] > 0), key=lambda e: -float(q[t, e]))
-        want[t, :len(used)] = torch.tensor(used)
+    want = padded_by_value(q)
     assert torch.equal(out.experts, want)
     torch.testing.assert_close(out.weights, torch.where(want >= 0, q.gather(1, want.clamp_min(0)), 0.0), rtol=1e-5, atol=1e-6)
     # the gate's balance option counts every reached expert, not only the argmax
@@ -649,3 +656,46 @@ def test_pooled_balance_of_one_layer_is_its_batch_balance():
 
     part = BalancePart(0.5, torch.tensor([3.0, 1.0, 0.0, 0.0]), torch.tensor([0.4, 0.3, 0.2, 0.1]))
     assert float(pooled_balance([part])) == pytest.approx(0.5 * 4 * (0.75 * 0.4 + 0.25 * 0.3))
+
+
+# ---- relu: the expert layout, the load-balanced L1 term, empty and one-token batches ------------------------------
+def relu_l1_ref(gates, coef, balanced):
+    """coef * sum_e (1/T) sum_t w_te, each expert's term weighted by E f_e (f_e its share of the used slots)."""
+    T, E = gates.shape
+    per_expert = gates.mean(0)
+    if balanced:
+        used = (gates > 0).float().sum(0)
+        per_expert = per_expert * E * used / used.sum()
+    return coef * float(per_expert.sum())
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_relu_lists_positive_gates_largest_first_and_charges_the_l1_term(balanced):
+    r = make("relu", E=6, l1_init=0.3, balanced_l1=balanced, balance_batch=1.0).train()
+    x = tokens(10)
+    out = r(x)
+    logits = gate_logits(r, x)
+    gates = logits.clamp_min(0)
+    want = padded_by_value(gates)
+    assert (want >= 0).sum(1).min() < want.shape[1]  # the padding is exercised
+    assert torch.equal(out.experts, want)
+    torch.testing.assert_close(out.logits, logits)
+    assert float(out.aux["l1"].detach()) == pytest.approx(relu_l1_ref(gates, 0.3, balanced), rel=1e-5)
+    assert float(out.aux["balance_batch"].detach()) == pytest.approx(batch_balance_ref(logits.softmax(-1), want), rel=1e-5)
+    assert "l1" not in r.eval()(x).aux  # a training penalty
+
+
+def test_relu_with_at_most_one_positive_gate_per_token():
+    r = make("relu", E=4, l1_init=0.5).train()
+    with torch.no_grad():
+        r.gate.weight.copy_(-torch.ones(4, D))
+        r.gate.weight[0] = 1.0
+    x = torch.tensor([[1.0] * D, [0.0] * D, [0.5] * D, [0.0] * D])  # tokens 0 and 2 reach expert 0, the others none
+    out = r(x)
+    assert out.experts.tolist() == [[0], [-1], [0], [-1]]
+    gates = gate_logits(r, x).clamp_min(0)
+    assert float(out.aux["l1"].detach()) == pytest.approx(relu_l1_ref(gates, 0.5, True), rel=1e-5)
+    one = r(x[:1])
+    assert float(one.aux["l1"].detach()) == pytest.approx(relu_l1_ref(gates[:1], 0.5, True), rel=1e-5)
+    empty = r(torch.zeros(0, D))
+    assert empty.experts.shape == (0, 1) and "l1" not in empty.aux
