@@ -699,3 +699,66 @@ def test_relu_with_at_most_one_positive_gate_per_token():
     assert float(one.aux["l1"].detach()) == pytest.approx(relu_l1_ref(gates[:1], 0.5, True), rel=1e-5)
     empty = r(torch.zeros(0, D))
     assert empty.experts.shape == (0, 1) and "l1" not in empty.aux
+
+
+# ---- top_p: normalized elementwise scores, the group limit, the reach boundary, renormalization at k_max = 2 -------
+def top_p_ref(probs, threshold, k_max, allowed=None):
+    """{expert: weight} per token: the fewest largest probs (allowed experts only) whose sum reaches threshold,
+    at most k_max, renormalized to sum 1."""
+    rows = []
+    for t in range(probs.shape[0]):
+        ranked = sorted((e for e in range(probs.shape[1]) if allowed is None or allowed[t, e]), key=lambda e: -float(probs[t, e]))
+        taken, mass = [], 0.0
+        for e in ranked[:k_max]:
+            taken.append(e)
+            mass += float(probs[t, e])
+            if mass >= threshold:
+                break
+        total = sum(float(probs[t, e]) for e in taken)
+        rows.append({e: float(probs[t, e]) / total for e in taken})
+    return rows
+
+
+def assert_rows(out, want):
+    got = [{int(e): float(w) for e, w in zip(er, wr) if e >= 0} for er, wr in zip(out.experts.tolist(), out.weights.tolist())]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys() and all(g[e] == pytest.approx(w[e], rel=1e-5, abs=1e-7) for e in w), (g, w)
+
+
+def test_top_p_normalizes_sigmoid_scores_before_taking_the_mass():
+    r = make("top_p", E=4, score="sigmoid", threshold=0.6, k_max=4, balance_batch=1.0).train()
+    with torch.no_grad():
+        r.gate.weight.copy_(-0.5 + 0.3 * torch.randn(4, D, generator=torch.Generator().manual_seed(0)))
+    x = 0.5 + torch.rand(12, D, generator=torch.Generator().manual_seed(1))  # logits near -4: sigmoids sum far below 1
+    out = r(x)
+    s = torch.sigmoid(gate_logits(r, x))
+    assert (s.sum(1) < 0.5).all()
+    probs = s / s.sum(1, keepdim=True)
+    assert_rows(out, top_p_ref(probs, 0.6, 4))
+    assert float(out.aux["balance_batch"].detach()) == pytest.approx(batch_balance_ref(probs, out.experts), rel=1e-5)
+
+
+def test_top_p_group_limit_takes_mass_only_inside_the_top_group():
+    r = make("top_p", E=6, threshold=0.9, k_max=6, expert_groups=2, top_groups=1)
+    with torch.no_grad():
+        r.gate.weight.normal_(0.0, 1.0)
+    x = tokens(10)
+    probs = gate_logits(r, x).softmax(-1)
+    allowed = best_groups(probs, 2, 1, best_of=2)
+    assert_rows(r.eval()(x), top_p_ref(probs, 0.9, 6, allowed))
+
+
+def test_top_p_stops_at_the_expert_whose_mass_reaches_the_threshold_exactly():
+    x = tokens(1)
+    probs = make("top_p", E=4)(x).logits.detach().softmax(-1)
+    top = probs.sort(-1, descending=True).values
+    reached = float((top.cumsum(-1) - top)[0, 1])  # the first expert's mass, in the router's own arithmetic
+    out = make("top_p", E=4, threshold=reached)(x)
+    assert (out.experts >= 0).sum().item() == 1
+
+
+def test_top_p_renormalizes_two_slots():
+    r = make("top_p", E=4, threshold=0.99, k_max=2)
+    out = r(tokens(5))
+    assert ((out.experts >= 0).sum(1) == 2).all()
+    torch.testing.assert_close(out.weights.sum(1), torch.ones(5))
