@@ -762,3 +762,39 @@ def test_top_p_renormalizes_two_slots():
     out = r(tokens(5))
     assert ((out.experts >= 0).sum(1) == 2).all()
     torch.testing.assert_close(out.weights.sum(1), torch.ones(5))
+
+
+# ---- gshard_top2: one group is the whole batch; the balance loss counts first choices, per group ------------------
+def gshard_capacity_ref(experts, E, capacity):
+    """First choices in token order, then second choices; each expert keeps its first `capacity` slots."""
+    kept, load = experts.clone(), [0] * E
+    for slot in range(experts.shape[1]):
+        for t in range(experts.shape[0]):
+            e = int(experts[t, slot])
+            if e >= 0:
+                kept[t, slot] = e if load[e] < capacity else -1
+                load[e] += 1
+    return kept
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gshard_balance_is_the_mean_over_groups_of_the_first_choice_switch_loss(score, groups):
+    E, T = 4, 12
+    r = make("gshard_top2", E=E, alpha=0.5, groups=groups, score=score, random_routing=False, capacity_factor=0.5).train()
+    with torch.no_grad():
+        r.gate.weight.normal_(0.0, 1.0)
+    x = tokens(T)
+    out = r(x)
+    logits = gate_logits(r, x)
+    s = logits.softmax(-1) if score == "softmax" else torch.sigmoid(logits)
+    chosen = s.topk(2, -1).indices
+    size = T // groups
+    capacity = math.ceil(0.5 * size * 2 / E)
+    want = torch.cat([gshard_capacity_ref(chosen[g * size:(g + 1) * size], E, capacity) for g in range(groups)])
+    assert torch.equal(out.experts, want)
+    P = s / s.sum(1, keepdim=True)
+    per_group = [batch_balance_ref(P[g * size:(g + 1) * size], chosen[g * size:(g + 1) * size, :1]) for g in range(groups)]
+    assert float(out.aux["balance"].detach()) == pytest.approx(0.5 * sum(per_group) / groups, rel=1e-5)
+    assert "balance" not in r.eval()(x).aux
+    assert "balance" not in make("gshard_top2", E=E, alpha=0.0, random_routing=False).train()(x).aux
