@@ -798,3 +798,47 @@ def test_gshard_balance_is_the_mean_over_groups_of_the_first_choice_switch_loss(
     assert float(out.aux["balance"].detach()) == pytest.approx(0.5 * sum(per_group) / groups, rel=1e-5)
     assert "balance" not in r.eval()(x).aux
     assert "balance" not in make("gshard_top2", E=E, alpha=0.0, random_routing=False).train()(x).aux
+
+
+# ---- adversarial: the hard signal, price decay, the box, the metrics, small batches -------------------------------
+def adversary_stats(load, prob_sum=None, tokens=None):
+    from routerlab.moe.stats import RoutingStats
+
+    load = torch.tensor(load)
+    T = torch.tensor(float(load.sum()) if tokens is None else tokens)
+    return RoutingStats(load=load, kept=load, tokens=T, dropped_tokens=torch.tensor(0.0),
+                        prob_sum=None if prob_sum is None else torch.tensor(prob_sum))
+
+
+@pytest.mark.parametrize("signal", ["hard", "soft"])
+def test_adversarial_prices_ascend_on_the_load_signal_minus_the_decay_inside_the_box(signal):
+    r = make("adversarial", E=4, price_lr=0.1, price_max=0.25, price_decay=2.0, signal=signal)
+    start = torch.tensor([0.2, 0.1, 0.0, 0.45])
+    r.prices.copy_(start)
+    load, prob_sum = [6.0, 1.0, 1.0, 4.0], [5.0, 2.0, 2.0, 3.0]
+    r.after_step(adversary_stats(load, prob_sum))  # 12 tokens
+    if signal == "hard":
+        violation = [v / 3.0 - 1 for v in load]  # load over the mean load
+    else:
+        violation = [4 * v / 12 - 1 for v in prob_sum]  # E * mean probability - 1
+    want = [min(max(q + 0.1 * (v - 2.0 * q), 0.0), 0.25) for q, v in zip(start.tolist(), violation)]
+    torch.testing.assert_close(r.prices, torch.tensor(want))
+    assert 0.0 in want and 0.25 in want  # both ends of the box bind
+    metrics = r.extra_metrics()
+    assert metrics["price_max"] == pytest.approx(max(want)) and metrics["price_mean"] == pytest.approx(sum(want) / 4)
+    assert [metrics[f"price_e{e}"] for e in range(4)] == pytest.approx(want)
+
+
+def test_adversarial_soft_signal_without_probabilities_falls_back_to_the_load():
+    r = make("adversarial", E=2, price_lr=0.1, price_max=1.0)
+    r.after_step(adversary_stats([3.0, 1.0]))  # no prob_sum (a router without probabilities in the stats)
+    torch.testing.assert_close(r.prices, torch.tensor([0.1 * 0.5, 0.0]))
+
+
+def test_adversarial_charges_a_single_token_and_not_an_empty_batch():
+    r = make("adversarial", E=4, k=2)
+    r.prices.copy_(torch.tensor([0.01, 0.0, 0.02, 0.005]))
+    x = tokens(1)
+    violation = 4 * gate_logits(r, x).softmax(-1)[0] - 1
+    assert float(r.train()(x).aux["adversary"].detach()) == pytest.approx(float((r.prices * violation).sum()), rel=1e-5)
+    assert "adversary" not in r(torch.zeros(0, D)).aux
