@@ -842,3 +842,60 @@ def test_adversarial_charges_a_single_token_and_not_an_empty_batch():
     violation = 4 * gate_logits(r, x).softmax(-1)[0] - 1
     assert float(r.train()(x).aux["adversary"].detach()) == pytest.approx(float((r.prices * violation).sum()), rel=1e-5)
     assert "adversary" not in r(torch.zeros(0, D)).aux
+
+
+# ---- expert_choice: the capacity, each token's experts in id order, one and no tokens -----------------------------
+def test_expert_capacity_is_ceil_c_t_over_e_at_least_one_at_most_t():
+    from routerlab.routers.expert_choice import expert_capacity
+
+    assert expert_capacity(4, 8, 1.0) == 1  # ceil(0.5)
+    assert expert_capacity(10, 4, 2.0) == 5
+    assert expert_capacity(3, 2, 4.0) == 3  # capped at the tokens there are
+    assert expert_capacity(1, 8, 0.1) == 1
+
+
+def expert_choice_ref(scores, capacity):
+    """[T, width] each token's experts (ids ascending; -1 padding): expert e takes its `capacity` highest-scoring tokens."""
+    T, E = scores.shape
+    takers = [[] for _ in range(T)]
+    for e in range(E):
+        for t in sorted(range(T), key=lambda t: -float(scores[t, e]))[:capacity]:
+            takers[t].append(e)
+    out = torch.full((T, max(1, max(map(len, takers)))), -1)
+    for t, row in enumerate(takers):
+        out[t, :len(row)] = torch.tensor(sorted(row), dtype=torch.long)
+    return out
+
+
+@pytest.mark.parametrize("E, T, c", [(4, 6, 1.0), (2, 4, 1.0)])  # (2, 4): the two experts take disjoint halves
+def test_expert_choice_lists_each_tokens_experts_and_counts_them_for_the_balance_option(E, T, c):
+    r = make("expert_choice", E=E, capacity_factor=c, balance_batch=1.0).train()
+    with torch.no_grad():
+        r.gate.weight.normal_(0.0, 1.0)
+    x = tokens(T)
+    out = r(x)
+    s = gate_logits(r, x).softmax(-1)
+    want = expert_choice_ref(s, math.ceil(c * T / E))
+    assert torch.equal(out.experts, want)
+    torch.testing.assert_close(out.weights, torch.where(want >= 0, s.gather(1, want.clamp_min(0)), 0.0))
+    assert float(out.aux["balance_batch"].detach()) == pytest.approx(batch_balance_ref(s, want), rel=1e-5)
+
+
+def test_expert_choice_group_limit_lets_an_expert_take_only_tokens_whose_top_group_holds_it():
+    r = make("expert_choice", E=4, capacity_factor=1.0, expert_groups=2, top_groups=1)
+    with torch.no_grad():
+        r.gate.weight.normal_(0.0, 1.0)
+    x = tokens(8)
+    s = gate_logits(r, x).softmax(-1)
+    allowed = best_groups(s, 2, 1, best_of=2)
+    want = expert_choice_ref(s.masked_fill(~allowed, -1.0), 2)
+    want = torch.where((want >= 0) & allowed.gather(1, want.clamp_min(0)), want, -1)  # fewer allowed tokens than room
+    got = r.eval()(x).experts
+    assert [sorted(e for e in row if e >= 0) for row in got.tolist()] == [sorted(e for e in row if e >= 0) for row in want.tolist()]
+
+
+def test_expert_choice_routes_one_token_to_every_expert_and_no_tokens_to_nothing():
+    r = make("expert_choice", E=4)
+    assert r(tokens(1)).experts.tolist() == [[0, 1, 2, 3]]
+    empty = r(torch.zeros(0, D))
+    assert empty.experts.shape == (0, 1) and empty.weights.shape == (0, 1)
