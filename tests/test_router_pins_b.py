@@ -899,3 +899,46 @@ def test_expert_choice_routes_one_token_to_every_expert_and_no_tokens_to_nothing
     assert r(tokens(1)).experts.tolist() == [[0, 1, 2, 3]]
     empty = r(torch.zeros(0, D))
     assert empty.experts.shape == (0, 1) and empty.weights.shape == (0, 1)
+
+
+# ---- quantile_balanced: capacity at k > 1, which prices route when, one gate evaluation per forward ----------------
+def test_quantile_balanced_fills_every_expert_to_its_capacity_at_k2():
+    E, T, k = 4, 32, 2
+    r = make("quantile_balanced", E=E, k=k, sweeps=30).train()
+    x = tokens(T) + torch.tensor([2.0] + [0.0] * (D - 1))  # skewed
+    out = r(x)
+    loads = torch.bincount(out.experts.reshape(-1), minlength=E)
+    assert loads.tolist() == [T * k // E] * E  # C = ceil(capacity * T k / E) = 16 slots each, all T k slots placed
+
+
+def test_quantile_balanced_routes_training_by_the_batch_prices_and_evaluation_by_their_ema():
+    r = make("quantile_balanced", E=4, k=1, eval_ema=0.5, sweeps=10)
+    with torch.no_grad():
+        r.gate.weight.normal_(0.0, 1.0)
+    r.eval_prices.copy_(torch.tensor([0.0, 0.3, 0.0, 0.0]))
+    x = tokens(24) + torch.tensor([2.0] + [0.0] * (D - 1))
+    probs = gate_logits(r, x).softmax(-1)
+    out = r.train()(x)
+    assert r.prices.max() > 0
+    assert torch.equal(out.experts[:, 0], (probs - r.prices).argmax(1))
+    torch.testing.assert_close(r.eval_prices, 0.5 * torch.tensor([0.0, 0.3, 0.0, 0.0]) + 0.5 * r.prices)
+    assert torch.equal(r.eval()(x).experts[:, 0], (probs - r.eval_prices).argmax(1))
+
+
+def test_quantile_balanced_keeps_its_prices_for_an_empty_batch_and_drops_them_for_one_token():
+    r = make("quantile_balanced", E=4).train()
+    r.prices.copy_(torch.tensor([0.1, 0.0, 0.2, 0.0]))
+    r(torch.zeros(0, D))
+    torch.testing.assert_close(r.prices, torch.tensor([0.1, 0.0, 0.2, 0.0]))
+    r(tokens(1))  # one token fits any expert's capacity: no price is needed
+    torch.testing.assert_close(r.prices, torch.zeros(4))
+
+
+def test_quantile_balanced_evaluates_the_gate_once_per_forward():
+    r = make("quantile_balanced", E=4, smoothing=0.5, ema_decay=0.5).train()
+    x = tokens(8)
+    ema0 = r.gate_ema.clone()
+    p = gate_logits(r, x).softmax(-1)
+    out = r(x)
+    torch.testing.assert_close(out.logits.softmax(-1), 0.5 * p + 0.5 * ema0)  # smoothed toward the EMA before the step
+    torch.testing.assert_close(r.gate_ema, 0.5 * ema0 + 0.5 * p.mean(0))  # moved once
