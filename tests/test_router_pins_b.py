@@ -3,6 +3,7 @@ unpinned: the gate options of routers/gated.py and the selection rules of the zo
 comes from a hand computation or a plain-PyTorch / Python reference written here. Tiny CPU shapes, fixed seeds."""
 from __future__ import annotations
 
+import itertools
 import math
 import re
 
@@ -703,19 +704,14 @@ def test_relu_with_at_most_one_positive_gate_per_token():
 
 # ---- top_p: normalized elementwise scores, the group limit, the reach boundary, renormalization at k_max = 2 -------
 def top_p_ref(probs, threshold, k_max, allowed=None):
-    """{expert: weight} per token: the fewest largest probs (allowed experts only) whose sum reaches threshold,
-    at most k_max, renormalized to sum 1."""
+    """{expert: weight} per token: the shortest prefix of its k_max largest probs (allowed experts only) whose running
+    sum reaches threshold (all of them if none does), renormalized to sum 1."""
     rows = []
-    for t in range(probs.shape[0]):
-        ranked = sorted((e for e in range(probs.shape[1]) if allowed is None or allowed[t, e]), key=lambda e: -float(probs[t, e]))
-        taken, mass = [], 0.0
-        for e in ranked[:k_max]:
-            taken.append(e)
-            mass += float(probs[t, e])
-            if mass >= threshold:
-                break
-        total = sum(float(probs[t, e]) for e in taken)
-        rows.append({e: float(probs[t, e]) / total for e in taken})
+    for t, row in enumerate(probs.tolist()):
+        ranked = sorted(((v, e) for e, v in enumerate(row) if allowed is None or allowed[t, e]), reverse=True)[:k_max]
+        masses = list(itertools.accumulate(v for v, _ in ranked))
+        kept = ranked[:next((n + 1 for n, m in enumerate(masses) if m >= threshold), len(ranked))]
+        rows.append({e: v / sum(w for w, _ in kept) for v, e in kept})
     return rows
 
 
