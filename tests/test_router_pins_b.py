@@ -938,3 +938,50 @@ def test_quantile_balanced_evaluates_the_gate_once_per_forward():
     out = r(x)
     torch.testing.assert_close(out.logits.softmax(-1), 0.5 * p + 0.5 * ema0)  # smoothed toward the EMA before the step
     torch.testing.assert_close(r.gate_ema, 0.5 * ema0 + 0.5 * p.mean(0))  # moved once
+
+
+# ---- assignment: ranks within groups, the auction's optimum at both load patterns, its edge cases -----------------
+def test_rank_within_ranks_each_group_by_value_earlier_entries_first_on_ties():
+    from routerlab.routers.assignment import rank_within
+
+    groups = torch.tensor([2, 0, 2, 1, 0, 2, 0])
+    values = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.1, 0.5, 0.7])
+    want = [sum(1 for j in range(7) if groups[j] == groups[i] and (values[j] > values[i] or (values[j] == values[i] and j < i)))
+            for i in range(7)]
+    assert rank_within(groups, values, 3).tolist() == want
+
+
+def optimal_balanced_total(scores):
+    """The best total score over assignments with loads q or q + 1 (r experts at q + 1): every choice of the r
+    experts, each expert as load-many columns of a rectangular assignment problem (scipy)."""
+    from scipy.optimize import linear_sum_assignment
+
+    T, E = scores.shape
+    q, r = divmod(T, E)
+    best = -math.inf
+    for extra in itertools.combinations(range(E), r):
+        cols = [e for e in range(E) for _ in range(q + (e in extra))]
+        i, j = linear_sum_assignment(-scores[:, cols].numpy())
+        best = max(best, float(scores[:, cols].numpy()[i, j].sum()))
+    return best
+
+
+@pytest.mark.parametrize("T, E", [(12, 4), (10, 3), (5, 4)])
+def test_auction_balanced_reaches_the_optimum_within_its_epsilon(T, E):
+    from routerlab.routers.assignment import auction_balanced
+
+    scores = torch.randn(T, E, generator=torch.Generator().manual_seed(T + E)) * 2
+    got = auction_balanced(scores, rel_eps=1e-4)
+    q, r = divmod(T, E)
+    assert sorted(torch.bincount(got, minlength=E).tolist()) == [q] * (E - r) + [q + 1] * r
+    total = float(scores[torch.arange(T), got].sum())
+    assert total >= optimal_balanced_total(scores) - T * 1e-4 * float(scores.max() - scores.min()) - 1e-4
+
+
+def test_auction_balanced_edge_cases_and_its_greedy_fallback():
+    from routerlab.routers.assignment import auction_balanced, greedy_balanced
+
+    assert auction_balanced(torch.zeros(0, 3)).shape == (0,)
+    assert auction_balanced(torch.randn(5, 1)).tolist() == [0] * 5
+    scores = torch.randn(9, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(auction_balanced(scores, max_rounds=1), greedy_balanced(scores))  # a phase cannot finish in one round
