@@ -987,3 +987,15 @@ def test_auction_balanced_edge_cases_and_its_greedy_fallback():
     assert auction_balanced(torch.randn(5, 1)).tolist() == [0] * 5
     scores = torch.randn(9, 3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(auction_balanced(scores, max_rounds=1), greedy_balanced(scores))  # a phase cannot finish in one round
+
+
+def test_dselect_k_with_saturated_selectors_sends_each_token_to_one_expert_under_a_cap():
+    r = make("dselect_k", E=4, k=1, k_max=2)
+    with torch.no_grad():
+        r.gate.weight.mul_(1000.0)  # every smooth step at 0 or 1: the selector is one binary code
+    x = tokens(8)
+    out = r.eval()(x)
+    z = x @ r.gate.weight.detach().t()  # [T, 2 bits]
+    code = (z > 0).long() @ torch.tensor([1, 2])  # bit j of the expert id is set where S(z_j) = 1
+    assert out.experts.tolist() == code[:, None].tolist()  # one slot: no zero-weight expert listed under the cap
+    torch.testing.assert_close(out.weights, torch.ones(8, 1))
