@@ -966,12 +966,15 @@ def optimal_balanced_total(scores):
     return best
 
 
-@pytest.mark.parametrize("T, E, scale, rel_eps", [(12, 4, 2.0, 1e-4), (10, 3, 2.0, 1e-4), (5, 4, 2.0, 1e-4), (6, 2, 2.0, 1e-4),
-                                             (3, 4, 2.0, 1e-4), (1, 3, 2.0, 1e-4), (12, 4, 0.01, None), (9, 4, 0.01, None)])
-def test_auction_balanced_reaches_the_optimum_within_its_epsilon(T, E, scale, rel_eps):
+@pytest.mark.parametrize("T, E, scale, shift, rel_eps", [
+    (12, 4, 2.0, 0.0, 1e-4), (10, 3, 2.0, 0.0, 1e-4), (5, 4, 2.0, 0.0, 1e-4), (6, 2, 2.0, 0.0, 1e-4), (3, 4, 2.0, 0.0, 1e-4),
+    (1, 3, 2.0, 0.0, 1e-4), (12, 4, 0.01, 0.0, None), (9, 4, 0.01, 0.0, None),
+    (5, 3, 0.01, 0.0, None), (8, 4, 0.01, -3.0, None),  # close scores, negative ones: epsilon scales with their spread only
+])
+def test_auction_balanced_reaches_the_optimum_within_its_epsilon(T, E, scale, shift, rel_eps):
     from routerlab.routers.assignment import auction_balanced
 
-    scores = torch.randn(T, E, generator=torch.Generator().manual_seed(T + E)) * scale
+    scores = torch.randn(T, E, generator=torch.Generator().manual_seed(T + E)) * scale + shift
     got = auction_balanced(scores) if rel_eps is None else auction_balanced(scores, rel_eps=rel_eps)
     q, r = divmod(T, E)
     assert sorted(torch.bincount(got, minlength=E).tolist()) == [q] * (E - r) + [q + 1] * r
