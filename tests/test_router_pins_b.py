@@ -478,7 +478,7 @@ def test_hierarchical_z_loss_is_the_sum_of_both_gates_z_losses():
 def test_hierarchical_k_may_be_the_whole_group():
     r = make("hierarchical", E=8, groups=2, k=4)
     assert ((r(tokens(3)).experts >= 0).sum(1) == 4).all()
-    with pytest.raises(ConfigError, match="k=5 is larger than the group size 4"):
+    with pytest.raises(ConfigError, match="k=5 is larger than the group size 4$"):
         make("hierarchical", E=8, groups=2, k=5)
 
 
@@ -895,6 +895,7 @@ def test_expert_choice_routes_one_token_to_every_expert_and_no_tokens_to_nothing
     assert r(tokens(1)).experts.tolist() == [[0, 1, 2, 3]]
     empty = r(torch.zeros(0, D))
     assert empty.experts.shape == (0, 1) and empty.weights.shape == (0, 1)
+    assert empty.experts.dtype == torch.long and empty.logits.shape == (0, 4) and empty.aux == {}
 
 
 # ---- quantile_balanced: capacity at k > 1, which prices route when, one gate evaluation per forward ----------------
