@@ -168,7 +168,10 @@ def test_the_progress_line_refreshes_every_log_window_and_at_the_end(tmp_path, m
 
 
 def test_the_progress_line_reads_name_bar_count_and_info(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "240")  # wide enough for every column
+    import rich
+
+    # wide enough for every column; the process-wide console may exist already (an earlier test), so COLUMNS is too late
+    monkeypatch.setattr(rich.get_console(), "_width", 240)
     t = Trainer(load_config(None, TINY + ["train.steps=3", "train.log_every=1"]), run_dir=tmp_path / "run", log=False, progress=True)
     t.fit()
     line = [s for s in capsys.readouterr().out.splitlines() if s.strip()][-1]
