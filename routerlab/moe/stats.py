@@ -88,8 +88,8 @@ def stats_from_routing(experts: Tensor, logits: Tensor | None, kept: Tensor, num
 
 
 def stats_on_host(stats: list[RoutingStats]) -> list[RoutingStats]:
-    """The same stats on the CPU, moved in one device-to-host copy (every field is float32; float64 on the way holds
-    it exactly), so that the metrics read from them wait for the GPU once, not once per value. CPU stats: as given."""
+    """The same stats on the CPU, moved in one device-to-host copy (float64 on the way holds float32 values and integer
+    counts exactly), so that the metrics read from them wait for the GPU once, not once per value. CPU stats: as given."""
     present = [(i, f.name, v) for i, s in enumerate(stats) for f in fields(s) if (v := getattr(s, f.name)) is not None]
     if not present or present[0][2].device.type == "cpu":
         return stats
