@@ -97,7 +97,9 @@ class Board:
 
         # TensorBoard drops the events at purge_step and after it; those at the checkpoint's own step (its
         # evaluation, its training scalars) came before the checkpoint was written, so they stay
-        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step + 1 if purge_step else None)
+        # max_queue: a logged step's ~100 scalars (E=64, 8 layers) go to the writer's thread without waiting on it;
+        # at the default 10 the step blocked until that thread had written most of them (docs/benchmarks.md, v6)
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step + 1 if purge_step else None, max_queue=1000)
         if not purge_step:
             self.writer.add_custom_scalars(custom_layout())
 

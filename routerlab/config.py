@@ -107,6 +107,9 @@ class TrainConfig(Strict):
     # CUDA: capture each step's forward + backward once as a CUDA graph and replay it (routerlab/step_graph.py) when
     # the step qualifies (one process, one micro-batch, routers declared graph-safe, no extra loss terms); CPU: ignored
     cuda_graph: bool = True
+    # CUDA: the AdamW step as routerlab's Triton kernel (routerlab/adamw.py: fewer bytes moved) or torch's fused
+    # AdamW; the same state and semantics either way. CPU: torch's AdamW, ignored
+    optimizer_kernel: Literal["triton", "torch"] = "triton"
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -177,7 +180,8 @@ class Config(Strict):
                 data[section]["plugin_source"] = source
         data.pop("run")
         data.pop("parallel")  # checkpoints move between rank counts
-        for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device", "on_nonfinite", "cuda_graph"):
+        for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device", "on_nonfinite", "cuda_graph",
+                    "optimizer_kernel"):
             data["train"].pop(key)
         return content_hash(data)
 

@@ -7,6 +7,7 @@ train through `Trainer`; nobody writes a second loop. Its public interface is in
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from routerlab.adamw import AdamW
 from routerlab.board import Board
 from routerlab.checkpoint import load_checkpoint, save_checkpoint
 from routerlab.compile import compile_model, resolve_compile, set_tf32
@@ -141,10 +143,13 @@ class Trainer:
         self.compiled = compile_model(self.model, resolve_compile(t.compile, self.device))
         # routers that read RoutingStats after each step; the others' stats are computed only for logging
         self._router_uses_stats = [type(layer.router).after_step is not Router.after_step for layer in self.layers]
-        # fused: one kernel pass over the parameters on CUDA (an 840M-parameter MoE steps 8x the dense twin's bytes)
-        # fused also skips a non-finite update on the device (found_inf, as GradScaler does): no host sync before the step
-        fused = {"fused": True} if self.on_cuda else {}
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95), **fused)
+        # CUDA: one kernel pass over the parameters (an 840M-parameter MoE steps 8x the dense twin's bytes) that skips a
+        # non-finite update on the device (found_inf, as GradScaler does): no host sync before the step
+        # train.optimizer_kernel: the same update in routerlab's Triton kernel (fewer bytes) or torch's fused one
+        adamw = torch.optim.AdamW
+        if self.on_cuda:
+            adamw = AdamW if t.optimizer_kernel == "triton" else functools.partial(torch.optim.AdamW, fused=True)
+        self.optimizer = adamw(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
         # train.cuda_graph: forward + backward replayed from a CUDA graph where safe (routerlab/step_graph.py)
         self.cuda_graph_off = why_not(self)
         self.step_graph = StepGraph(self) if self.cuda_graph_off is None else None

@@ -1,0 +1,68 @@
+"""The trainer's optimizer: torch's AdamW, whose step on CUDA is one Triton launch for all parameters of a dtype.
+
+It is `torch.optim.AdamW(fused=True)` in everything but the kernel: the same state (a float32 `step` tensor on the
+parameter's device, `exp_avg`, `exp_avg_sq`), so checkpoints load into either; the same device-side `found_inf`
+(skip the update, step count included) and `grad_scale` (divide each gradient as it is read: the trainer's clip).
+One difference: torch's step writes the divided gradients back into `.grad`; this one leaves them as they were.
+Why a kernel of our own: torch's fused AdamW makes that write and moves its tensors through multi-tensor chunks:
+5.4 ms a step for the 840M-parameter E=64 preset in bf16, where a copy of the bytes AdamW must move (read four
+tensors, write three) takes 2.8 ms; this kernel takes 3.2-3.5 (docs/benchmarks.md, issue 19 v6). Where the kernel
+cannot run (CPU, float64, amsgrad, a tensor lr) the step is torch's own.
+"""
+from __future__ import annotations
+
+import torch
+
+from routerlab.moe.kernels import uses_triton
+
+
+class AdamW(torch.optim.AdamW):
+    def __init__(self, params, **kwargs) -> None:
+        super().__init__(params, fused=True, **kwargs)
+        self._launches: dict[tuple, object] = {}  # (group, dtype, sizes) -> triton_adamw.Launch
+
+    def _kernel_runs(self, group: dict, params: list[torch.Tensor]) -> bool:
+        plain = not (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"])
+        scalars = all(isinstance(group[k], float) for k in ("lr", "weight_decay", "eps")) and all(
+            isinstance(b, float) and 0 < b < 1 for b in group["betas"])
+        # the kernel reads 16 bytes at a time: every tensor it touches starts on a 16-byte boundary (a gradient that
+        # is a view into a flat buffer may not; the moments are made below, by the allocator, aligned)
+        return plain and scalars and all(
+            uses_triton(p) and p.grad.dtype == p.dtype and p.is_contiguous() and p.grad.is_contiguous()
+            and p.data_ptr() % 16 == 0 and p.grad.data_ptr() % 16 == 0 for p in params)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        if closure is not None or not all(self._kernel_runs(g, ps) for g, ps in groups if ps):
+            return super().step(closure)
+        from routerlab import triton_adamw
+
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for index, (group, params) in enumerate(groups):
+            for p in params:
+                state = self.state[p]
+                if not state:  # as torch's fused AdamW makes it
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for (device, dtype), same in _by_device_and_dtype(params).items():
+                steps = [self.state[p]["step"] for p in same]
+                torch._foreach_add_(steps, 1)
+                key = (index, device, dtype, tuple(p.numel() for p in same))
+                if key not in self._launches:
+                    self._launches[key] = triton_adamw.Launch(list(key[3]), device)
+                rows = [(p, p.grad, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"], self.state[p]["step"]) for p in same]
+                beta1, beta2 = group["betas"]
+                triton_adamw.step(self._launches[key], rows, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                  weight_decay=group["weight_decay"], grad_scale=grad_scale, found_inf=found_inf)
+                if found_inf is not None:  # a skipped step does not count, as in torch's
+                    torch._foreach_sub_(steps, [found_inf] * len(steps))
+        return None
+
+
+def _by_device_and_dtype(params: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    return groups
