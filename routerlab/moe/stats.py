@@ -102,10 +102,10 @@ def stats_on_host(stats: list[RoutingStats]) -> list[RoutingStats]:
     return [RoutingStats(**values) for values in out]
 
 
-def rank_overload(load: Tensor, ranks: int) -> float:
+def rank_overload(load: np.ndarray, ranks: int) -> float:
     """Expert parallelism over `ranks` ranks holding contiguous blocks of E/ranks experts: the busiest rank's
     token-slots over the mean rank's (1.0 = even; the step waits for the busiest rank)."""
-    per_rank = load.double().view(ranks, -1).sum(1)
+    per_rank = np.asarray(load, dtype=np.float64).reshape(ranks, -1).sum(1)
     return float(per_rank.max() / per_rank.mean()) if per_rank.sum() > 0 else 1.0
 
 
@@ -113,19 +113,21 @@ def routing_metrics(stats: RoutingStats, ranks: int = 1) -> dict[str, float]:
     """Scalar metrics of docs/metrics.md from (possibly merged) stats; rank_overload when ranks > 1 (expert parallel).
 
     max_vio is over every token the stats hold (merged micro-batches, ranks: the global batch);
-    max_vio_batch the mean of each micro-batch's own, max_vio_seq the mean of each sequence's own."""
-    load = stats.load.double()
-    num_experts = load.numel()
+    max_vio_batch the mean of each micro-batch's own, max_vio_seq the mean of each sequence's own.
+    In NumPy on the host: a logged step reads these for every layer, and ~25 torch ops on [E] tensors took
+    0.4 ms a layer on the development CPU (docs/benchmarks.md, issue 19 v6)."""
+    load = _on_host(stats.load)
+    num_experts = load.size
     tokens = max(float(stats.tokens), 1.0)
     mean = load.mean()
-    f = load / load.sum().clamp_min(1.0)
+    f = load / max(load.sum(), 1.0)
     nz = f[f > 0]
     out = {
-        "load_cv": float(load.std(correction=0) / mean) if mean > 0 else 0.0,
+        "load_cv": float(load.std() / mean) if mean > 0 else 0.0,
         "max_vio": float(load.max() / mean - 1) if mean > 0 else 0.0,
         "dropped_frac": float(stats.dropped_tokens) / tokens,
         "dead_experts": float((load == 0).sum()),
-        "usage_entropy": float(-(nz * nz.log()).sum()),
+        "usage_entropy": float(-(nz * np.log(nz)).sum()),
         "usage_entropy_max": math.log(num_experts),
         "mean_k": float(load.sum()) / tokens,  # routed slots per token (null / unused slots not counted)
     }
@@ -135,12 +137,16 @@ def routing_metrics(stats: RoutingStats, ranks: int = 1) -> dict[str, float]:
     if ranks > 1 and num_experts % ranks == 0:
         out["rank_overload"] = rank_overload(load, ranks)
     if stats.prob_sum is not None:
-        P = stats.prob_sum.double() / tokens
+        P = _on_host(stats.prob_sum) / tokens
         out["router_entropy"] = float(stats.entropy_sum) / tokens
         out["z_value"] = float(stats.z_sum) / tokens
         out["max_logit"] = float(stats.max_logit)
         out["switch_balance"] = float(num_experts * (f * P).sum())
     return out
+
+
+def _on_host(t: Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
 
 
 def specialization(labels: Tensor, experts: Tensor, num_labels: int, num_experts: int) -> float:
