@@ -46,6 +46,10 @@ class AdamW(torch.optim.AdamW):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+                    # a state saved by a CPU run: torch's unfused AdamW keeps the step on the host, where the kernel
+                    # cannot read it
+                    state["step"] = state["step"].to(p.device, torch.float32)
             for (device, dtype), same in _by_device_and_dtype(params).items():
                 steps = [self.state[p]["step"] for p in same]
                 torch._foreach_add_(steps, 1)

@@ -569,6 +569,10 @@ class Trainer:
         try:
             model_state, optimizer_state = self.parallel.local_state(self.model, self.optimizer, state["model"], state["optimizer"])
             self.model.load_state_dict(model_state)
+            # this device's kind of step, not the saving run's: torch takes `fused` from the saved groups (a CPU run's
+            # is None: its steps would stay unfused, without the found_inf and grad_scale the trainer gives them)
+            fused = self.optimizer.defaults.get("fused")
+            optimizer_state = {**optimizer_state, "param_groups": [{**g, "fused": fused} for g in optimizer_state["param_groups"]]}
             self.optimizer.load_state_dict(optimizer_state)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(f"checkpoint {str(path)!r} does not fit this model: {str(err).splitlines()[0]}") from None

@@ -196,6 +196,34 @@ def test_a_step_with_new_gradients_does_not_wait_for_the_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_state_saved_on_the_cpu_steps_on_cuda_as_torchs_does():
+    # a run trained on the CPU and resumed on CUDA: torch's plain AdamW saved its step counts on the host
+    from routerlab.adamw import AdamW
+
+    torch.manual_seed(0)
+    cpu = [torch.nn.Parameter(torch.randn(n)) for n in (5, 3000)]
+    plain = torch.optim.AdamW(cpu, **HYPER)
+    for _ in range(3):
+        for p in cpu:
+            p.grad = torch.randn_like(p)
+        plain.step()
+    saved = plain.state_dict()
+    ours_params = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    theirs_params = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    ours, theirs = AdamW(ours_params, **HYPER), torch.optim.AdamW(theirs_params, fused=True, **HYPER)
+    ours.load_state_dict(saved)
+    theirs.load_state_dict(saved)
+    grads = [torch.randn_like(p) for p in ours_params]
+    for opt, ps in ((ours, ours_params), (theirs, theirs_params)):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+    for p, q in zip(ours_params, theirs_params):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+        assert float(ours.state[p]["step"]) == 4.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_bf16_step_on_cuda_is_the_exact_step_rounded_to_nearest():
     check_one_bf16_step(rtol=2 ** -8, device="cuda")
 

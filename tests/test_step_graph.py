@@ -71,6 +71,22 @@ def test_skip_on_the_device_path_drops_the_update_and_trains_on(tmp_path):
     assert not same(before, snapshot(t)) and all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
+def test_a_checkpoint_of_an_unfused_run_resumes_on_the_device_path(tmp_path):
+    """A run saved on the CPU (torch's plain AdamW) and resumed where the step is fused (CUDA): the loaded groups keep
+    this trainer's fused step, so found_inf and grad_scale still reach it (an unfused step refuses them)."""
+    cpu = trainer(tmp_path / "a", "train.grad_clip=0.01")
+    cpu.train_step()
+    path = cpu.save(tmp_path / "cpu.pt")
+    resumed = fused(trainer(tmp_path / "b", "train.grad_clip=0.01"))
+    resumed.load(path)
+    assert all(g["fused"] for g in resumed.optimizer.param_groups)
+    resumed.train_step()
+    before = snapshot(resumed)
+    with pytest.raises(RunStopped):
+        resumed.train_step(nan_batch(resumed))
+    assert same(before, snapshot(resumed)) and resumed.step == 2
+
+
 def test_clipping_as_the_fused_steps_divisor_equals_clip_grad_norm(tmp_path):
     """grad_clip 0.01 clips every step here (norms are ~1), so a wrong divisor would move the weights differently."""
     device_path = fused(trainer(tmp_path / "a", "train.grad_clip=0.01"))
