@@ -91,7 +91,7 @@ class Launch:
         if addresses != self.addresses:  # every eager step: backward allocates new gradients
             table = torch.tensor([[*(t.data_ptr() for t in row), n] for row, n in zip(rows, self.sizes)], dtype=torch.int64)
             # from pinned memory the copy is queued; from pageable memory CUDA first waits for the stream to drain,
-            # a host sync before every eager update (dense twin, eager: 29.8 -> 33.8 ms a step, docs/benchmarks.md v6)
+            # a host sync before every eager update (the dense twin's eager step: 33.8 ms, not 29.8; docs/benchmarks.md v6)
             self.table = (table.pin_memory() if self.device.type == "cuda" else table).to(self.device, non_blocking=True)
             self.addresses = addresses
         return self.table
