@@ -19,7 +19,7 @@ from routerlab.moe.kernels import uses_triton
 class AdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs) -> None:
         super().__init__(params, fused=True, **kwargs)
-        self._launches: dict[tuple, object] = {}  # (group, dtype, sizes) -> triton_adamw.Launch
+        self._launches: dict[tuple, object] = {}  # (group index, device, dtype, sizes) -> triton_adamw.Launch
 
     def _kernel_runs(self, group: dict, params: list[torch.Tensor]) -> bool:
         plain = not (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"])

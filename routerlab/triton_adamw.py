@@ -18,7 +18,6 @@ from torch import Tensor
 
 BLOCK = 1024  # elements a program updates (the fastest of a sweep on the H200: benchmarks/optimizer_step.py)
 NUM_WARPS = 4
-COLUMNS = 6  # a table row: parameter, gradient, exp_avg, exp_avg_sq, step (addresses), size
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -52,7 +51,7 @@ def _adamw(tensors, block_tensor, block_start, grad_scale, found_inf, lr, beta1,
         skip = tl.load(found_inf) == 1.0
     if not skip:
         pid = tl.program_id(0)
-        row = tensors + tl.load(block_tensor + pid).to(tl.int64) * 6
+        row = tensors + tl.load(block_tensor + pid).to(tl.int64) * 6  # 6 columns (Launch.tensors)
         # addresses read from a table carry no alignment the compiler can see: the hints (16 bytes, checked on the
         # host; blocks start at multiples of BLOCK) and an unmasked path for whole blocks let it move 16 bytes a
         # thread at a time (2 bytes without them: 2.5x slower on the H200, docs/benchmarks.md v6)
