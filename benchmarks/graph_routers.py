@@ -1,12 +1,13 @@
 """Which routers train the same under train.cuda_graph as eagerly: one GPU, the 25M preset's model, a few steps each.
 
-    python benchmarks/graph_routers.py [--steps 24] [--json FILE]
+    python benchmarks/graph_routers.py [--steps 24] [--json FILE] [--only switch,gshard_top2]
 
-For each router below (as the GPU grids of configs/ablations/gpu/*_25m.yaml set it up), the same seed trains
-`steps` steps with train.cuda_graph on and off; a router passes when the graphed run was captured and replayed (no
-host sync found, no failed capture) and its evaluation loss matches the eager one within TOLERANCE (bf16-mixed: the
-graph replays the same kernels, but noisy gates draw their noise from the captured generator offsets). Exit 1 if any
-router fails: the scripts that run the grids check this first.
+For each router below (as the GPU grids of configs/ablations/gpu/*_25m.yaml set it up; one that no grid has, with its
+defaults), the same seed trains `steps` steps with train.cuda_graph on and off; a router passes when the graphed run
+was captured and replayed (no host sync found, no failed capture) and its evaluation loss matches the eager one within
+TOLERANCE (bf16-mixed: the graph replays the same kernels, but noisy gates, random routing and sampled routers draw
+their noise from the captured generator offsets). Exit 1 if any router fails: the scripts that run the grids check
+this first.
 """
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ ROUTERS = {  # label -> overrides of the preset
     "hash_balanced": ["router={name: hash_balanced}"],
     "hash_position": ["router={name: hash_position, seq_len: 512}"],
     "switch": ["router={name: switch}"],
+    "gshard_top2": ["router={name: gshard_top2}"],
+    "bias_balanced": ["router={name: bias_balanced}"],
+    "adversarial": ["router={name: adversarial}"],
+    "adversarial_critic": ["router={name: adversarial_critic}"],
+    "quantile_balanced": ["router={name: quantile_balanced}"],
+    "graph": ["router={name: graph}"],
+    "hierarchical": ["router={name: hierarchical}"],
+    "sparsemax": ["router={name: sparsemax}"],
+    "entmax15": ["router={name: entmax15}"],
+    "top_p": ["router={name: top_p}"],
+    "reinforce": ["router={name: reinforce}"],
+    "random": ["router={name: random}"],
+    "hash_bigram": ["router={name: hash_bigram, seq_len: 512}"],
+    "lsh": ["router={name: lsh}"],
 }
 TOLERANCE = 0.02  # nats of evaluation loss
 
@@ -51,7 +66,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", default="", help="labels to run, comma-separated (default: all)")
     args = parser.parse_args()
+    chosen = [label for label in args.only.split(",") if label]
+    unknown = sorted(set(chosen) - set(ROUTERS))
+    if unknown:
+        parser.error(f"unknown router label(s) {', '.join(unknown)}; valid: {', '.join(ROUTERS)}")
     from routerlab.tasks import build_task
 
     task = build_task({"name": "stdlib", "block_size": 512})
@@ -60,6 +80,8 @@ def main() -> None:
     print("|---|---|--:|--:|--:|--:|--:|---|")
     report, failed = {}, []
     for label, overrides in ROUTERS.items():
+        if chosen and label not in chosen:
+            continue
         on, off = run(overrides, True, args.steps, task), run(overrides, False, args.steps, task)
         ok = on["replayed"] and abs(on["loss"] - off["loss"]) <= TOLERANCE
         failed += [] if ok else [label]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from routerlab.moe.kernels import uses_triton
+from routerlab.kernel_choice import uses_triton
 
 
 class AdamW(torch.optim.AdamW):

@@ -79,7 +79,7 @@ def test_no_import_circle_between_modules():
 
 # routers -> moe -> models/config -> train -> cli -> apps: a module imports only from its own layer or below.
 # Support modules not named here (board, checkpoint, distributed, ...) sit between and are not checked.
-LAYERS = [("routerlab.errors", 0), ("routerlab.registry", 0), ("routerlab.routers", 1), ("routerlab.moe", 2),
+LAYERS = [("routerlab.errors", 0), ("routerlab.registry", 0), ("routerlab.kernel_choice", 0), ("routerlab.routers", 1), ("routerlab.moe", 2),
           ("routerlab.models", 3), ("routerlab.tasks", 3), ("routerlab.config", 3), ("routerlab.train", 4),
           ("routerlab.cli", 5), ("routerlab.ablate", 5), ("routerlab.analysis", 5), ("routerlab.bench", 5),
           ("environments", 6), ("federated", 6), ("studies", 6)]
@@ -108,7 +108,7 @@ def test_layering_core_imports_only_torch_and_numpy():
     imports at module level only the standard library, torch, numpy and triton (torch's own compiler),
     and the library never imports an app, not even lazily."""
     files = module_files()
-    core = ("routerlab.routers", "routerlab.moe", "routerlab.registry", "routerlab.errors")
+    core = ("routerlab.routers", "routerlab.moe", "routerlab.registry", "routerlab.errors", "routerlab.kernel_choice")
     allowed_third_party = {"torch", "numpy", "triton"}
     for module, path in files.items():
         names = imported_names(module, path, module_level_only=True)
@@ -116,7 +116,7 @@ def test_layering_core_imports_only_torch_and_numpy():
             for name in names:
                 top = name.split(".")[0]
                 if top == "routerlab":
-                    assert name.startswith(core), f"{module} imports {name}: the core imports only routerlab.{{routers, moe, registry, errors}}"
+                    assert name.startswith(core), f"{module} imports {name}: the core imports only routerlab.{{routers, moe, registry, errors, kernel_choice}}"
                     if module.startswith("routerlab.routers"):
                         assert not name.startswith("routerlab.moe"), f"{module} imports {name}: routers sit below the MoE core"
                 else:

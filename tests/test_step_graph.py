@@ -8,6 +8,7 @@ import torch
 
 from routerlab.config import load_config
 from routerlab.errors import RunStopped
+from routerlab.routers import build_router
 from routerlab.train import Trainer, lr_lambda
 
 TINY = ["train.steps=4", "model.d_model=16", "model.n_heads=2", "model.expert_hidden=16", "train.batch_size=4",
@@ -22,11 +23,69 @@ def trainer(tmp_path, *extra: str) -> Trainer:
     ([], "not on CUDA"),  # everything else qualifies: on a GPU this run would be graphed
     (["train.cuda_graph=false"], "train.cuda_graph is false"),
     (["train.micro_batches=2"], "micro_batches > 1"),
-    (["router.name=bias_balanced"], "router class BiasBalanced does not declare cuda_graph_safe"),  # after_step state
+    (["router.name=relu"], "router class ReLURouter does not declare cuda_graph_safe"),  # reads its slot count on the host
 ])
 def test_when_a_step_may_be_replayed(tmp_path, extra, reason):
     t = trainer(tmp_path, *extra)
     assert t.cuda_graph_off == reason and t.step_graph is None
+
+
+# Declared routers whose state moves from step to step (in the forward, observe_token_loss or after_step), the
+# overrides that train them here, and the tensors that must move. A replay writes the memory its step was captured
+# with and after_step runs eagerly between replays, so each of these must change in place: a tensor re-bound to a
+# new object would leave the graph reading (or after_step seeing) the old one.
+STATEFUL = {
+    "adversarial": (["router={name: adversarial, k: 2, price_lr: 0.5}"], {"prices"}),
+    "adversarial_critic": (["router={name: adversarial_critic, k: 2, group_size: 4}"], {"critic", "critic_m", "critic_v", "critic_step", "_usage"}),
+    "bias_balanced": (["router={name: bias_balanced, k: 2, update_rate: 0.1}"], {"bias"}),
+    "quantile_balanced": (["router={name: quantile_balanced, k: 1, eval_ema: 0.5}", "train.batch_size=16"], {"prices", "eval_prices"}),
+    "reinforce": (["router={name: reinforce}"], {"baseline", "baseline_steps"}),
+    "softmax_topk": (["router.smoothing=0.5"], {"gate_ema"}),  # gate smoothing's EMA, an option of every gated router
+}
+
+
+def router_tensors(router) -> dict[str, torch.Tensor]:
+    """The tensors a router holds besides its parameters: its buffers and plain tensor attributes."""
+    held = dict(router.named_buffers(recurse=False))
+    held.update({k: v for k, v in vars(router).items() if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter)})
+    return held
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_a_declared_routers_state_moves_in_place_from_step_to_step(tmp_path, name):
+    extra, moving = STATEFUL[name]
+    t = trainer(tmp_path, *extra)
+    router = t.layers[0].router
+    assert vars(type(router)).get("cuda_graph_safe") and t.cuda_graph_off == "not on CUDA"
+    t.train_step()  # the first step makes what a router keeps from its forwards (the critic's usage)
+    held = {k: (v, v.data_ptr(), v.clone()) for k, v in router_tensors(router).items()}
+    assert moving <= held.keys()
+    for _ in range(2):
+        t.train_step()
+    now = router_tensors(router)
+    assert now.keys() == held.keys()
+    for k, (tensor, address, _) in held.items():
+        assert now[k] is tensor and now[k].data_ptr() == address, f"{name}.{k} was re-bound"
+    assert [k for k in sorted(moving) if torch.equal(held[k][2], now[k])] == []  # ... and did move
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reinforce_corrects_its_baseline_on_the_device_as_the_python_formula_does(dtype):
+    """observe_token_loss runs inside the captured step, so the bias correction reads no step count on the host; its
+    numbers are those of baseline / (1 - decay**n) with a Python float (bitwise, a bf16 buffer too)."""
+    torch.manual_seed(0)
+    router = build_router({"name": "reinforce", "entropy": 0.0, "baseline_decay": 0.9}, 6, 3)
+    router.baseline = router.baseline.to(dtype)
+    router.train()
+    for n in range(12):
+        router(torch.randn(10, 6))
+        token_loss = torch.rand(10) * 3
+        logp = router._chosen[0].detach()
+        reward = -token_loss
+        b = reward.mean() if n == 0 else router.baseline / (1 - 0.9**n)
+        surrogate = router.observe_token_loss(token_loss)["reinforce"]
+        assert int(router.baseline_steps) == n + 1 and router.baseline.dtype == dtype
+        assert torch.equal(surrogate.detach(), -1.0 * ((reward - b) * logp).mean()), n
 
 
 def fused(t: Trainer) -> Trainer:

@@ -22,24 +22,29 @@ def test_kernels_match_the_torch_references_under_the_interpreter():
 
 # every kernel's arguments as the GPU path passes them: pointers (*dtype), ints (i32), compile-time constants
 KERNEL_ARGS = {
-    ("triton_swiglu", "_fwd"): {"h13": "*bf16", "out": "*bf16", "n_rows": "*i32", "rows": "i32", "hidden": "i32"},
-    ("triton_swiglu", "_bwd"): {"h13": "*bf16", "grad": "*bf16", "grad_h13": "*bf16", "n_rows": "*i32", "rows": "i32", "hidden": "i32"},
-    ("triton_combine", "_gather_rows"): {"x": "*bf16", "token_of_row": "*i64", "n_kept": "*i64", "out": "*bf16", "d": "i32"},
-    ("triton_combine", "_gather_reduce"): {"src": "*bf16", "inv": "*i64", "n_kept": "*i64", "w": "*fp32", "out": "*bf16", "T": "i32", "d": "i32", "k": "i32"},
-    ("triton_combine", "_combine_grads"): {"y": "*bf16", "grad": "*bf16", "inv": "*i64", "n_kept": "*i64", "w": "*fp32", "grad_y": "*bf16",
-                                           "grad_w": "*fp32", "T": "i32", "d": "i32", "k": "i32"},
+    ("moe.triton_swiglu", "_fwd"): {"h13": "*bf16", "out": "*bf16", "n_rows": "*i32", "rows": "i32", "hidden": "i32"},
+    ("moe.triton_swiglu", "_bwd"): {"h13": "*bf16", "grad": "*bf16", "grad_h13": "*bf16", "out": "*bf16", "n_rows": "*i32", "rows": "i32", "hidden": "i32"},
+    ("moe.triton_combine", "_gather_rows"): {"x": "*bf16", "token_of_row": "*i64", "n_kept": "*i64", "out": "*bf16", "d": "i32"},
+    ("moe.triton_combine", "_gather_reduce"): {"src": "*bf16", "inv": "*i64", "n_kept": "*i64", "w": "*fp32", "out": "*bf16", "T": "i32", "d": "i32", "k": "i32"},
+    ("moe.triton_combine", "_combine_grads"): {"y": "*bf16", "grad": "*bf16", "inv": "*i64", "n_kept": "*i64", "w": "*fp32", "grad_y": "*bf16",
+                                               "grad_w": "*fp32", "T": "i32", "d": "i32", "k": "i32"},
+    ("routers.triton_topk", "_topk_softmax"): {"logits": "*fp32", "probs": "*fp32", "lse": "*fp32", "experts": "*i64", "weights": "*fp32", "T": "i32", "E": "i32"},
+    ("routers.triton_topk", "_topk_softmax_grad"): {"probs": "*fp32", "grad_probs": "*fp32", "grad_lse": "*fp32", "experts": "*i64", "weights": "*fp32",
+                                      "grad_weights": "*fp32", "grad_logits": "*fp32", "T": "i32", "E": "i32"},
 }
-FLAGS = ("HAS_LIMIT", "HAS_W")  # each kernel with one of these compiles in both forms
+FLAGS = ("HAS_LIMIT", "HAS_OUT", "HAS_W", "RENORM")  # each kernel with one of these compiles in both forms
+CONSTANTS = {"routers.triton_topk": {"K": 6, "KP": 8, "BLOCK_T": 64, "BLOCK_E": 64, "HAS_GP": True, "HAS_GL": True, "HAS_GW": True}}
 
 
 def compile_cases():
     import importlib
 
     for (module, kernel), arg_types in KERNEL_ARGS.items():
-        fn = getattr(importlib.import_module(f"routerlab.moe.{module}"), kernel)
+        fn = getattr(importlib.import_module(f"routerlab.{module}"), kernel)
         flags = [name for name in fn.arg_names if name in FLAGS]
+        constants = {name: value for name, value in {"BLOCK": 1024, **CONSTANTS.get(module, {})}.items() if name in fn.arg_names}
         for on in ([True, False] if flags else [True]):
-            yield pytest.param(fn, arg_types, {"BLOCK": 1024, **dict.fromkeys(flags, on)}, id=f"{kernel}-{flags[0]}={on}" if flags else kernel)
+            yield pytest.param(fn, arg_types, {**constants, **dict.fromkeys(flags, on)}, id=f"{module}.{kernel}-{flags[0]}={on}" if flags else f"{module}.{kernel}")
 
 
 @pytest.mark.parametrize("fn, arg_types, constants", compile_cases())
@@ -80,14 +85,27 @@ def check_kernels() -> None:
     leaf = h13[:real].clone().requires_grad_(True)
     want_grad = torch.autograd.grad(swiglu_reference(leaf), leaf, grad[:real])[0]
     close(triton_swiglu.backward(h13, grad, n_rows)[:real], want_grad, "swiglu backward")
+    out = torch.full((rows, hidden), float("nan"))
+    close(triton_swiglu.backward(h13, grad, n_rows, out)[:real], want_grad, "swiglu backward, forward written too")
+    assert torch.equal(out[:real], triton_swiglu.forward(h13, n_rows)[:real]), "the backward's forward output differs from the forward's"
     close(triton_swiglu.forward(h13[:real].contiguous()), want, "swiglu forward, every row real")
 
-    # a plan with unused slots (-1) and capacity drops: padding rows at the end
-    T, k, d, E = 13, 3, 24, 4
+    # plans with unused slots (-1) and capacity drops: padding rows at the end; k = 3, k = 1, and rows wider than
+    # one column block (1100 columns: two blocks of 1024, the second partial)
+    for T, k, d, E, capacity in [(13, 3, 24, 4, 5), (9, 1, 24, 3, 2), (9, 3, 1100, 3, 4)]:
+        check_gathers(triton_combine, close, T, k, d, E, capacity)
+    check_topk_softmax()
+    check_layer_dtypes_and_backends()
+    print("kernels ok")
+
+
+def check_gathers(triton_combine, close, T, k, d, E, capacity) -> None:
+    from routerlab.moe.layer import plan_dispatch
+
     experts = torch.randint(-1, E, (T, k))
-    plan = plan_dispatch(experts, E, capacity=5)
+    plan = plan_dispatch(experts, E, capacity=capacity)
     n = int(plan.n_kept)
-    assert 0 < n < T * k, "the plan must have real and padding rows"
+    assert 0 < n < T * k, f"the plan (T={T}, k={k}) must have real and padding rows"
     x = torch.randn(T, d)
     close(triton_combine.gather_rows(x, plan.token_of_row, plan.n_kept)[:n], x[plan.token_of_row[:n]], "permute gather")
 
@@ -106,8 +124,84 @@ def check_kernels() -> None:
     want_grad_y = grad_out[plan.order % T] * slot_w[plan.order][:, None]
     close(grad_y[:n], want_grad_y[:n], "combine backward, rows")
     close(grad_w, (slot_rows * grad_out).sum(-1).t(), "combine backward, weights")
-    check_layer_dtypes_and_backends()
-    print("kernels ok")
+
+
+def check_topk_softmax(device: str = "cpu") -> None:
+    """The fused softmax + top-k (routers/triton_topk.py) against PyTorch's softmax, topk, gather and logsumexp:
+    values, and the gradient of every combination of the outputs a router uses; then a preset-like router
+    (k=6 of 64, importance balance at power 0, z-loss) with the kernel against the same router without it."""
+    from routerlab.routers.gated import GatedRouter
+    from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
+    from routerlab.routers.triton_topk import TopKSoftmax
+
+    def close(got, want, what, tol=1e-5):
+        assert torch.allclose(got, want, atol=tol, rtol=tol), f"{what}: max error {float((got - want).abs().max())}"
+
+    for T, E, k, renorm in [(70, 64, 6, True), (70, 64, 6, False), (33, 6, 1, False), (5, 100, 3, True), (1, 8, 8, True)]:
+        logits = torch.randn(T, E, dtype=torch.float64).float().to(device).requires_grad_(True)
+        probs, lse, experts, weights = TopKSoftmax.apply(logits, k, renorm)
+        ref = logits.detach().requires_grad_(True)
+        ref_probs = ref.softmax(-1)
+        ref_experts = ref_probs.detach().topk(k, dim=-1).indices
+        ref_weights = ref_probs.gather(1, ref_experts)
+        if renorm:
+            ref_weights = ref_weights / ref_weights.sum(-1, keepdim=True)
+        ref_lse = ref.logsumexp(-1)
+        case = f"T={T} E={E} k={k} renorm={renorm}"
+        assert torch.equal(experts, ref_experts), f"{case}: other experts chosen"
+        close(probs, ref_probs, f"{case} probs"), close(lse, ref_lse, f"{case} lse"), close(weights, ref_weights, f"{case} weights")
+        for used in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1), (1, 0, 1)]:
+            gs = [torch.randn_like(t) for t in (probs, lse, weights)]
+            parts = [(g * t).sum() for on, g, t in zip(used, gs, (probs, lse, weights)) if on]
+            ref_parts = [(g * t).sum() for on, g, t in zip(used, gs, (ref_probs, ref_lse, ref_weights)) if on]
+            got, = torch.autograd.grad(sum(parts), logits, retain_graph=True)
+            want, = torch.autograd.grad(sum(ref_parts), ref, retain_graph=True)
+            close(got, want, f"{case} gradient of {used} (probs, lse, weights)")
+
+    params = SoftmaxTopKParams(k=6, importance_balance=0.01, importance_power=0.0, z_loss=1e-3)
+    torch.manual_seed(1)
+    router = SoftmaxTopK(32, 64, params).to(device)
+    x = torch.randn(50, 32, device=device, requires_grad=True)
+    fused = router(x)
+    assert router.uses_fused_topk(fused.logits, 6, None, None), "the preset's router should take the kernel here"
+    g = torch.randn(50, 6, device=device)
+    loss = (fused.weights * g).sum() + sum(fused.aux.values())
+    got = torch.autograd.grad(loss, [x, router.gate.weight])
+    original = GatedRouter.uses_fused_topk
+    GatedRouter.uses_fused_topk = lambda *args: False
+    try:
+        plain = router(x)
+    finally:
+        GatedRouter.uses_fused_topk = original
+    want = torch.autograd.grad((plain.weights * g).sum() + sum(plain.aux.values()), [x, router.gate.weight])
+    assert torch.equal(fused.experts, plain.experts) and sorted(fused.aux) == sorted(plain.aux) == ["importance_balance", "z_loss"]
+    close(fused.weights, plain.weights, "router weights")
+    for name in fused.aux:
+        close(fused.aux[name], plain.aux[name], f"router {name}")
+    for what, a, b in zip(("grad x", "grad gate"), got, want):
+        close(a, b, f"router {what}")
+
+
+def test_the_trainer_bench_files_each_kernel_under_its_part():
+    # by Triton function name, first matching part wins: the router's kernels once fell under the experts' "_fwd"
+    from routerlab.bench.trainer import kernel_part
+    from routerlab.moe import triton_combine, triton_swiglu
+    from routerlab.routers import triton_topk
+
+    for kernel, part in [(triton_topk._topk_softmax, "router"), (triton_topk._topk_softmax_grad, "router"),
+                         (triton_swiglu._fwd, "experts"), (triton_swiglu._bwd, "experts"),
+                         (triton_combine._gather_rows, "dispatch + combine"), (triton_combine._combine_grads, "dispatch + combine")]:
+        assert kernel_part(kernel.__name__).startswith(part), f"{kernel.__name__} is filed under {kernel_part(kernel.__name__)!r}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_topk_on_cuda():
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the router's float32 gate computed the same on both paths
+    try:
+        check_topk_softmax("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def check_layer_dtypes_and_backends() -> None:
@@ -117,10 +211,15 @@ def check_layer_dtypes_and_backends() -> None:
     import torch.nn.functional as F
 
     from routerlab.moe import ExpertBank, MoELayer
-    from routerlab.moe.kernels import uses_triton
+    from routerlab.kernel_choice import uses_triton
     from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
 
+    from routerlab.bench.core import pure_torch
+
     assert uses_triton(torch.zeros(1)) and not uses_triton(torch.zeros(1, dtype=torch.float64))
+    with pure_torch():  # the benchmarks' reference path
+        assert not uses_triton(torch.zeros(1)), "pure_torch() left the Triton kernels on"
+    assert uses_triton(torch.zeros(1)), "pure_torch() did not restore the Triton kernels"
     T, d, h, E, k = 19, 16, 24, 4, 2
     for dtype, backend, tol in [(torch.float32, "padded", 1e-5), (torch.float32, "loop", 1e-5), (torch.float64, "padded", 1e-12), (torch.float64, "loop", 1e-12)]:
         torch.manual_seed(3)

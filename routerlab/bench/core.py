@@ -184,13 +184,14 @@ class GpuRow:
 @contextmanager
 def pure_torch():
     """Switch the Triton kernels off: the pure-PyTorch reference path."""
-    from routerlab.moe import kernels
+    from routerlab import kernel_choice
 
-    saved, kernels._TRITON = kernels._TRITON, False
+    kernel_choice.triton_available()  # read before the switch, so that it is restored as found
+    saved, kernel_choice._TRITON = kernel_choice._TRITON, False
     try:
         yield
     finally:
-        kernels._TRITON = saved
+        kernel_choice._TRITON = saved
 
 
 def check_correctness(device, dtype=torch.bfloat16, seed=None, capacity_factor: float | None = None) -> dict:

@@ -64,10 +64,15 @@ def _sync() -> None:
 def steady_tokens_per_s(trainer, warmup: int, steps: int) -> tuple[float, float, float, dict[str, float]]:
     """(tokens/s, ms per step, first-steps seconds, step times) over `steps` steps after `warmup` steps. Step times:
     the median step and the mean step that logged (the trainer ends each step synchronized, so each call's wall
-    time is its step's, logging included), and the pauses of Python's garbage collector per step."""
+    time is its step's, logging included), and the pauses of Python's garbage collector per step. The warm-up lasts
+    at least until the first logged step: that one pays one-off costs (CUDA loads each kernel on its first launch, and
+    some of the statistics' kernels run nowhere else), which are not the steady state."""
     t0 = time.perf_counter()
-    for _ in range(warmup):
+    warm = []
+    for _ in range(max(warmup, trainer.config.train.log_every - trainer.step)):
+        t1 = time.perf_counter()
         trainer.train_step()
+        warm.append(round((time.perf_counter() - t1) * 1e3, 1))
     _sync()
     first = time.perf_counter() - t0
     times, logged, pauses = [], [], {}
@@ -83,7 +88,8 @@ def steady_tokens_per_s(trainer, warmup: int, steps: int) -> tuple[float, float,
     tokens = steps * trainer.config.train.batch_size * trainer.task.block_size
     log_steps = [ms for ms, log in zip(times, logged) if log]
     split = {"median step ms": sorted(times)[len(times) // 2], "logged step ms (mean)": sum(log_steps) / len(log_steps) if log_steps else math.nan,
-             "GC ms/step": {k: v * 1e3 / steps for k, v in sorted(pauses.items())}}
+             "GC ms/step": {k: v * 1e3 / steps for k, v in sorted(pauses.items())},
+             "warm-up step ms": warm, "step ms": [round(ms, 1) for ms in times], "logged": [i for i, log in enumerate(logged) if log]}
     return tokens / seconds, seconds / steps * 1e3, first, split
 
 
@@ -145,7 +151,7 @@ KERNEL_PARTS = [
     ("attention (SDPA)", ("sdpa", "flash", "cudnn")),
     ("experts (grouped GEMM, SwiGLU)", ("GemmUniversal", "enable_3x_kernel_for_sm9x", "_fwd", "_bwd")),
     ("dispatch + combine (sort, permute, combine)", ("radix_sort", "RadixSort", "_gather_rows", "_gather_reduce", "_combine_grads", "searchsorted")),
-    ("router (fp32 gate, top-k, softmax, losses)", ("f32f32", "sgemm", "TopK", "bitonicSort", "indexFunc", "softmax_warp")),
+    ("router (fp32 gate, top-k, softmax, losses)", ("f32f32", "sgemm", "TopK", "bitonicSort", "indexFunc", "softmax_warp", "_topk_softmax")),
     ("optimizer (grad norm, AdamW)", ("multi_tensor_apply", "_adamw")),
     ("dense GEMMs (projections, head; the twin's FFN)", ("nvjet", "gemm", "splitKreduce")),
     ("norms", ("layer_norm", "GammaBeta")),

@@ -1,43 +1,18 @@
 """The expert computations' fused pieces: SwiGLU on the fused gate|up tensor and the grouped SwiGLU FFN.
 
-Triton kernels (triton_swiglu, triton_combine) serve CUDA tensors of the dtypes they compute exactly
-(bf16, fp16, fp32: fp32 math inside); anything else (CPU, float64) takes the pure-PyTorch path, so float64
-stays float64. `uses_triton` is that one decision, for every kernel of the core. Under Triton's interpreter
-(TRITON_INTERPRET=1, set before the process starts) CPU tensors take the kernels too: the tests run the GPU
-path that way on a machine without a GPU.
+Triton kernels (triton_swiglu, triton_combine) run where routerlab/kernel_choice.py's `uses_triton` says: CUDA
+tensors of bf16, fp16 or fp32 (or any CPU tensor under Triton's interpreter); float64 and the CPU take the
+pure-PyTorch path.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernels accumulate in fp32: no float64
+from routerlab.kernel_choice import uses_triton
 
 grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-_TRITON: bool | None = None
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_available() -> bool:
-    global _TRITON
-    if _TRITON is None:
-        try:
-            import triton  # noqa: F401
-
-            _TRITON = True
-        except ImportError:
-            _TRITON = False
-    return _TRITON
-
-
-def uses_triton(t: Tensor) -> bool:
-    """Whether the core runs its Triton kernels on t: CUDA (or the interpreter), Triton there, a kernel dtype."""
-    return (t.is_cuda or _INTERPRET) and t.dtype in KERNEL_DTYPES and triton_available()
-
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}  # CUDA device index -> compute capability, read once per device
 
@@ -79,12 +54,23 @@ def swiglu_forward(h13: Tensor, n_rows: Tensor | None = None) -> Tensor:
 
 
 def swiglu_backward(h13: Tensor, grad: Tensor, n_rows: Tensor | None = None) -> Tensor:
+    return swiglu_backward_and_forward(h13, grad, n_rows, forward=False)[0]
+
+
+def swiglu_backward_and_forward(h13: Tensor, grad: Tensor, n_rows: Tensor | None = None, forward: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(input gradient, silu(gate) * up or None): the Triton kernel computes both from one read of h13."""
     if uses_triton(h13):
         from routerlab.moe import triton_swiglu
 
         width = h13.shape[-1]
-        out = triton_swiglu.backward(h13.reshape(-1, width).contiguous(), grad.reshape(-1, width // 2), n_rows)
-        return out.view(h13.shape)
+        rows = h13.reshape(-1, width).contiguous()
+        out = rows.new_empty(rows.shape[0], width // 2) if forward else None
+        grad_h13 = triton_swiglu.backward(rows, grad.reshape(-1, width // 2), n_rows, out)
+        return grad_h13.view(h13.shape), None if out is None else out.view(*h13.shape[:-1], width // 2)
+    return _swiglu_backward_torch(h13, grad), swiglu_forward(h13, n_rows) if forward else None
+
+
+def _swiglu_backward_torch(h13: Tensor, grad: Tensor) -> Tensor:
     # the kernels' formula in PyTorch (fp32 math for 16-bit inputs, like the kernels): no autograd.grad inside a
     # backward, which torch.compile cannot trace
     math_dtype = torch.promote_types(h13.dtype, torch.float32)
@@ -122,8 +108,9 @@ def swiglu(h13: Tensor) -> Tensor:
 class GroupedSwiGLUFFN(torch.autograd.Function):
     """y = grouped_mm(swiglu(grouped_mm(x, w_in)), w_out), saving x and the [N, 2h] pre-activation only.
 
-    The activation g = swiglu(h13) is recomputed in backward (one elementwise pass) instead of kept:
-    eager autograd would keep it too, N*h more elements (issue 10's memory bound, docs/benchmarks.md).
+    The activation g = swiglu(h13) is recomputed in backward instead of kept (eager autograd would keep it too,
+    N*h more elements: issue 10's memory bound, docs/benchmarks.md); on the GPU by the SwiGLU backward kernel,
+    which reads h13 for the input gradient anyway.
     Rows past offs[-1] are padding: grouped_mm leaves them alone and so do the SwiGLU kernels.
     """
 
@@ -137,9 +124,8 @@ class GroupedSwiGLUFFN(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, w_in, w_out, offs, h13 = ctx.saved_tensors
         grad = grad.contiguous()
-        g = swiglu_forward(h13, offs[-1:])
+        grad_h13, g = swiglu_backward_and_forward(h13, grouped_mm(grad, w_out.mT, offs=offs), offs[-1:])
         grad_w_out = grouped_mm(g.mT, grad, offs=offs)
-        grad_h13 = swiglu_backward(h13, grouped_mm(grad, w_out.mT, offs=offs), offs[-1:])
         grad_x = grouped_mm(grad_h13, w_in.mT, offs=offs)
         grad_w_in = grouped_mm(x.mT, grad_h13, offs=offs)
         return grad_x, grad_w_in, grad_w_out, None

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from routerlab.moe.experts import ExpertBank
-from routerlab.moe.kernels import uses_triton
+from routerlab.kernel_choice import uses_triton
 from routerlab.moe.stats import RoutingStats, stats_from_routing
 from routerlab.registry import Registry
 from routerlab.routers.base import Router, Routing

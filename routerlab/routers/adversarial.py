@@ -51,6 +51,7 @@ class Adversarial(GatedRouter):
         self.register_buffer("prices", torch.zeros(num_experts))
 
     finishes_weights = True  # route_topk normalizes and scales
+    cuda_graph_safe = True  # the forward reads the prices, a buffer after_step updates in place; no host reads
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         out = self.route_topk(x, self.params.k, self.params.renormalize)

@@ -71,7 +71,8 @@ class AdversarialCritic(GatedRouter):
         self.register_buffer("critic_m", torch.zeros_like(flat))  # Adam moments, buffers for exact resume
         self.register_buffer("critic_v", torch.zeros_like(flat))
         self.register_buffer("critic_step", torch.zeros((), dtype=torch.long))
-        self._usage: Tensor | None = None  # detached group usage of the last training forward
+        self._usage: Tensor | None = None  # detached group usage of the last training forward (written in place)
+        self._fresh: Tensor | None = None  # bool, on its device: a training forward wrote _usage since the last after_step
         self._group_n = 1  # its tokens per group
         self._last_critic_loss = float("nan")
 
@@ -93,6 +94,9 @@ class AdversarialCritic(GatedRouter):
         return (self.num_experts * freq).sort(-1, descending=True).values
 
     finishes_weights = True  # route_topk normalizes and scales
+    # the forward reads the critic (a buffer after_step updates in place) and copies the usage into one tensor that
+    # after_step reads (keep_usage); after_step's host reads and CPU generator run eagerly, outside the captured step
+    cuda_graph_safe = True
     refuses = {"null_experts": "the critic compares usage with uniform random routing over the E real experts; a null "
                                "expert has no load to judge"}
 
@@ -103,16 +107,28 @@ class AdversarialCritic(GatedRouter):
         if probs.shape[0] > 0:
             usage = self.group_usage(probs, experts)
             if self.training:
-                self._usage = usage.detach()
+                self.keep_usage(usage.detach())
                 self._group_n = min(self.params.group_size, probs.shape[0])
             # non-saturating generator loss: the router wants its usage called balanced (D logit low)
             aux["critic"] = self.params.weight * F.softplus(critic_logit(self.critic.float(), usage, self.params.hidden)).mean()
         return out.routing
 
+    def keep_usage(self, usage: Tensor) -> None:
+        """Copy the usage into the same tensor every step (a new one only when its shape changes) and mark it fresh on
+        the device: a replayed CUDA graph of the step (train.cuda_graph) writes both there, and after_step reads them."""
+        if self._usage is None or (self._usage.shape, self._usage.dtype, self._usage.device) != (usage.shape, usage.dtype, usage.device):
+            self._usage = usage.clone()
+            self._fresh = torch.ones((), dtype=torch.bool, device=usage.device)
+        else:
+            self._usage.copy_(usage)
+            self._fresh.fill_(True)
+
     def after_step(self, stats) -> None:
-        if self._usage is None:
+        # bool(_fresh) reads the device: fine here, after_step runs eagerly, outside a captured step
+        if self._usage is None or not bool(self._fresh):  # no training forward since the last step: nothing to learn from
             return
-        usage, self._usage = self._usage.to(self.critic.device), None
+        self._fresh.fill_(False)
+        usage = self._usage.to(self.critic.device)
         p = self.params
         for _ in range(p.critic_steps):
             self.critic_step += 1

@@ -27,10 +27,12 @@ from torch import Tensor
 def slot_counts(experts: Tensor, num_experts: int, counting: str) -> Tensor:
     """[..., E] float counts of chosen slots per expert (-1 skipped); 'first' = column 0 only. experts [..., T, k]."""
     chosen = experts[..., :1] if counting == "first" else experts
-    chosen = chosen.reshape(*chosen.shape[:-2], -1)
+    # a row of counts per token, then their sum: adding all T*k slots into one row of E counters would make
+    # every slot of an expert wait on the same atomic (the counts are small integers: exact in any order);
+    # unused slots (-1) go to a spare counter, with no boolean-mask indexing (a host sync on CUDA)
     onehot = torch.zeros(*chosen.shape[:-1], num_experts + 1, device=experts.device)
     onehot.scatter_add_(-1, torch.where(chosen >= 0, chosen, num_experts), torch.ones(chosen.shape, device=experts.device))
-    return onehot[..., :num_experts]
+    return onehot[..., :num_experts].sum(-2)
 
 
 def shares(counts: Tensor) -> Tensor:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from routerlab.routers.balancing import shares, slot_counts
+
 
 @dataclass
 class Routing:
@@ -74,11 +76,7 @@ def topk_routing(probs: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tens
 def switch_balance_loss(probs: Tensor, experts: Tensor, num_experts: int, token_weights: Tensor | None = None) -> Tensor:
     """E * sum_i f_i * P_i (Fedus et al. 2021): f from the hard choices (-1 skipped), P the differentiable
     mean probability, optionally token-weighted (the importance-weighting option)."""
-    # unused slots (-1) counted in a spare bucket: no boolean-mask indexing, which waits on the host on CUDA
-    slots = torch.where(experts >= 0, experts, num_experts).reshape(-1)
-    counts = torch.zeros(num_experts + 1, device=probs.device, dtype=probs.dtype)
-    counts = counts.index_add_(0, slots, torch.ones(slots.shape, device=probs.device, dtype=probs.dtype))[:num_experts]
-    f = counts / counts.sum().clamp_min(1.0)
+    f = shares(slot_counts(experts, num_experts, "all").to(probs.dtype))
     if token_weights is None:
         P = probs.mean(0)
     else:

@@ -13,4 +13,6 @@ from routerlab.routers.sparsemax import SparseGate, SparseGateParams, entmax15
 class Entmax15(SparseGate):
     """1.5-entmax over the k_max largest logits: 1..k_max experts per token, exact zeros."""
 
+    cuda_graph_safe = True  # no Python state across steps, no host reads (always k_max slots, -1 where unused)
+
     transform = staticmethod(entmax15)

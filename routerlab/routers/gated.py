@@ -45,12 +45,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routerlab.errors import ConfigError
+from routerlab.kernel_choice import uses_triton
 from routerlab.routers.balancing import BalancePart, GlobalCounts, batch_balance, global_balance, sequence_balance, slot_counts
 from routerlab.routers.base import Router, Routing, switch_balance_loss, z_loss
 from routerlab.routers.registry import RouterParams, require
 
 SCORES = ("softmax", "sigmoid", "sqrt_softplus")
 SELECTION_OPTIONS = ("score", "normalize_k1", "route_scale", "expert_groups", "top_groups", "null_experts")
+MAX_FUSED_EXPERTS = 1024  # the fused top-k holds a token's scores in registers
 
 
 @dataclass(frozen=True)
@@ -266,36 +268,54 @@ class GatedRouter(Router):
         """
         p = self.params
         logits = self.gate_logits(x) if logits is None else logits
-        scores = self.scores(logits if logit_noise is None else logits + logit_noise)
-        select = scores.detach()
-        if selection_bias is not None:
-            select = select + selection_bias.to(select.dtype)
-        mask = self.group_mask(select)
-        if mask is not None:
-            select = select.masked_fill(~mask, float("-inf"))
-        experts = select.topk(k, dim=-1).indices
-        weights = scores.gather(1, experts)
-        if renormalize and (k > 1 or (p.normalize_k1 if normalize_k1 is None else normalize_k1)):
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+        renormalize = renormalize and (k > 1 or (p.normalize_k1 if normalize_k1 is None else normalize_k1))
+        softmax = None  # (probs, logsumexp) of the logits where the fused kernel gives them with the selection
+        if self.uses_fused_topk(logits, k, selection_bias, logit_noise):
+            from routerlab.routers.triton_topk import TopKSoftmax
+
+            scores, lse, experts, weights = TopKSoftmax.apply(logits, k, renormalize)
+            softmax = (scores, lse)
+        else:
+            scores = self.scores(logits if logit_noise is None else logits + logit_noise)
+            select = scores.detach()
+            if selection_bias is not None:
+                select = select + selection_bias.to(select.dtype)
+            mask = self.group_mask(select)
+            if mask is not None:
+                select = select.masked_fill(~mask, float("-inf"))
+            experts = select.topk(k, dim=-1).indices
+            weights = scores.gather(1, experts)
+            if renormalize:
+                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
         if p.route_scale != 1.0:
             weights = weights * p.route_scale
-        aux = self.stability_losses(logits, experts)
+        aux = self.stability_losses(logits, experts, softmax)
         chosen, full_logits = experts, logits
         experts, weights = self.drop_null(experts, weights)
         routing = Routing(experts, weights.to(x.dtype), logits[:, : self.num_experts], aux)
         return TopK(routing, full_logits, scores, chosen)
 
+    def uses_fused_topk(self, logits: Tensor, k: int, selection_bias: Tensor | None, logit_noise: Tensor | None) -> bool:
+        """Whether route_topk takes the one-kernel softmax + top-k (routers/triton_topk.py): float32 logits on CUDA
+        (kernel_choice.uses_triton), softmax scores, none of bias, noise, group limit or null experts."""
+        p = self.params
+        plain = p.score == "softmax" and not p.null_experts and (not p.top_groups or p.top_groups == p.expert_groups)
+        return (plain and selection_bias is None and logit_noise is None and logits.dtype == torch.float32 and logits.dim() == 2
+                and k <= logits.shape[1] <= MAX_FUSED_EXPERTS and uses_triton(logits))
+
     # -- losses ---------------------------------------------------------------------------------------
-    def stability_losses(self, logits: Tensor, experts: Tensor | None = None) -> dict[str, Tensor]:
+    def stability_losses(self, logits: Tensor, experts: Tensor | None = None,
+                         softmax: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """z-loss, entropy, importance-weighted and scoped balance terms (only those switched on).
 
         experts: [T, k] choices (-1 unused) for the importance weighting and the balance losses; default the
-        top-1 of the logits.
+        top-1 of the logits. softmax: (probs, logsumexp) of these logits in float32 where already computed (the fused
+        top-k; softmax scores only), used instead of computing them again.
         """
         p = self.params
         aux = {}
         if self.training and logits.shape[0] > 0 and (p.balance_batch or p.balance_sequence or p.balance_global):
-            probs = self.balance_probs(logits)
+            probs = self.balance_probs(logits) if softmax is None else softmax[0]
             chosen = probs.argmax(-1, keepdim=True) if experts is None else experts
             if p.balance_batch and p.balance_layers == "pool":  # the model pools every layer's part (pooled_balance)
                 self.balance_part = BalancePart(p.balance_batch, slot_counts(chosen, probs.shape[-1], p.balance_count), probs.mean(0))
@@ -306,16 +326,19 @@ class GatedRouter(Router):
             if p.balance_global:
                 aux["balance_global"] = p.balance_global * global_balance(probs, chosen, p.balance_count, self.global_counts)
         if p.z_loss > 0:
-            aux["z_loss"] = p.z_loss * z_loss(logits)
+            aux["z_loss"] = p.z_loss * (z_loss(logits) if softmax is None else softmax[1].square().mean())
         if p.entropy != 0:
             logp = logits.float().log_softmax(-1)
             aux["entropy"] = p.entropy * -(logp.exp() * logp).sum(-1).mean()
         if p.importance_balance > 0 and logits.shape[0] > 0:
-            probs = logits.float().softmax(-1)
-            top1 = probs.argmax(-1)
-            if experts is not None:
-                top1 = torch.where(experts[:, 0] >= 0, experts[:, 0], top1)
-            w = importance_weights(top1, probs.shape[-1], p.importance_power)
+            probs = logits.float().softmax(-1) if softmax is None else softmax[0]
+            w = top1 = None  # power 0: every token weighs 1, and the plain mean is the same number
+            if experts is None or p.importance_power != 0:
+                top1 = probs.argmax(-1)
+                if experts is not None:
+                    top1 = torch.where(experts[:, 0] >= 0, experts[:, 0], top1)
+            if p.importance_power != 0:
+                w = importance_weights(top1, probs.shape[-1], p.importance_power)
             chosen = top1[:, None] if experts is None else experts
             aux["importance_balance"] = p.importance_balance * switch_balance_loss(probs, chosen, probs.shape[-1], w)
         return aux

@@ -54,6 +54,7 @@ class GraphRouter(GatedRouter):
         self.mix = nn.ParameterList(nn.Parameter(torch.randn(params.dim, params.dim) / math.sqrt(params.dim)) for _ in range(params.rounds))
 
     finishes_weights = True  # route_topk normalizes and scales
+    cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
 
     def adjacency_matrix(self) -> Tensor:
         E = self.edge_logits.shape[0]

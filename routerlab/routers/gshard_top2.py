@@ -44,6 +44,7 @@ class GShardTop2(GatedRouter):
     """Top-2 with GShard random routing of the second expert, group-level capacity and aux loss."""
 
     finishes_weights = True  # route_topk normalizes and scales
+    cuda_graph_safe = True  # no Python state across steps, no host reads (random routing draws on the device, capacity scatters)
     refuses = {"normalize_k1": "top-2 by definition: its weights are normalized over the two choices (GShard)"}
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
@@ -81,8 +82,11 @@ def _apply_capacity(experts: Tensor, num_experts: int, capacity: int) -> Tensor:
     """Mark slots past `capacity` per expert as -1; first choices before second ones, token order within."""
     flat = experts.t().reshape(-1)
     valid = flat >= 0
-    onehot = torch.zeros(flat.numel(), num_experts, dtype=torch.long, device=flat.device)
-    onehot[valid, flat[valid]] = 1
-    position = onehot.cumsum(0).gather(1, flat.clamp_min(0)[:, None]).squeeze(1) - 1
+    # one row per expert, slots along it: a scatter, not onehot[flat[valid], valid] = 1 (boolean-mask indexing waits on
+    # the host on CUDA; an unused slot writes its 0 into row 0), and the running count along the contiguous last dim
+    # (on CUDA a cumulative sum down the first dim of [slots, E] runs each column's T*k steps one after another)
+    onehot = torch.zeros(num_experts, flat.numel(), dtype=torch.long, device=flat.device)
+    onehot.scatter_(0, flat.clamp_min(0)[None, :], valid[None, :].long())
+    position = onehot.cumsum(1).gather(0, flat.clamp_min(0)[None, :]).squeeze(0) - 1
     flat = torch.where(valid & (position < capacity), flat, torch.full_like(flat, -1))
     return flat.view(experts.shape[1], -1).t()

@@ -29,6 +29,8 @@ class HashBigramParams(HashParams):
 class HashBigram(Hash):
     """Fixed random table over hashed (previous, current) token-id pairs; weight 1."""
 
+    cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
+
     def keys(self, x: Tensor, token_ids: Tensor | None) -> Tensor:
         ids = token_ids.long()
         prev = torch.cat([ids.new_full((1,), -1), ids[:-1]])

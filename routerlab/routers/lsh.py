@@ -30,6 +30,8 @@ class LSHParams(RouterParams):
 class LSH(Router):
     """Random-hyperplane hash of the hidden state -> expert; no token ids needed."""
 
+    cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
+
     def __init__(self, d_model: int, num_experts: int, params: LSHParams) -> None:
         super().__init__(d_model, num_experts, params)
         bits = params.bits or max(1, math.ceil(math.log2(num_experts)))

@@ -70,6 +70,8 @@ class QuantileBalanced(GatedRouter):
     finishes_weights = True  # route_topk normalizes and scales
     refuses = {"null_experts": "the assignment problem gives every expert the capacity C; a null expert has no compute to "
                                "bound, so its price would only ration skipping"}
+    # the prices are buffers the forward updates in place (dual_prices: E fixed-size sweeps on the device); no host reads
+    cuda_graph_safe = True
 
     def __init__(self, d_model: int, num_experts: int, params: QuantileBalancedParams) -> None:
         super().__init__(d_model, num_experts, params)

@@ -22,6 +22,8 @@ class RandomParams(RouterParams):
 class RandomRouter(Router):
     """Uniformly random k distinct experts per token, weight 1/k."""
 
+    cuda_graph_safe = True  # no Python state across steps, no host reads; torch.rand draws on the device
+
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         k = self.params.k
         experts = torch.rand(x.shape[0], self.num_experts, device=x.device).topk(k, dim=-1).indices

@@ -39,6 +39,10 @@ class ReinforceParams(RouterParams):
 class Reinforce(Router):
     """Samples one expert from softmax(W x); trained by REINFORCE on -per-token loss (RL-R)."""
 
+    # _chosen is set by the forward and taken by observe_token_loss within the same captured step; the baseline and
+    # its step count are buffers updated in place; the sample draws on the device (multinomial's one-sample path)
+    cuda_graph_safe = True
+
     def __init__(self, d_model: int, num_experts: int, params: ReinforceParams) -> None:
         super().__init__(d_model, num_experts, params)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
@@ -62,7 +66,9 @@ class Reinforce(Router):
     def rewards(self, token_loss: Tensor, experts: Tensor) -> Tensor:
         reward = -token_loss.float()
         if self.params.balance > 0:
-            f = torch.bincount(experts, minlength=self.num_experts).float() / experts.numel()
+            # a scatter, not bincount: bincount reads the largest id on the host (a sync on CUDA); the same counts
+            counts = torch.zeros(self.num_experts, dtype=torch.long, device=experts.device).scatter_add_(0, experts, torch.ones_like(experts))
+            f = counts.float() / experts.numel()
             reward = reward - self.params.balance * (self.num_experts * f[experts] - 1)
         return reward
 
@@ -73,8 +79,12 @@ class Reinforce(Router):
         self._chosen = None
         reward = self.rewards(token_loss.to(logp.device), experts)
         mean = reward.mean()
-        decay, n = self.params.baseline_decay, int(self.baseline_steps)
-        b = mean if n == 0 else self.baseline / (1 - decay**n)
+        decay, n = self.params.baseline_decay, self.baseline_steps
+        # mean on the first step, else the bias-corrected EMA: computed on the device (train.cuda_graph replays this
+        # and reads no step count on the host), with the numbers of baseline / (1 - decay**n) for a Python float
+        # (1 - decay**n in float64, then rounded; the division in float32 and rounded to the buffer's dtype)
+        correction = (1 - torch.full((), decay, dtype=torch.float64, device=n.device) ** n).float()
+        b = torch.where(n == 0, mean, (self.baseline.float() / correction).to(self.baseline.dtype))
         self.baseline.mul_(decay).add_((1 - decay) * mean)
         self.baseline_steps += 1
         return {"reinforce": -self.params.pg_coef * ((reward - b).detach() * logp).mean()}

@@ -90,4 +90,6 @@ class SparseGate(GatedRouter):
 class Sparsemax(SparseGate):
     """Sparsemax over the k_max largest logits: 1..k_max experts per token, exact zeros."""
 
+    cuda_graph_safe = True  # no Python state across steps, no host reads (always k_max slots, -1 where unused)
+
     transform = staticmethod(sparsemax)

@@ -38,6 +38,7 @@ class TopP(GatedRouter):
     """Fewest experts whose scores reach mass p (1..k_max per token)."""
 
     finishes_weights = True  # normalized and scaled below
+    cuda_graph_safe = True  # no Python state across steps, no host reads (always k_max slots, -1 where unused)
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         p = self.params

@@ -1,0 +1,130 @@
+"""Softmax, its log-normalizer and top-k selection of the router's logits in one Triton kernel, and their
+gradient in one more (CUDA; imported lazily by GatedRouter.route_topk, routers/gated.py).
+
+Eager PyTorch spends ~15 kernels a layer on what a top-k softmax router computes from its [T, E] logits:
+softmax, topk (a radix select and a sort), gather, the renormalization, logsumexp for the z-loss, and their
+backward; the preset's 64 experts fit one register tile per block of tokens, so a kernel reads the logits once.
+
+  forward   probs = softmax(l), lse = logsumexp(l), experts = the k largest logits (lowest index first among
+            equal ones), weights = probs[experts], divided by their sum if RENORM
+  backward  grad_l = p * (g_p + g_w* - <g_p + g_w*, p>) + g_lse * p                      (RENORM off)
+            grad_l = p * (g_p - <g_p, p>) + g_lse * p + w* * (g_w* - <g_w, w>)          (RENORM on)
+            where x* scatters a [T, k] value to its experts' columns: renormalized weights are the softmax of the
+            chosen logits alone, so the other logits get no gradient from them.
+All math in float32; logits float32 (the gate's default); rows of BLOCK_T tokens per program.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _topk_softmax(logits, probs, lse, experts, weights, T, E, K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr,
+         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    slots = tl.arange(0, KP)
+    rmask = rows < T
+    mask = rmask[:, None] & (cols[None, :] < E)
+    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
+    l = tl.load(logits + offs, mask=mask, other=-float("inf"))
+    m = tl.where(rmask, tl.max(l, 1), 0.0)  # rows past T: neither -inf - -inf nor 0 / 0
+    e = tl.exp(l - m[:, None])
+    s = tl.where(rmask, tl.sum(e, 1), 1.0)
+    p = e / s[:, None]
+    tl.store(probs + offs, p, mask=mask)
+    tl.store(lse + rows, m + tl.log(s), mask=rmask)
+    cur = l
+    chosen_e = tl.zeros([BLOCK_T, KP], dtype=tl.int64)
+    chosen_p = tl.zeros([BLOCK_T, KP], dtype=tl.float32)
+    for j in tl.static_range(K):
+        best = tl.max(cur, 1)
+        idx = tl.min(tl.where(cur == best[:, None], cols[None, :], BLOCK_E), 1)
+        hit = cols[None, :] == idx[:, None]
+        pj = tl.sum(tl.where(hit, p, 0.0), 1)
+        chosen_e = tl.where(slots[None, :] == j, idx[:, None].to(tl.int64), chosen_e)
+        chosen_p = tl.where(slots[None, :] == j, pj[:, None], chosen_p)
+        cur = tl.where(hit, -float("inf"), cur)
+    if RENORM:
+        chosen_p = chosen_p / tl.maximum(tl.sum(chosen_p, 1), 1e-9)[:, None]
+    out = rows[:, None].to(tl.int64) * K + slots[None, :]
+    kmask = rmask[:, None] & (slots[None, :] < K)
+    tl.store(experts + out, chosen_e, mask=kmask)
+    tl.store(weights + out, chosen_p, mask=kmask)
+
+
+@triton.jit
+def _topk_softmax_grad(probs, grad_probs, grad_lse, experts, weights, grad_weights, grad_logits, T, E, K: tl.constexpr,
+         RENORM: tl.constexpr, HAS_GP: tl.constexpr, HAS_GL: tl.constexpr, HAS_GW: tl.constexpr,
+         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < T
+    mask = rmask[:, None] & (cols[None, :] < E)
+    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
+    p = tl.load(probs + offs, mask=mask, other=0.0)
+    g = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    if HAS_GP:
+        g += tl.load(grad_probs + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GW:
+        gw_dense = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        w_dense = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for j in tl.static_range(K):
+            at = rows.to(tl.int64) * K + j
+            ej = tl.load(experts + at, mask=rmask, other=-1)
+            hit = cols[None, :] == ej[:, None]
+            gw_dense = tl.where(hit, tl.load(grad_weights + at, mask=rmask, other=0.0).to(tl.float32)[:, None], gw_dense)
+            w_dense = tl.where(hit, tl.load(weights + at, mask=rmask, other=0.0)[:, None], w_dense)
+        if not RENORM:
+            g += gw_dense  # weights are probs gathered: their gradient joins the probs'
+    grad = p * (g - tl.sum(g * p, 1)[:, None])
+    if HAS_GL:
+        grad += tl.load(grad_lse + rows, mask=rmask, other=0.0).to(tl.float32)[:, None] * p
+    if HAS_GW:
+        if RENORM:
+            grad += w_dense * (gw_dense - tl.sum(gw_dense * w_dense, 1)[:, None])
+    tl.store(grad_logits + offs, grad, mask=mask)
+
+
+def _blocks(E: int) -> tuple[int, int]:
+    block_e = triton.next_power_of_2(E)
+    return max(1, 4096 // block_e), block_e  # a 4096-element register tile per program
+
+
+class TopKSoftmax(torch.autograd.Function):
+    """(probs [T, E], lse [T], experts [T, k] int64, weights [T, k]) of float32 logits [T, E]; experts carry no grad."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, k: int, renormalize: bool):
+        logits = logits.contiguous()
+        T, E = logits.shape
+        probs, lse = torch.empty_like(logits), logits.new_empty(T)
+        experts = torch.empty(T, k, device=logits.device, dtype=torch.int64)
+        weights = logits.new_empty(T, k)
+        block_t, block_e = _blocks(E)
+        if T:
+            _topk_softmax[(triton.cdiv(T, block_t),)](logits, probs, lse, experts, weights, T, E, K=k, KP=triton.next_power_of_2(k),
+                                                      RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+        ctx.mark_non_differentiable(experts)
+        ctx.save_for_backward(probs, experts, weights)
+        ctx.renormalize = renormalize
+        return probs, lse, experts, weights
+
+    @staticmethod
+    def backward(ctx, grad_probs, grad_lse, _grad_experts, grad_weights):
+        probs, experts, weights = ctx.saved_tensors
+        T, E = probs.shape
+        k = experts.shape[1]
+        grad_logits = torch.empty_like(probs)
+        block_t, block_e = _blocks(E)
+        dummy = probs  # pointer for an absent gradient (its flag keeps the kernel from reading it)
+        if T:
+            _topk_softmax_grad[(triton.cdiv(T, block_t),)](
+                probs, dummy if grad_probs is None else grad_probs.contiguous(), dummy if grad_lse is None else grad_lse.contiguous(),
+                experts, weights, dummy if grad_weights is None else grad_weights.contiguous(), grad_logits, T, E, K=k,
+                RENORM=ctx.renormalize, HAS_GP=grad_probs is not None, HAS_GL=grad_lse is not None, HAS_GW=grad_weights is not None,
+                BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+        return grad_logits, None, None
