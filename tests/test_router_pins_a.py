@@ -188,6 +188,16 @@ def test_reinforce_routing_carries_its_logits_and_one_expert_per_token_in_the_in
     assert out.aux == {}  # evaluation: no entropy bonus
 
 
+def test_reinforce_trains_a_bf16_model_with_its_policy_in_float32():
+    # bf16-pure training casts the router to bf16; the policy's float32 input once met a bf16 weight and raised
+    r = make("reinforce", 3).to(torch.bfloat16).train()
+    x = tokens(5).to(torch.bfloat16)
+    out = r(x)
+    assert out.logits.dtype == torch.float32 and out.weights.dtype == torch.bfloat16
+    r.observe_token_loss(torch.rand(5))["reinforce"].backward()
+    assert r.gate.weight.grad is not None and r.gate.weight.grad.dtype == torch.bfloat16
+
+
 def test_reinforce_entropy_bonus_is_minus_coefficient_times_mean_policy_entropy():
     E, T = 4, 9
     x = tokens(T)

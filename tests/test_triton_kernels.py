@@ -1,4 +1,5 @@
-"""The Triton kernels of the GPU path (SwiGLU, permute gather, combine and its backward) on a CPU machine:
+"""The Triton kernels of the GPU path (SwiGLU, permute gather, combine and its backward, the router's softmax +
+top-k) on a CPU machine:
 each compiles for Hopper (sm_90, the H200), and each matches its PyTorch reference when run by Triton's
 interpreter (TRITON_INTERPRET=1, in a subprocess: it must be set before triton is imported). Padding rows
 hold NaN, so a kernel that reads one fails the check; few programs are launched, so the kernels' row loops
@@ -29,8 +30,8 @@ KERNEL_ARGS = {
     ("moe.triton_combine", "_combine_grads"): {"y": "*bf16", "grad": "*bf16", "inv": "*i64", "n_kept": "*i64", "w": "*fp32", "grad_y": "*bf16",
                                                "grad_w": "*fp32", "T": "i32", "d": "i32", "k": "i32"},
     ("routers.triton_topk", "_topk_softmax"): {"logits": "*fp32", "probs": "*fp32", "lse": "*fp32", "experts": "*i64", "weights": "*fp32", "T": "i32", "E": "i32"},
-    ("routers.triton_topk", "_topk_softmax_grad"): {"probs": "*fp32", "grad_probs": "*fp32", "grad_lse": "*fp32", "experts": "*i64", "weights": "*fp32",
-                                      "grad_weights": "*fp32", "grad_logits": "*fp32", "T": "i32", "E": "i32"},
+    ("routers.triton_topk", "_topk_softmax_grad"): {"probs": "*fp32", "grad_probs": "*fp32", "grad_lse": "*fp32", "experts": "*i64",
+                                                    "weights": "*fp32", "grad_weights": "*fp32", "grad_logits": "*fp32", "T": "i32", "E": "i32"},
 }
 FLAGS = ("HAS_LIMIT", "HAS_OUT", "HAS_W", "RENORM")  # each kernel with one of these compiles in both forms
 CONSTANTS = {"routers.triton_topk": {"K": 6, "KP": 8, "BLOCK_T": 64, "BLOCK_E": 64, "HAS_GP": True, "HAS_GL": True, "HAS_GW": True}}
@@ -65,7 +66,6 @@ def test_kernel_compiles_for_hopper(fn, arg_types, constants):
 def check_kernels() -> None:
     from routerlab.moe import triton_combine, triton_swiglu
     from routerlab.moe.kernels import swiglu_reference
-    from routerlab.moe.layer import plan_dispatch
 
     triton_swiglu.PROGRAMS = triton_combine.ROW_PROGRAMS = 3
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routerlab.routers.base import Router, Routing
@@ -51,7 +52,8 @@ class Reinforce(Router):
         self._chosen: tuple[Tensor, Tensor] | None = None  # (log pi(e_t|x_t) with grad, e_t) of the last training forward
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
-        logits = self.gate(x.float())
+        # the policy in float32: the weight cast too, for a bf16 model (bf16-pure); under autocast both run as before
+        logits = F.linear(x.float(), self.gate.weight.float())
         logp = logits.log_softmax(-1)
         aux = {}
         if self.training:
