@@ -75,6 +75,13 @@ class DispatchPlan:
         return self.kept.view(self.k, self.num_tokens).sum(0)
 
 
+def stable_order(key: Tensor, largest: int) -> Tensor:
+    """argsort(key, stable=True) of integer keys in [0, largest], sorted as the narrowest integer type that holds them:
+    CUDA's radix sort makes a pass per 8 bits of the key type (8 for int64, 2 for int16). The same order."""
+    dtype = torch.int16 if largest < 2**15 else torch.int32 if largest < 2**31 else key.dtype
+    return torch.argsort(key.to(dtype), stable=True)
+
+
 def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None, priority: Tensor | None = None) -> DispatchPlan:
     """Order token-slots by expert and drop those past capacity, without a host synchronization.
 
@@ -88,9 +95,9 @@ def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None, prior
     key = torch.where(flat >= 0, flat, num_experts)  # unused slots sort last
     if capacity is not None and priority is not None:
         ahead = torch.argsort(-priority.detach().t().reshape(-1).float(), stable=True)
-        order = ahead[torch.argsort(key[ahead], stable=True)]
+        order = ahead[stable_order(key[ahead], num_experts)]
     else:
-        order = torch.argsort(key, stable=True)
+        order = stable_order(key, num_experts)
     sorted_key = key[order]
     bounds = torch.searchsorted(sorted_key, torch.arange(num_experts + 1, device=key.device, dtype=key.dtype))
     counts = bounds[1:] - bounds[:-1]
@@ -98,7 +105,7 @@ def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None, prior
         position = torch.arange(order.numel(), device=order.device) - bounds[sorted_key.clamp(max=num_experts - 1)]
         keep = (sorted_key < num_experts) & (position < capacity)
         # a stable second sort moves the overflow to the end and keeps everything else in place
-        order = order[torch.argsort(torch.where(keep, sorted_key, num_experts), stable=True)]
+        order = order[stable_order(torch.where(keep, sorted_key, num_experts), num_experts)]
         counts = counts.clamp(max=capacity)
     inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     n_kept = counts.sum()

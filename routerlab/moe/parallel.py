@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from routerlab.moe.layer import DISPATCHERS, DispatchPlan, MoELayer, capacity_for, combine, permute, plan_dispatch, register_dispatcher
+from routerlab.moe.layer import DISPATCHERS, DispatchPlan, MoELayer, capacity_for, combine, permute, plan_dispatch, register_dispatcher, stable_order
 from routerlab.routers.base import Routing
 
 EXCHANGES = ("variable", "fixed", "auto")
@@ -260,7 +260,7 @@ def global_capacity_mask(experts: Tensor, num_experts: int, capacity_factor: flo
     per_rank = every[:, : E * E].view(-1, E, E)  # [P, choice, expert]
     per_choice = per_rank.sum(0)
     base = (per_choice.cumsum(0) - per_choice) + per_rank[:rank].sum(0)  # slots ahead of this rank's, per (choice, expert)
-    order = torch.argsort(key, stable=True)
+    order = stable_order(key, E * E)
     sorted_key = key[order]
     starts = torch.searchsorted(sorted_key, torch.arange(E * E + 1, device=device))
     within = torch.arange(key.numel(), device=device) - starts[sorted_key]
