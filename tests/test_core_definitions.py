@@ -307,3 +307,18 @@ def test_stats_metrics_edges_merges_and_rank_overload():
     assert routing_metrics(a, ranks=2)["rank_overload"] == pytest.approx(3 / 2)  # ranks hold {0,1}: 3, {2,3}: 1
     assert rank_overload(torch.zeros(4), 2) == 1.0
     assert fluctuation(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 1, 0, 2])) == 0.75
+
+
+@pytest.mark.parametrize("largest", [3, 64, 2**15 - 1, 2**15 + 5])
+def test_the_plans_narrow_sort_keys_give_the_int64_stable_order(largest):
+    """stable_order sorts as int16 (or int32 past int16's range): the same stable order as argsort of the int64 keys,
+    ties (a few distinct ids among many slots) in position order, keys at the largest value included."""
+    from routerlab.moe.layer import stable_order
+
+    g = torch.Generator().manual_seed(largest)
+    for n in (1, 7, 5000):
+        key = torch.randint(0, largest + 1, (n,), generator=g)
+        key[-1] = largest
+        assert torch.equal(stable_order(key, largest), torch.argsort(key, stable=True))
+        ties = torch.randint(0, 3, (n,), generator=g) * (largest // 2)
+        assert torch.equal(stable_order(ties, largest), torch.argsort(ties, stable=True))
