@@ -158,6 +158,14 @@ def check_topk_softmax(device: str = "cpu") -> None:
             want, = torch.autograd.grad(sum(ref_parts), ref, retain_graph=True)
             close(got, want, f"{case} gradient of {used} (probs, lse, weights)")
 
+    # a non-finite row (a diverging run) still names real experts: NaN first, as torch.topk ranks it, then the largest
+    logits = torch.randn(3, 6, device=device)
+    logits[1, 4], logits[2, :] = float("nan"), float("-inf")
+    experts = TopKSoftmax.apply(logits, 3, True)[2]
+    assert int(experts[1, 0]) == 4 and torch.equal(experts[1, 1:], torch.where(torch.arange(6, device=device) == 4, -1e9, logits[1]).topk(2).indices)
+    assert torch.equal(experts[2], torch.arange(3, device=device)), "a row of -inf takes the first experts"
+    assert bool(((experts >= 0) & (experts < 6)).all())
+
     params = SoftmaxTopKParams(k=6, importance_balance=0.01, importance_power=0.0, z_loss=1e-3)
     torch.manual_seed(1)
     router = SoftmaxTopK(32, 64, params).to(device)

@@ -6,7 +6,7 @@ softmax, topk (a radix select and a sort), gather, the renormalization, logsumex
 backward; the preset's 64 experts fit one register tile per block of tokens, so a kernel reads the logits once.
 
   forward   probs = softmax(l), lse = logsumexp(l), experts = the k largest logits (lowest index first among
-            equal ones), weights = probs[experts], divided by their sum if RENORM
+            equal ones, NaN first as in torch.topk; always k distinct experts), weights = probs[experts], divided by their sum if RENORM
   backward  grad_l = p * (g_p + g_w* - <g_p + g_w*, p>) + g_lse * p                      (RENORM off)
             grad_l = p * (g_p - <g_p, p>) + g_lse * p + w* * (g_w* - <g_w, w>)          (RENORM on)
             where x* scatters a [T, k] value to its experts' columns: renormalized weights are the softmax of the
@@ -23,7 +23,7 @@ from torch import Tensor
 
 @triton.jit
 def _topk_softmax(logits, probs, lse, experts, weights, T, E, K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr,
-         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     slots = tl.arange(0, KP)
@@ -37,17 +37,20 @@ def _topk_softmax(logits, probs, lse, experts, weights, T, E, K: tl.constexpr, K
     p = e / s[:, None]
     tl.store(probs + offs, p, mask=mask)
     tl.store(lse + rows, m + tl.log(s), mask=rmask)
-    cur = l
+    # each choice is the largest logit among the real experts not yet taken, the lowest index among equal ones; NaN
+    # ranks first, as in torch.topk, and -inf logits are still real experts: k distinct experts whatever the values
+    cur = tl.where(l == l, l, float("inf"))
+    free = (cols[None, :] < E) & (rows[:, None] >= 0)
     chosen_e = tl.zeros([BLOCK_T, KP], dtype=tl.int64)
     chosen_p = tl.zeros([BLOCK_T, KP], dtype=tl.float32)
     for j in tl.static_range(K):
-        best = tl.max(cur, 1)
-        idx = tl.min(tl.where(cur == best[:, None], cols[None, :], BLOCK_E), 1)
+        best = tl.max(tl.where(free, cur, -float("inf")), 1)
+        idx = tl.min(tl.where(free & (cur == best[:, None]), cols[None, :], BLOCK_E), 1)
         hit = cols[None, :] == idx[:, None]
         pj = tl.sum(tl.where(hit, p, 0.0), 1)
         chosen_e = tl.where(slots[None, :] == j, idx[:, None].to(tl.int64), chosen_e)
         chosen_p = tl.where(slots[None, :] == j, pj[:, None], chosen_p)
-        cur = tl.where(hit, -float("inf"), cur)
+        free = free & ~hit
     if RENORM:
         chosen_p = chosen_p / tl.maximum(tl.sum(chosen_p, 1), 1e-9)[:, None]
     out = rows[:, None].to(tl.int64) * K + slots[None, :]
@@ -58,8 +61,8 @@ def _topk_softmax(logits, probs, lse, experts, weights, T, E, K: tl.constexpr, K
 
 @triton.jit
 def _topk_softmax_grad(probs, grad_probs, grad_lse, experts, weights, grad_weights, grad_logits, T, E, K: tl.constexpr,
-         RENORM: tl.constexpr, HAS_GP: tl.constexpr, HAS_GL: tl.constexpr, HAS_GW: tl.constexpr,
-         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+                       RENORM: tl.constexpr, HAS_GP: tl.constexpr, HAS_GL: tl.constexpr, HAS_GW: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < T
