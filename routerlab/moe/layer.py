@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from routerlab.moe.experts import ExpertBank
 from routerlab.kernel_choice import uses_triton
+from routerlab.moe.experts import ExpertBank
 from routerlab.moe.stats import RoutingStats, stats_from_routing
 from routerlab.registry import Registry
 from routerlab.routers.base import Router, Routing
