@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from routerlab.routers.balancing import slot_counts
+
 
 @dataclass
 class RoutingStats:
@@ -51,12 +53,10 @@ def compute_stats(experts: Tensor, logits: Tensor | None, kept: Tensor, kept_per
     sequences of sequence_length (None: the batch is one sequence) for the per-sequence MaxVio."""
     num_experts = kept.shape[0]
     T = experts.shape[0]
-    # scatter and fill instead of bincount / mask indexing / torch.tensor: no host sync on CUDA
-    slots = torch.where(experts >= 0, experts, num_experts).reshape(-1)
-    load = torch.zeros(num_experts + 1, device=experts.device).index_add_(0, slots, torch.ones(slots.shape, device=experts.device))[:num_experts]
+    # counts by scatter and fill instead of bincount / mask indexing / torch.tensor: no host sync on CUDA
+    load = slot_counts(experts, num_experts, "all")
     L = sequence_length if sequence_length and T % sequence_length == 0 else max(T, 1)
-    per_seq = torch.zeros(T // L, num_experts + 1, device=experts.device)
-    per_seq.scatter_add_(1, torch.where(experts >= 0, experts, num_experts).reshape(T // L, L * experts.shape[1]), torch.ones(T // L, L * experts.shape[1], device=experts.device))
+    per_seq = slot_counts(experts.reshape(T // L, L, experts.shape[1]), num_experts, "all")
     stats = RoutingStats(
         load=load,
         kept=kept.float(),
@@ -64,7 +64,7 @@ def compute_stats(experts: Tensor, logits: Tensor | None, kept: Tensor, kept_per
         dropped_tokens=(kept_per_token == 0).sum().float(),
         vio_batch_sum=_max_vio(load),
         batches=torch.ones((), device=experts.device),
-        vio_seq_sum=_max_vio(per_seq[:, :num_experts]).sum(),
+        vio_seq_sum=_max_vio(per_seq).sum(),
         sequences=torch.full((), float(T // L), device=experts.device),
     )
     if logits is not None:
@@ -82,8 +82,7 @@ def compute_stats(experts: Tensor, logits: Tensor | None, kept: Tensor, kept_per
 def stats_from_routing(experts: Tensor, logits: Tensor | None, kept: Tensor, num_experts: int, sequence_length: int | None = None) -> RoutingStats:
     """RoutingStats of one forward from its routing: experts [T, k] (-1 unused), logits [T, E] or None,
     kept [T, k] bool (slots computed), tokens in sequences of sequence_length. No host sync on CUDA."""
-    slots = torch.where(kept, experts, num_experts).reshape(-1)  # kept slots per (global) expert
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=experts.device).index_add_(0, slots, torch.ones_like(slots))[:num_experts]
+    counts = slot_counts(torch.where(kept, experts, -1), num_experts, "all")  # kept slots per (global) expert
     return compute_stats(experts, logits, counts, kept.sum(1), sequence_length)
 
 
