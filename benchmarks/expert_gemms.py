@@ -7,7 +7,9 @@ forward + backward (torch's CUTLASS grouped GEMM, as routerlab/moe/kernels.py ca
 same FLOPs and operand shapes, and the dense twin's six FFN GEMMs (hidden k * h). Part 2, a probe for fusing the
 permute's gather into the GEMMs (ScatterMoE's form): Triton grouped GEMMs that read x's rows through the routing
 index, for the first forward GEMM and the first weight gradient, against the gather plus grouped_mm they would
-replace, with a small sweep of tile sizes; each checked against grouped_mm first.
+replace, with a small sweep of tile sizes; each checked against grouped_mm first. Part 3 (--autotune): each call through
+Inductor's grouped_mm lowering under max-autotune (its persistent TMA Triton template against ATen's CUTLASS kernel,
+the faster chosen), against grouped_mm eager.
 """
 from __future__ import annotations
 
@@ -96,6 +98,38 @@ def gather_wgrad(x, idx, grad, counts, offs, BM=128, BN=128, BK=64, warps=8, sta
     return out
 
 
+def autotuned(calls: dict, offs: torch.Tensor, iters: int) -> dict:
+    """Each call's operands through torch.compile(mode="max-autotune-no-cudagraphs"): Inductor benchmarks its Triton
+    grouped-GEMM template's configs against ATen's kernel and keeps the fastest (its choice is printed on stderr)."""
+    out = {}
+    print("\n| call | grouped_mm eager ms | max-autotune ms | eager / autotuned | max rel. error |")
+    print("|---|--:|--:|--:|--:|")
+    for name, (grouped, _, _) in calls.items():
+        a, b = grouped.operands
+        fn = torch.compile(lambda a, b, o: grouped_mm(a, b, offs=o), mode="max-autotune-no-cudagraphs", dynamic=False, fullgraph=True)
+        try:
+            got = fn(a, b, offs)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            print(f"| {name} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]} | | | |")
+            continue
+        ref = grouped()
+        err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+        te, tc = time_cuda(grouped, iters), time_cuda(lambda: fn(a, b, offs), iters)
+        out[name] = {"eager_ms": te, "autotuned_ms": tc, "rel_err": err}
+        print(f"| {name} | {te:.3f} | {tc:.3f} | {te / tc:.2f} | {err:.1e} |", flush=True)
+    return out
+
+
+class _Call:
+    """grouped_mm(a, b, offs) as a callable that remembers its operands."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> None:
+        self.operands, self.offs = (a, b), offs
+
+    def __call__(self) -> torch.Tensor:
+        return grouped_mm(*self.operands, offs=self.offs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=16384)
@@ -105,6 +139,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--autotune", action="store_true", help="part 3: Inductor's max-autotune grouped_mm per call")
+    ap.add_argument("--skip-probe", action="store_true", help="leave out part 2")
     args = ap.parse_args()
     T, d, h, E, k = args.tokens, args.d, args.hidden, args.experts, args.k
     dev, bf = "cuda", torch.bfloat16
@@ -133,12 +169,12 @@ def main() -> None:
 
     # part 1: the six grouped calls against a dense mm of the same FLOPs and operands
     calls = {
-        "fwd 1: xs @ w_in": (lambda: grouped_mm(xs, w_in, offs=offs), lambda: xs @ w_in[0], 2 * N * d * 2 * h),
-        "fwd 2: g @ w_out": (lambda: grouped_mm(g, w_out, offs=offs), lambda: g @ w_out[0], 2 * N * h * d),
-        "bwd 2 dgrad: grad_y @ w_out^T": (lambda: grouped_mm(grad_y, w_out.mT, offs=offs), lambda: grad_y @ w_out[0].mT, 2 * N * d * h),
-        "bwd 2 wgrad: g^T @ grad_y": (lambda: grouped_mm(g.mT, grad_y, offs=offs), lambda: g.mT @ grad_y, 2 * N * h * d),
-        "bwd 1 dgrad: grad_h13 @ w_in^T": (lambda: grouped_mm(grad_h13, w_in.mT, offs=offs), lambda: grad_h13 @ w_in[0].mT, 2 * N * 2 * h * d),
-        "bwd 1 wgrad: xs^T @ grad_h13": (lambda: grouped_mm(xs.mT, grad_h13, offs=offs), lambda: xs.mT @ grad_h13, 2 * N * d * 2 * h),
+        "fwd 1: xs @ w_in": (_Call(xs, w_in, offs), lambda: xs @ w_in[0], 2 * N * d * 2 * h),
+        "fwd 2: g @ w_out": (_Call(g, w_out, offs), lambda: g @ w_out[0], 2 * N * h * d),
+        "bwd 2 dgrad: grad_y @ w_out^T": (_Call(grad_y, w_out.mT, offs), lambda: grad_y @ w_out[0].mT, 2 * N * d * h),
+        "bwd 2 wgrad: g^T @ grad_y": (_Call(g.mT, grad_y, offs), lambda: g.mT @ grad_y, 2 * N * h * d),
+        "bwd 1 dgrad: grad_h13 @ w_in^T": (_Call(grad_h13, w_in.mT, offs), lambda: grad_h13 @ w_in[0].mT, 2 * N * 2 * h * d),
+        "bwd 1 wgrad: xs^T @ grad_h13": (_Call(xs.mT, grad_h13, offs), lambda: xs.mT @ grad_h13, 2 * N * d * 2 * h),
     }
     print("| call | grouped_mm ms | TFLOP/s | dense mm, same FLOPs, ms | TFLOP/s | grouped / dense time |")
     print("|---|--:|--:|--:|--:|--:|")
@@ -159,6 +195,8 @@ def main() -> None:
           f"experts / twin {total_g / sum(twin_ms):.2f} |")
     report["part 1"] = {"calls": part1, "grouped_total_ms": total_g, "dense_total_ms": total_d, "twin_ms": twin_ms}
 
+    if args.autotune:
+        report["part 3"] = autotuned(calls, offs, it)
     # part 2: the gather fused into the first GEMM and the first weight gradient
     gather_ms = time_cuda(lambda: x[token_of_row], it)
     ref_fwd = grouped_mm(xs, w_in, offs=offs)
@@ -166,7 +204,7 @@ def main() -> None:
     print(f"\n| fused gather (Triton) | BM x BN x BK, warps, stages | ms | TFLOP/s | max error vs grouped_mm | replaces (gather {gather_ms:.3f} + grouped_mm) ms |")
     print("|---|---|--:|--:|--:|--:|")
     part2 = {"gather_ms": gather_ms, "fwd": {}, "wgrad": {}}
-    configs = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3)]
+    configs = [] if args.skip_probe else [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3)]
     for cfg in configs:
         BM, BN, BK, warps, stages = cfg
         for kind, fn, ref, flops, base in [

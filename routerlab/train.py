@@ -83,6 +83,9 @@ class Trainer:
       train_step(batch=None) -> loss             one optimizer step; batch=None draws from the data source
       evaluate() -> metrics                      task and routing metrics on the fixed evaluation batches
       save(path=None) -> path, load(path), close()
+      settle()                                   apply a deferred optimizer update now (train.overlap_optimizer:
+                             a graphed CUDA step's update runs beside the next step's forward; the model's forward
+                             and state dicts settle it themselves, code reading parameter tensors directly does not)
 
     Hooks (each registration returns the function, so they work as decorators)
       on_step(fn)            fn(step, loss) after every optimizer step
@@ -176,6 +179,7 @@ class Trainer:
         self._eval_hooks: list[Callable[[int, dict[str, float]], None]] = []
         self._loss_terms: dict[str, Callable[[], torch.Tensor]] = {}
         self._data_source: Callable[[int, torch.Generator], Batch] | None = None
+        self._pending_log: dict | None = None  # a logged CUDA step's metrics, written during the next step
 
     # ---- the public hooks -------------------------------------------------------------------------
     def on_step(self, fn: Callable[[int, float], None]) -> Callable[[int, float], None]:
@@ -300,13 +304,19 @@ class Trainer:
         bad = ~(torch.isfinite(total) & torch.isfinite(norm))
         if on_device:  # the fused kernels skip the whole update (moments and step count too) where found_inf is set
             self.optimizer.found_inf = bad.float()
-            self.optimizer.step()
+            deferred = self.step_graph.update if self.step_graph is not None and self.step_graph.replayed else None
+            if deferred is not None:  # train.overlap_optimizer: the next replay runs it beside its forward
+                deferred.defer(self.optimizer.grad_scale, self.optimizer.found_inf)
+            else:
+                self.optimizer.step()
         if drawn_here and self._data_source is None:  # while the GPU runs this step: after the read, the next one starts at once
             self.prefetch.draw(self.task, t.batch_size * t.micro_batches, self.data_rng)
+        self._flush_log()  # the previous logged step's metrics, while the GPU runs this step
         logged = self.board is not None and (self.step + 1) % t.log_every == 0
         for layer, uses_stats in zip(self.layers, self._router_uses_stats):
             if logged or uses_stats:  # the statistics this step reads after its host read: their kernels queued before it
                 layer.stats
+        copies = self._log_copies(aux) if logged and self.on_cuda else None  # queued too, before the host read
         # the step's one host read (loss and finite flag together); stats summed over ranks before routers see them
         value, finite = self.parallel.reduce_step(self.layers, loss, bad)
         if not finite and self.config.train.on_nonfinite == "stop":  # the update did not happen: weights stay good
@@ -334,7 +344,9 @@ class Trainer:
         self.losses.append(value)
         # training routing metrics: the logged step's batch. Stats are computed only then (and for routers
         # that read them after every step): 15% of an E=64 step on an H200 when computed every step (docs/benchmarks.md)
-        if logged:
+        if copies is not None:  # written during the next step, while the GPU runs it (or at close, fit's end)
+            self._pending_log = self._log_snapshot(copies)
+        elif logged:
             self._log_train(aux)
         for hook in self._step_hooks:
             hook(self.step, value)
@@ -345,17 +357,45 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def _log_train(self, aux: dict[str, torch.Tensor]) -> None:
+        self._write_log(self._log_snapshot(self._log_copies(aux)))
+
+    def _log_copies(self, aux: dict[str, torch.Tensor]) -> tuple:
+        """A logged step's device values (aux losses, routing statistics) copied to the host: on CUDA queued into pinned
+        memory behind the step's kernels, with an event to wait on (the next replay overwrites the graph's aux
+        tensors; the copies come first)."""
+        aux_values = torch.stack([v.detach().double().reshape(()) for v in aux.values()]) if aux else None
+        if aux_values is not None and self.on_cuda:
+            aux_values = torch.empty(aux_values.shape, dtype=aux_values.dtype, pin_memory=True).copy_(aux_values, non_blocking=True)
+        stats = stats_on_host([layer.stats for layer in self.layers], non_blocking=True)
+        copied = torch.cuda.Event() if self.on_cuda else None
+        if copied is not None:
+            copied.record()
+        return list(aux), aux_values, stats, copied
+
+    def _log_snapshot(self, copies: tuple) -> dict:
+        """What a logged step writes, taken after its host read: its host values and its device values' copies."""
         window = self.config.train.log_every
         values = {"train/loss": float(np.mean(self.losses[-window:])), "train/lr": self.scheduler.get_last_lr()[0]}
-        # each value below is read from the host's copies: one wait for the GPU for the aux losses, one for the stats
-        aux_values = torch.stack([v.detach().double().reshape(()) for v in aux.values()]).tolist() if aux else []
-        values.update({f"train/aux/{k}": v for k, v in zip(aux, aux_values)})
-        stats = stats_on_host([layer.stats for layer in self.layers])
-        values.update({f"perf/{k}": v for k, v in self.perf_metrics(stats).items()})
         for i, layer in enumerate(self.layers):  # router-specific scalars (adversary prices, critic loss)
             values.update({f"routing/{k}/layer{i}": v for k, v in layer.router.extra_metrics().items()})
-        self.board.scalars(values, self.step)
-        self.board.routing("routing", [routing_metrics(s, self.config.parallel.expert) for s in stats], self.step)
+        names, aux_values, stats, copied = copies
+        return {"step": self.step, "values": values, "aux": (names, aux_values), "stats": stats, "copied": copied}
+
+    def _write_log(self, snapshot: dict | None) -> None:
+        if snapshot is None or self.board is None:
+            return
+        if snapshot["copied"] is not None:
+            snapshot["copied"].synchronize()  # long done when written during the next step
+        names, aux_values = snapshot["aux"]
+        values = {**snapshot["values"], **{f"train/aux/{k}": v for k, v in zip(names, aux_values.tolist() if names else [])}}
+        stats = snapshot["stats"]
+        values.update({f"perf/{k}": v for k, v in self.perf_metrics(stats).items()})
+        self.board.scalars(values, snapshot["step"])
+        self.board.routing("routing", [routing_metrics(s, self.config.parallel.expert) for s in stats], snapshot["step"])
+
+    def _flush_log(self) -> None:
+        pending, self._pending_log = self._pending_log, None
+        self._write_log(pending)
 
     @property
     def train_tokens(self) -> int:
@@ -514,13 +554,20 @@ class Trainer:
         result["train_loss"] = float(np.mean(self.losses[-t.log_every:])) if self.losses else float("nan")
         if self.config.run.checkpoint:
             self.save()
+        self._flush_log()
         if self.board and self.step >= t.steps:
             self.board.hparams(self.config, result)
         if self.board:
             self.board.writer.flush()
         return result
 
+    def settle(self) -> None:
+        if self.step_graph is not None:
+            self.step_graph.settle()
+
     def close(self) -> None:
+        self.settle()
+        self._flush_log()
         if self.board:
             self.board.close()
             self.board = None

@@ -86,13 +86,19 @@ def stats_from_routing(experts: Tensor, logits: Tensor | None, kept: Tensor, num
     return compute_stats(experts, logits, counts, kept.sum(1), sequence_length)
 
 
-def stats_on_host(stats: list[RoutingStats]) -> list[RoutingStats]:
+def stats_on_host(stats: list[RoutingStats], non_blocking: bool = False) -> list[RoutingStats]:
     """The same stats on the CPU, moved in one device-to-host copy (float64 on the way holds float32 values and integer
-    counts exactly), so that the metrics read from them wait for the GPU once, not once per value. CPU stats: as given."""
+    counts exactly), so that the metrics read from them wait for the GPU once, not once per value. CPU stats: as given.
+    non_blocking: the copy is queued into pinned memory and not waited for (the values are there once the stream
+    has reached it: wait on an event recorded after it)."""
     present = [(i, f.name, v) for i, s in enumerate(stats) for f in fields(s) if (v := getattr(s, f.name)) is not None]
     if not present or present[0][2].device.type == "cpu":
         return stats
-    flat = torch.cat([v.detach().double().reshape(-1) for _, _, v in present]).cpu()
+    flat = torch.cat([v.detach().double().reshape(-1) for _, _, v in present])
+    if non_blocking:
+        flat = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True).copy_(flat, non_blocking=True)
+    else:
+        flat = flat.cpu()
     out = [{f.name: None for f in fields(s)} for s in stats]
     offset = 0
     for i, name, v in present:
