@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 19, v8 on one GPU: the CUDA tests; the probes of call 1 (the expert GEMMs with Inductor's max-autotune grouped
 # GEMM beside torch's: benchmarks/expert_gemms.py --autotune; a logged step's anatomy and the optimizer-overlap bound:
-# benchmarks/step_overlap.py; the anatomy with CUDA's modules loaded eagerly); the trainer bench of this tree with
-# train.overlap_optimizer on and off and, when OLD names another tree, of that one; the anatomy of this tree.
+# benchmarks/step_overlap.py; the anatomy with CUDA's modules loaded eagerly); the trainer bench of this tree and, when
+# OLD names another tree, of that one; the anatomy of this tree. Calls 4-10 ran at 1c5e5de, whose bench and script
+# also took --overlap-optimizer on,off and a "priority" part (train.overlap_optimizer, removed since: docs/benchmarks.md).
 #   OUT=dir [OLD=.gpu/old] [PARTS="tests gemms overlap eager trainer anatomy"] bash benchmarks/issue19_v8_gpu.sh
 # (docs/benchmarks.md, issue 19 v8)
 set -u
@@ -34,17 +35,11 @@ bench() {  # name, tree, timeout, bench flags
   echo "== $1"; grep '^|' "$OUT/$1.txt" | grep -v 'host during stalls' | head -60; grep -iE 'Traceback|Error' -A3 "$OUT/$1.txt" | head -8
 }
 if part trainer; then
-  bench trainer-new "$NEW" 300 --overlap-optimizer on,off ${KERNELS:---kernels}
+  bench trainer-new "$NEW" 300 ${KERNELS:---kernels}
   if [ -n "${OLD:-}" ]; then cp "$NEW/routerlab/bench/trainer.py" "$OLD/routerlab/bench/trainer.py"; bench trainer-old "$OLD" 150; fi
 fi
 if part anatomy; then
   timeout 120 python3 benchmarks/step_overlap.py --no-overlap --json "$OUT/anatomy.json" > "$OUT/anatomy.txt" 2>&1
   grep -E '^#' "$OUT/anatomy.txt"; grep -E '"step": (10|11|20|21|30)[,}]' "$OUT/anatomy.txt"; grep -iE 'error|Traceback' -A3 "$OUT/anatomy.txt" | head -8
-fi
-if part priority; then  # the update stream at CUDA's highest priority, then the default again, alternating
-  for P in -1 0 -1 0; do
-    timeout 100 python3 benchmarks/step_overlap.py --no-overlap --steps 40 --priority $P > "$OUT/priority$P.txt" 2>&1
-    echo "priority $P: $(grep -E '^# steps 13\+ others' "$OUT/priority$P.txt")"; grep -iE 'Traceback' -A3 "$OUT/priority$P.txt" | head -5
-  done
 fi
 date -u >> "$OUT/card.txt"

@@ -1,6 +1,6 @@
 """Issue 19 v8 probes on the E=64, k=6 preset (bf16-pure, graphed, statistics logged every 10 steps), one GPU.
 
-    python3 benchmarks/step_overlap.py [--steps 30] [--no-overlap] [--priority P] [--json FILE]
+    python3 benchmarks/step_overlap.py [--steps 30] [--no-overlap] [--json FILE]
 
 Part 1, a logged step's anatomy: for each step, the wall time of `train_step`, the step proper (the trainer's own
 timer: launch to the end-of-step sync) and the host time of writing a logged step's metrics (`_write_log`: the
@@ -8,8 +8,7 @@ metrics and TensorBoard writes; inside the next step since v8, after the step in
 model's kernels: the captured forward + backward replayed alone, the optimizer step alone (grad norm + AdamW, as
 the trainer runs it), the two one after the other, and the optimizer on a second stream while the graph replays.
 The concurrent form reads weights while they are written (a timing probe only: its numbers are not a training
-step); if it does not beat the serial form by a margin, no schedule that overlaps them can. --priority: the CUDA
-stream priority of train.overlap_optimizer's update stream (0 default, -1 highest) for part 1.
+step); if it does not beat the serial form by a margin, no schedule that overlaps them can.
 """
 from __future__ import annotations
 
@@ -88,18 +87,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-overlap", action="store_true", help="part 1 only")
-    ap.add_argument("--priority", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from routerlab.train import Trainer
 
-    if args.priority is not None:
-        from routerlab.deferred_update import DeferredUpdate
-
-        DeferredUpdate.stream_priority = args.priority
     run_dir = tempfile.mkdtemp(prefix="routerlab-overlap-")
     trainer = Trainer(lm_config("moe", "off", run_dir), log=True, run_dir=os.path.join(run_dir, "moe"))
-    report = {"CUDA_MODULE_LOADING": os.environ.get("CUDA_MODULE_LOADING", "(default)"), "priority": args.priority,
+    report = {"CUDA_MODULE_LOADING": os.environ.get("CUDA_MODULE_LOADING", "(default)"),
               "anatomy": anatomy(trainer, args.steps)}
     for r in report["anatomy"]["rows"]:
         print(json.dumps(r))

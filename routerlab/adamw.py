@@ -20,18 +20,16 @@ class AdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs) -> None:
         super().__init__(params, fused=True, **kwargs)
         self._launches: dict[tuple, object] = {}  # (group index, device, dtype, sizes) -> triton_adamw.Launch
-        self._lr: dict[tuple, torch.Tensor] = {}  # (group index, device) -> the learning rate the kernel reads
 
-    def _kernel_runs(self, group: dict, params: list[torch.Tensor], grads: bool = True) -> bool:
-        """Whether the kernel takes these parameters of `group` (and their gradients, unless grads=False)."""
+    def _kernel_runs(self, group: dict, params: list[torch.Tensor]) -> bool:
         plain = not (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"])
         scalars = all(isinstance(group[k], float) for k in ("lr", "weight_decay", "eps")) and all(
             isinstance(b, float) and 0 < b < 1 for b in group["betas"])
         # the kernel reads 16 bytes at a time: every tensor it touches starts on a 16-byte boundary (a gradient that
         # is a view into a flat buffer may not; the moments are made below, by the allocator, aligned)
         return plain and scalars and all(
-            uses_triton(p) and p.is_contiguous() and p.data_ptr() % 16 == 0
-            and (not grads or (p.grad.dtype == p.dtype and p.grad.is_contiguous() and p.grad.data_ptr() % 16 == 0)) for p in params)
+            uses_triton(p) and p.grad.dtype == p.dtype and p.is_contiguous() and p.grad.is_contiguous()
+            and p.data_ptr() % 16 == 0 and p.grad.data_ptr() % 16 == 0 for p in params)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -58,34 +56,13 @@ class AdamW(torch.optim.AdamW):
                 key = (index, device, dtype, tuple(p.numel() for p in same))
                 if key not in self._launches:
                     self._launches[key] = triton_adamw.Launch(list(key[3]), device)
-                launch = self._launches[key]
-                lr = self.lr_tensor(index, device).fill_(group["lr"])
-                table = launch.tensors([self.row(p, p.grad) for p in same])
-                triton_adamw.step(launch, table, dtype, lr=lr, grad_scale=grad_scale, found_inf=found_inf, **self.constants(group))
+                rows = [(p, p.grad, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"], self.state[p]["step"]) for p in same]
+                beta1, beta2 = group["betas"]
+                triton_adamw.step(self._launches[key], rows, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                  weight_decay=group["weight_decay"], grad_scale=grad_scale, found_inf=found_inf)
                 if found_inf is not None:  # a skipped step does not count, as in torch's
                     torch._foreach_sub_(steps, [found_inf] * len(steps))
         return None
-
-    def kernel_runs(self, params: list[torch.Tensor], grads: bool = True) -> bool:
-        """Whether step() would run the Triton kernel for these parameters (and their gradients, unless grads=False)."""
-        chosen = {id(p) for p in params}
-        return all(self._kernel_runs(g, ps, grads) for g in self.param_groups if (ps := [p for p in g["params"] if id(p) in chosen]))
-
-    def row(self, p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        state = self.state[p]
-        return p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"]
-
-    def lr_tensor(self, index: int, device: torch.device) -> torch.Tensor:
-        """Group `index`'s learning rate on `device`, where the kernel reads it (one tensor each, filled per step)."""
-        key = (index, device)
-        if key not in self._lr:
-            self._lr[key] = torch.zeros((), dtype=torch.float32, device=device)
-        return self._lr[key]
-
-    @staticmethod
-    def constants(group: dict) -> dict:
-        beta1, beta2 = group["betas"]
-        return {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "weight_decay": group["weight_decay"]}
 
 
 def _by_device_and_dtype(params: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:

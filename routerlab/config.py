@@ -110,10 +110,6 @@ class TrainConfig(Strict):
     # CUDA: the AdamW step as routerlab's Triton kernel (routerlab/adamw.py: fewer bytes moved) or torch's fused
     # AdamW; the same state and semantics either way. CPU: torch's AdamW, ignored
     optimizer_kernel: Literal["triton", "torch"] = "triton"
-    # CUDA, graphed steps with the Triton AdamW: each step's update runs inside the next step's graph, on a second
-    # stream beside the forward (routerlab/deferred_update.py); the same arithmetic, the memory-bound update hidden
-    # under the GEMMs. Weights read through the model (forward, state dicts) are always up to date. CPU: ignored
-    overlap_optimizer: bool = True
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -185,7 +181,7 @@ class Config(Strict):
         data.pop("run")
         data.pop("parallel")  # checkpoints move between rank counts
         for key in ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "device", "on_nonfinite", "cuda_graph",
-                    "optimizer_kernel", "overlap_optimizer"):
+                    "optimizer_kernel"):
             data["train"].pop(key)
         return content_hash(data)
 

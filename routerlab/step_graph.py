@@ -14,13 +14,10 @@ time also: no extra loss terms (`add_loss_term` runs arbitrary Python each step)
   next step               captured (grads set to None first, so the captured backward writes them rather than adds),
                           then replayed; a failed capture also leaves the run eager with one warning
   every step after        the batch copied into the captured input tensors, one replay
-With `train.overlap_optimizer` the graph also holds the previous step's AdamW update, on a second stream beside the
-forward (routerlab/deferred_update.py); the trainer then defers each graphed step's update instead of running it.
 The replay writes the loss, the aux losses, every gradient and each MoE layer's routing record into the same tensors
 each time; after it, p.grad and each layer's record are pointed back at them (an evaluation's eager forward, or
 zero_grad, replaces them in between). Parameters are read at their addresses: in-place loads keep them valid; a
-replaced parameter, a batch of another shape or (with the deferred update) a loaded optimizer state is noticed and
-the step captured again.
+replaced parameter, or a batch of another shape, is noticed and the step captured again.
 """
 from __future__ import annotations
 
@@ -28,7 +25,6 @@ import warnings
 
 import torch
 
-from routerlab.adamw import AdamW
 from routerlab.tasks import Batch
 
 WARMUP_STEPS = 2  # eager steps before the capture
@@ -70,10 +66,6 @@ def catching_syncs(fn):
     return out, syncs, [w for w in caught if not is_sync_warning(w)]
 
 
-def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
 def _fields(batch: Batch) -> tuple:
     return batch.inputs, batch.targets, batch.token_ids
 
@@ -86,13 +78,9 @@ class StepGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
         self.off: str | None = None  # why the graph was given up (a sync, a failed capture), or None
-        self.update = None  # the deferred optimizer update the graph runs (deferred_update.DeferredUpdate), or None
-        self.replayed = False  # whether the last forward_backward was a replay (its update may then be deferred)
-        self._settle_hooks: list = []
 
     def forward_backward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         trainer = self.trainer
-        self.replayed = False
         if self.off is not None or trainer._loss_terms:
             return trainer.forward_backward(batch, 1.0)
         if self.graph is not None and not self._fits(batch):
@@ -120,77 +108,37 @@ class StepGraph:
         return out
 
     def _capture(self, batch: Batch) -> None:
-        from routerlab.deferred_update import StageNotReached
-
         trainer = self.trainer
         static = Batch(batch.inputs.clone(), batch.targets.clone(), batch.labels, None if batch.token_ids is None else batch.token_ids.clone())
         params = [p for p in trainer.model.parameters() if p.requires_grad]
-        stepped = [p for p in params if trainer.optimizer.state.get(p)]  # those the eager steps' backward reached
-        update = self._deferred_update(stepped)
-        while True:
+        for p in params:
+            p.grad = None  # the captured backward then writes each gradient instead of adding to it
+        for layer in trainer.layers:  # the last eager step's aux losses keep its autograd graph alive, and with it
+            layer.restore((None, {}, layer.sequence_length))  # AccumulateGrad nodes bound to the default stream: capture fails
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(trainer.device)
+        torch.cuda.empty_cache()  # the eager steps' cached blocks go back, so the graph's own pool can take that memory
+        try:
+            with torch.cuda.graph(graph):
+                outputs = trainer.forward_backward(static, 1.0)
+        except RuntimeError as err:
             for p in params:
-                p.grad = None  # the captured backward then writes each gradient instead of adding to it
-            for layer in trainer.layers:  # the last eager step's aux losses keep its autograd graph alive, and with it
-                layer.restore((None, {}, layer.sequence_length))  # AccumulateGrad nodes bound to the default stream: capture fails
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize(trainer.device)
-            torch.cuda.empty_cache()  # the eager steps' cached blocks go back, so the graph's own pool can take that memory
-            try:
-                with torch.cuda.graph(graph):
-                    run = lambda: trainer.forward_backward(static, 1.0)  # noqa: E731
-                    outputs = update.capture(run) if update is not None else run()
-                break
-            except StageNotReached as err:  # a model whose forward_stages() its forward does not follow: no overlap
-                warnings.warn(f"train.overlap_optimizer: off: {err}", stacklevel=4)
-                update = None
-            except RuntimeError as err:
-                for p in params:
-                    p.grad = None
-                first = err.__context__ or err  # the error inside the capture, not the capture's end reporting it
-                self._give_up(f"capture failed: {str(first).splitlines()[0][:200]}")
-                return
+                p.grad = None
+            first = err.__context__ or err  # the error inside the capture, not the capture's end reporting it
+            self._give_up(f"capture failed: {str(first).splitlines()[0][:200]}")
+            return
         self.graph, self.static, self.outputs = graph, static, outputs
         self.params, self.grads = params, [p.grad for p in params]
-        if update is not None and _same([p for p in params if p.grad is not None], stepped) and trainer.optimizer.kernel_runs(stepped):
-            update.point_at({p: g for p, g in zip(params, self.grads)})
-            self.update = update
-        else:  # the captured update stays idle (it skips while nothing is deferred): each step updates eagerly
-            self.update = None
         self.addresses = [p.data_ptr() for p in params]
         self.records = []
         for layer in trainer.layers:  # detached: the same memory, without the captured autograd graph behind it
             pending, aux, length = layer.recorded()
             self.records.append((pending, {k: v.detach() for k, v in aux.items()}, length))
 
-    def _deferred_update(self, params: list[torch.Tensor]):
-        """The update of `params` to capture beside the forward (train.overlap_optimizer), or None where it cannot
-        run: another optimizer, a parameter the Triton kernel does not take, compiled modules (dynamo would trace
-        the stage waits)."""
-        trainer, optimizer = self.trainer, self.trainer.optimizer
-        if not (trainer.config.train.overlap_optimizer and isinstance(optimizer, AdamW) and params
-                and optimizer.kernel_runs(params, grads=False) and not trainer.compiled):
-            return None
-        if self.update is not None and _same(self.update.params, params):
-            return self.update  # captured again (a new batch shape): the same stages, re-pointed after the capture
-        from routerlab.deferred_update import DeferredUpdate
-
-        for hook in self._settle_hooks:
-            hook.remove()
-        update = DeferredUpdate(optimizer, trainer.model, params)
-        self._settle_hooks = update.settle_on_reads()
-        return update
-
-    def settle(self) -> None:
-        """Apply a deferred update now (nothing when none is pending)."""
-        if self.update is not None:
-            self.update.apply()
-
     def _fits(self, batch: Batch) -> bool:
         for ours, theirs in zip(_fields(self.static), _fields(batch)):
             if (ours is None) != (theirs is None) or (ours is not None and (ours.shape != theirs.shape or ours.dtype != theirs.dtype)):
                 return False
-        if self.update is not None and self.update.stale:  # a loaded optimizer state: the captured step counts moved
-            return False
         return all(p.data_ptr() == a for p, a in zip(self.params, self.addresses))
 
     def _replay(self, batch: Batch):
@@ -198,9 +146,6 @@ class StepGraph:
             if ours is not None:
                 ours.copy_(theirs)
         self.graph.replay()
-        self.replayed = True
-        if self.update is not None:
-            self.update.pending = False  # the replay applied it
         for p, g in zip(self.params, self.grads):
             p.grad = g
         for layer, record in zip(self.trainer.layers, self.records):

@@ -83,9 +83,6 @@ class Trainer:
       train_step(batch=None) -> loss             one optimizer step; batch=None draws from the data source
       evaluate() -> metrics                      task and routing metrics on the fixed evaluation batches
       save(path=None) -> path, load(path), close()
-      settle()                                   apply a deferred optimizer update now (train.overlap_optimizer:
-                             a graphed CUDA step's update runs beside the next step's forward; the model's forward
-                             and state dicts settle it themselves, code reading parameter tensors directly does not)
 
     Hooks (each registration returns the function, so they work as decorators)
       on_step(fn)            fn(step, loss) after every optimizer step
@@ -304,11 +301,7 @@ class Trainer:
         bad = ~(torch.isfinite(total) & torch.isfinite(norm))
         if on_device:  # the fused kernels skip the whole update (moments and step count too) where found_inf is set
             self.optimizer.found_inf = bad.float()
-            deferred = self.step_graph.update if self.step_graph is not None and self.step_graph.replayed else None
-            if deferred is not None:  # train.overlap_optimizer: the next replay runs it beside its forward
-                deferred.defer(self.optimizer.grad_scale, self.optimizer.found_inf)
-            else:
-                self.optimizer.step()
+            self.optimizer.step()
         if drawn_here and self._data_source is None:  # while the GPU runs this step: after the read, the next one starts at once
             self.prefetch.draw(self.task, t.batch_size * t.micro_batches, self.data_rng)
         self._flush_log()  # the previous logged step's metrics, while the GPU runs this step
@@ -561,12 +554,7 @@ class Trainer:
             self.board.writer.flush()
         return result
 
-    def settle(self) -> None:
-        if self.step_graph is not None:
-            self.step_graph.settle()
-
     def close(self) -> None:
-        self.settle()
         self._flush_log()
         if self.board:
             self.board.close()

@@ -4,9 +4,8 @@ Each program updates one block of one parameter: it finds its parameter in a tab
 gradient, both moments, step count, size), reads the four tensors once and writes the parameter and the moments
 once: 14 bytes a bf16 parameter, the least AdamW can move. One launch for all parameters of a dtype: the host
 issues one kernel a step, not one per parameter. Math in fp32, in the order of torch's fused AdamW (ATen's
-FusedAdamWKernel), so the two agree to rounding. `found_inf` (a [] float tensor, 1 = skip), `grad_scale` (a []
-float tensor the gradient is divided by as it is read) and the learning rate (a [] float32 tensor) are read on the
-device: no host sync, and a captured launch (routerlab/deferred_update.py) reads this step's values when replayed.
+FusedAdamWKernel), so the two agree to rounding. `found_inf` (a [] float tensor, 1 = skip) and `grad_scale` (a []
+float tensor the gradient is divided by as it is read) are read on the device: no host sync.
 """
 from __future__ import annotations
 
@@ -45,13 +44,12 @@ def _update(param, grad, exp_avg, exp_avg_sq, offs, mask, t, grad_scale, lr, bet
 
 
 @triton.jit
-def _adamw(tensors, block_tensor, block_start, grad_scale, found_inf, lr_ptr, beta1, beta2, log2_beta1, log2_beta2, eps,
+def _adamw(tensors, block_tensor, block_start, grad_scale, found_inf, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
            weight_decay, DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, BLOCK: tl.constexpr):
     skip = False
     if HAS_INF:
         skip = tl.load(found_inf) == 1.0
     if not skip:
-        lr = tl.load(lr_ptr)
         pid = tl.program_id(0)
         row = tensors + tl.load(block_tensor + pid).to(tl.int64) * 6  # 6 columns (Launch.tensors)
         # addresses read from a table carry no alignment the compiler can see: the hints (16 bytes, checked on the
@@ -87,36 +85,25 @@ class Launch:
         self.addresses: tuple[int, ...] = ()
         self.table: Tensor | None = None
 
-    def tensors(self, rows: list[tuple[Tensor, ...]], in_place: bool = False) -> Tensor:
-        """The address table of these rows. in_place: written into the same table tensor (a captured launch keeps
-        reading its first address); otherwise a new one, queued behind whatever still reads the old one."""
+    def tensors(self, rows: list[tuple[Tensor, ...]]) -> Tensor:
         addresses = tuple(t.data_ptr() for row in rows for t in row)
         if addresses != self.addresses:  # every eager step: backward allocates new gradients
             table = torch.tensor([[*(t.data_ptr() for t in row), n] for row, n in zip(rows, self.sizes)], dtype=torch.int64)
             # from pinned memory the copy is queued; from pageable memory CUDA first waits for the stream to drain,
             # a host sync before every eager update (the dense twin's eager step: 33.8 ms, not 29.8; docs/benchmarks.md v6)
-            table = table.pin_memory() if self.device.type == "cuda" else table
-            if in_place and self.table is not None:
-                self.table.copy_(table, non_blocking=True)
-            else:
-                self.table = table.to(self.device, non_blocking=True)
+            self.table = (table.pin_memory() if self.device.type == "cuda" else table).to(self.device, non_blocking=True)
             self.addresses = addresses
         return self.table
 
-    def empty_table(self) -> Tensor:
-        """A table to capture a launch with before its tensors exist (filled by tensors(rows, in_place=True))."""
-        if self.table is None:
-            self.table = torch.zeros(len(self.sizes), 6, dtype=torch.int64, device=self.device)
-        return self.table
 
-
-def step(launch: Launch, table: Tensor, dtype: torch.dtype, *, lr: Tensor, beta1: float, beta2: float, eps: float,
-         weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-    """Update in place every (parameter, gradient, exp_avg, exp_avg_sq, step) row of the address table
-    (`launch.tensors(rows)`): the four tensors contiguous, of `dtype`; each step count already incremented."""
-    dummy = lr  # a pointer for the flags a constexpr switches off
+def step(launch: Launch, rows: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]], *, lr: float, beta1: float,
+         beta2: float, eps: float, weight_decay: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """Update in place every (parameter, gradient, exp_avg, exp_avg_sq, step) row: the four tensors contiguous, of
+    one dtype for all rows; each step count already incremented."""
+    table = launch.tensors(rows)
+    dummy = rows[0][4]  # a pointer for the flags a constexpr switches off
     _adamw[(launch.block_tensor.numel(),)](
         table, launch.block_tensor, launch.block_start, grad_scale if grad_scale is not None else dummy,
         found_inf if found_inf is not None else dummy, lr, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
-        weight_decay, DTYPE=TRITON_DTYPES[dtype], HAS_SCALE=grad_scale is not None,
+        weight_decay, DTYPE=TRITON_DTYPES[rows[0][0].dtype], HAS_SCALE=grad_scale is not None,
         HAS_INF=found_inf is not None, BLOCK=launch.block, num_warps=launch.num_warps)

@@ -1,7 +1,6 @@
 """Issue 19's trainer comparison on one GPU: an E=64, k=6 MoE LM against its dense twin, and where a step goes.
 
-    python3 -m routerlab.bench.trainer [--steps 20] [--compile off,auto] [--cuda-graph on,off] [--optimizer-kernel triton,torch]
-        [--overlap-optimizer on,off] [--kernels] [--mixed] [--json FILE]
+    python3 -m routerlab.bench.trainer [--steps 20] [--compile off,auto] [--cuda-graph on,off] [--optimizer-kernel triton,torch] [--kernels] [--mixed] [--json FILE]
 
 Models: the presets configs/gpu/stdlib-110m-e64k6.yaml and its dense twin stdlib-110m-dense.yaml (d_model
 1024, 8 layers, 16 heads, block 512, batch 32, SwiGLU; MoE: 64 experts of hidden 512, softmax_topk k=6, ~110M
@@ -41,7 +40,7 @@ PRESETS = {"moe": "configs/gpu/stdlib-110m-e64k6.yaml", "dense": "configs/gpu/st
 
 
 def lm_config(kind: str, compile_mode: str, run_dir: str, dtype: str = "bfloat16", tf32: bool = True, smoke: bool = False, cuda_graph: bool = True,
-              optimizer_kernel: str | None = None, overlap_optimizer: bool | None = None):
+              optimizer_kernel: str | None = None):
     """The preset (configs/gpu/, run from the repository root) with this run's device, dtype, compile and TF32;
     routing statistics logged every 10 steps; no evaluation or checkpoint inside the timed steps."""
     from routerlab.config import load_config
@@ -51,8 +50,6 @@ def lm_config(kind: str, compile_mode: str, run_dir: str, dtype: str = "bfloat16
                  "train.eval_every=1000000", "train.eval_batches=1", "train.steps=1000000", f"run.dir={run_dir}", "run.checkpoint=false"]
     if optimizer_kernel:  # None: the config's default (a trainer from before the switch has no such key)
         overrides.append(f"train.optimizer_kernel={optimizer_kernel}")
-    if overlap_optimizer is not None:  # likewise
-        overrides.append(f"train.overlap_optimizer={str(overlap_optimizer).lower()}")
     if smoke:
         overrides += ["train.device=cpu", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "task.block_size=16", "train.batch_size=4"]
         overrides += ["model.num_experts=8", "model.expert_hidden=16", "router.k=2"] if kind == "moe" else ["model.dense_hidden=32"]
@@ -324,7 +321,6 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", default="off,auto", help="train.compile values to run, comma-separated ('none': no bf16 runs)")
     ap.add_argument("--cuda-graph", default="on", help="train.cuda_graph values to run, comma-separated (on, off)")
     ap.add_argument("--optimizer-kernel", default="", help="train.optimizer_kernel values to run, comma-separated (triton, torch; default: the config's)")
-    ap.add_argument("--overlap-optimizer", default="", help="train.overlap_optimizer values to run, comma-separated (on, off; default: the config's)")
     ap.add_argument("--kernels", action="store_true", help="also a torch.profiler kernel table and the host syncs of each bf16 run")
     ap.add_argument("--fp32", action="store_true", help="also the MoE model in float32 (TF32 on, then off)")
     ap.add_argument("--mixed", action="store_true", help="also both models in the presets' own precision, bf16-mixed (float32 weights and optimizer)")
@@ -341,28 +337,25 @@ def main(argv=None) -> None:
     modes = [m for m in args.compile.split(",") if m and m != "none"]
     graphs = [{"on": True, "off": False}[g] for g in args.cuda_graph.split(",") if g]
     optimizers = [o for o in args.optimizer_kernel.split(",") if o] or [None]
-    overlaps = [{"on": True, "off": False}[o] for o in args.overlap_optimizer.split(",") if o] or [None]
-    runs = [(kind, mode, "bfloat16", True, graph, opt, lap) for lap in overlaps for opt in optimizers for graph in graphs for mode in modes
-            for kind in ("moe", "dense")]
+    runs = [(kind, mode, "bfloat16", True, graph, opt) for opt in optimizers for graph in graphs for mode in modes for kind in ("moe", "dense")]
     if args.mixed:
-        runs += [(kind, "off", "bf16-mixed", True, graphs[0], opt, overlaps[0]) for opt in optimizers for kind in ("moe", "dense")]
+        runs += [(kind, "off", "bf16-mixed", True, graphs[0], opt) for opt in optimizers for kind in ("moe", "dense")]
     if args.fp32:  # eager, so that only TF32 differs
-        runs += [("moe", "off", "float32", True, False, optimizers[0], None), ("moe", "off", "float32", False, False, optimizers[0], None)]
-    for kind, mode, dtype, tf32, graph, opt, lap in runs:
+        runs += [("moe", "off", "float32", True, False, optimizers[0]), ("moe", "off", "float32", False, False, optimizers[0])]
+    for kind, mode, dtype, tf32, graph, opt in runs:
         try:
-            config = lm_config(kind, mode, run_dir, dtype, tf32, args.smoke, graph, opt, lap)
-            trainer = Trainer(config, log=True, run_dir=os.path.join(run_dir, f"{kind}-{mode}-{dtype}-{tf32}-{graph}-{opt}-{lap}"))
+            config = lm_config(kind, mode, run_dir, dtype, tf32, args.smoke, graph, opt)
+            trainer = Trainer(config, log=True, run_dir=os.path.join(run_dir, f"{kind}-{mode}-{dtype}-{tf32}-{graph}-{opt}"))
             tps, ms, first, split = steady_tokens_per_s(trainer, args.warmup, args.steps)
-            row = {"model": kind, "compile": mode, "dtype": dtype, "tf32": tf32, "cuda_graph": graph, "optimizer_kernel": getattr(config.train, "optimizer_kernel", "torch"),
-                   "overlap_optimizer": bool(getattr(trainer.step_graph, "update", None)), "graphed": trainer.step_graph is not None and trainer.step_graph.graph is not None,
+            row = {"model": kind, "compile": mode, "dtype": dtype, "tf32": tf32, "cuda_graph": graph, "optimizer_kernel": getattr(config.train, "optimizer_kernel", "torch"), "graphed": trainer.step_graph is not None and trainer.step_graph.graph is not None,
                    "graph_off": trainer.cuda_graph_off or (trainer.step_graph.off if trainer.step_graph else None),
                    "tokens_per_s": tps, "ms_per_step": ms, **split, "warmup_s": first, "compiled_modules": len(trainer.compiled),
                    "losses": [round(v, 5) for v in trainer.losses[:args.warmup + 3]], "loss": trainer.losses[-1]}
             report["runs"].append(row)
             print(json.dumps(row), flush=True)
             if args.kernels and dtype == "bfloat16" and mode == "off" and not args.smoke:
-                report.setdefault("kernels", {})[f"{kind} cuda_graph={graph} optimizer_kernel={opt} overlap_optimizer={lap}"] = kp = kernel_profile(trainer)
-                print(json.dumps({f"kernels {kind} cuda_graph={graph} optimizer_kernel={opt} overlap_optimizer={lap}": kp}), flush=True)
+                report.setdefault("kernels", {})[f"{kind} cuda_graph={graph} optimizer_kernel={opt}"] = kp = kernel_profile(trainer)
+                print(json.dumps({f"kernels {kind} cuda_graph={graph} optimizer_kernel={opt}": kp}), flush=True)
             if kind == "moe" and mode == "off" and dtype == "bfloat16" and not graph and opt == optimizers[0]:
                 report["profile"] = profile_step(trainer)
                 report["profile"]["measured step"] = ms
@@ -380,15 +373,15 @@ def main(argv=None) -> None:
 
 
 def table(report: dict) -> str:
-    lines = [f"{report['device']}, torch {report['torch']}", "| model | compile | dtype | cuda_graph | optimizer (overlapped) | tokens/s | ms/step | median step ms | logged step ms | Python GC ms/step | dense twin / this |",
+    lines = [f"{report['device']}, torch {report['torch']}", "| model | compile | dtype | cuda_graph | optimizer | tokens/s | ms/step | median step ms | logged step ms | Python GC ms/step | dense twin / this |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    key = lambda r: (r["compile"], r["dtype"], r.get("cuda_graph"), r.get("optimizer_kernel"), r.get("overlap_optimizer"))  # noqa: E731
+    key = lambda r: (r["compile"], r["dtype"], r.get("cuda_graph"), r.get("optimizer_kernel"))  # noqa: E731
     dense = {key(r): r["tokens_per_s"] for r in report["runs"] if r["model"] == "dense"}
     for r in report["runs"]:
         ratio = dense.get(key(r))
         graph = ("on" if r.get("graphed") else f"off ({r.get('graph_off')})") if r.get("cuda_graph") else "off"
         cell = f"{ratio / r['tokens_per_s']:.2f}x" if ratio else "-"
-        lines.append(f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {graph} | {r.get('optimizer_kernel', 'torch')}{' (yes)' if r.get('overlap_optimizer') else ''} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r.get('median step ms', math.nan):.1f} | {r.get('logged step ms (mean)', math.nan):.1f} | {sum(r.get('GC ms/step', {}).values()):.2f} | {cell} |")
+        lines.append(f"| {r['model']} | {r['compile']} | {r['dtype']}{'' if r['tf32'] else ' (no TF32)'} | {graph} | {r.get('optimizer_kernel', 'torch')} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r.get('median step ms', math.nan):.1f} | {r.get('logged step ms (mean)', math.nan):.1f} | {sum(r.get('GC ms/step', {}).values()):.2f} | {cell} |")
     for run, kp in report.get("kernels", {}).items():
         lines += ["", f"| {run}: GPU kernel time per step (torch.profiler, {kp['launches/step']:.0f} launches) | ms |", "|---|---:|"]
         lines += [f"| {part} | {ms:.2f} |" for part, ms in kp["parts ms/step"].items()]

@@ -45,11 +45,6 @@ class MoETransformerLM(MoEModel):
         self.norm_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
 
-    def forward_stages(self) -> list[nn.Module]:
-        """Modules in the order the forward first reads their parameters (routerlab/deferred_update.py)."""
-        inner = [m for block in self.blocks for m in (block.norm1, block.attn, block.norm2, block.ffn)]
-        return [self.tok, self.pos, *inner, self.norm_out, self.head]
-
     def forward(self, inputs: Tensor, token_ids: Tensor | None = None) -> Tensor:
         positions = torch.arange(inputs.shape[1], device=inputs.device)
         x = self.tok(inputs) + self.pos(positions)
