@@ -356,9 +356,7 @@ class Trainer:
         """A logged step's device values (aux losses, routing statistics) copied to the host: on CUDA queued into pinned
         memory behind the step's kernels, with an event to wait on (the next replay overwrites the graph's aux
         tensors; the copies come first)."""
-        aux_values = torch.stack([v.detach().double().reshape(()) for v in aux.values()]) if aux else None
-        if aux_values is not None and self.on_cuda:
-            aux_values = torch.empty(aux_values.shape, dtype=aux_values.dtype, pin_memory=True).copy_(aux_values, non_blocking=True)
+        aux_values = torch.stack([v.detach().double().reshape(()) for v in aux.values()]).to("cpu", non_blocking=True) if aux else None
         stats = stats_on_host([layer.stats for layer in self.layers], non_blocking=True)
         copied = torch.cuda.Event() if self.on_cuda else None
         if copied is not None:

@@ -94,11 +94,7 @@ def stats_on_host(stats: list[RoutingStats], non_blocking: bool = False) -> list
     present = [(i, f.name, v) for i, s in enumerate(stats) for f in fields(s) if (v := getattr(s, f.name)) is not None]
     if not present or present[0][2].device.type == "cpu":
         return stats
-    flat = torch.cat([v.detach().double().reshape(-1) for _, _, v in present])
-    if non_blocking:
-        flat = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True).copy_(flat, non_blocking=True)
-    else:
-        flat = flat.cpu()
+    flat = torch.cat([v.detach().double().reshape(-1) for _, _, v in present]).to("cpu", non_blocking=non_blocking)  # pinned when non_blocking
     out = [{f.name: None for f in fields(s)} for s in stats]
     offset = 0
     for i, name, v in present:
