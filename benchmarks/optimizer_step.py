@@ -4,7 +4,8 @@
 
 Rows: the ideal (a plain copy moving the bytes AdamW must move: read parameter, gradient and both moments, write
 parameter and moments), torch's fused AdamW as the trainer called it before (clip as grad_scale, found_inf), the same
-without grad_scale, routerlab's Triton AdamW (routerlab/adamw.py) with both and at other block sizes, and the gradient norm the clip needs.
+without grad_scale, routerlab's Triton AdamW (routerlab/adamw.py) with both and at other block sizes, and the gradient norm the clip needs
+(torch's foreach norm, AdamW.grad_norm's kernel, and their ideal: a copy moving the gradients' bytes; v9).
 Then agreement: two steps of each from the preset's initial weights and fresh state, parameters compared (bitwise share, max difference).
 """
 from __future__ import annotations
@@ -79,8 +80,15 @@ def main() -> None:
     triton_adamw.BLOCK, triton_adamw.NUM_WARPS = default
     grads = [p.grad for p in params]
     rows["gradient norm (get_total_norm, foreach)"] = time_cuda(lambda: torch.nn.utils.get_total_norm(grads, foreach=True), args.iters)
+    norm_opt = optimizer("triton", params, True)
+    rows["gradient norm (AdamW.grad_norm, Triton)"] = time_cuda(norm_opt.grad_norm, args.iters)
+    rows["gradient norm's ideal: copy of the gradients' bytes"] = copy_ms(n * size, args.iters)
+    exact = float(torch.stack([g.double().norm() for g in grads]).norm())
+    norms = {"float64": exact, "foreach (bf16 for bf16 gradients)": float(torch.nn.utils.get_total_norm(grads, foreach=True)),
+             "AdamW.grad_norm": float(norm_opt.grad_norm())}
+    del norm_opt
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "parameters": n, "dtype": args.dtype,
-              "GB moved by AdamW": moved / 1e9, "ms": rows,
+              "GB moved by AdamW": moved / 1e9, "ms": rows, "gradient norms": norms,
               "TB/s at AdamW's bytes": {k: moved / (v * 1e-3) / 1e12 for k, v in rows.items() if "norm" not in k}}
     # agreement: two steps from the same (initial) weights and fresh state, triton against torch; lr 1e-2 so that
     # the updates move bf16 weights (at 1e-4, 0.003% of them change)
@@ -104,9 +112,9 @@ def main() -> None:
                                          "max abs update (torch)": max(float((a.float() - b.float()).abs().max()) for a, b in zip(after["torch"], base))}
     print(json.dumps(report, indent=1))
     print(f"| {report['device']}, {n / 1e6:.0f}M parameters, {args.dtype} | ms | x ideal |\n|---|--:|--:|")
-    ideal = rows["ideal: copy of the same bytes"]
+    ideal, norm_ideal = rows["ideal: copy of the same bytes"], rows["gradient norm's ideal: copy of the gradients' bytes"]
     for k, v in rows.items():
-        print(f"| {k} | {v:.2f} | {'-' if 'norm' in k else f'{ideal / v:.2f}'} |")
+        print(f"| {k} | {v:.2f} | {(norm_ideal if 'norm' in k else ideal) / v:.2f} |")
 
 
 if __name__ == "__main__":

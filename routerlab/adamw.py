@@ -19,17 +19,32 @@ from routerlab.kernel_choice import uses_triton
 class AdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs) -> None:
         super().__init__(params, fused=True, **kwargs)
-        self._launches: dict[tuple, object] = {}  # (group index, device, dtype, sizes) -> triton_adamw.Launch
+        self._launches: dict[tuple, object] = {}  # (group index or "norm", device, dtype, sizes) -> triton_adamw.Launch
 
     def _kernel_runs(self, group: dict, params: list[torch.Tensor]) -> bool:
         plain = not (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"])
         scalars = all(isinstance(group[k], float) for k in ("lr", "weight_decay", "eps")) and all(
             isinstance(b, float) and 0 < b < 1 for b in group["betas"])
-        # the kernel reads 16 bytes at a time: every tensor it touches starts on a 16-byte boundary (a gradient that
-        # is a view into a flat buffer may not; the moments are made below, by the allocator, aligned)
-        return plain and scalars and all(
-            uses_triton(p) and p.grad.dtype == p.dtype and p.is_contiguous() and p.grad.is_contiguous()
-            and p.data_ptr() % 16 == 0 and p.grad.data_ptr() % 16 == 0 for p in params)
+        return plain and scalars and _kernel_reads(params)
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor | None:
+        """The L2 norm of every gradient (a [] float32 tensor on their device) from one Triton launch a dtype, or None
+        where the kernel cannot read them (CPU, float64, several devices): the caller then takes torch's norm.
+        Why: torch's foreach norm reads the preset's 1.7 GB of bf16 gradients at ~2.4 TB/s on an H200 (0.70 ms a
+        step) and rounds the norm to bf16; this one sums squares in float32 and rounds nothing."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params or not _kernel_reads(params) or len({p.device for p in params}) > 1:
+            return None
+        from routerlab import triton_adamw
+
+        sums = []
+        for (device, dtype), same in _by_device_and_dtype(params).items():
+            key = ("norm", device, dtype, tuple(p.numel() for p in same))
+            if key not in self._launches:
+                self._launches[key] = triton_adamw.Launch(list(key[3]), device)
+            sums.append(triton_adamw.grad_sq_sums(self._launches[key], [p.grad for p in same]))
+        return torch.cat(sums).sum().sqrt()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,6 +78,13 @@ class AdamW(torch.optim.AdamW):
                 if found_inf is not None:  # a skipped step does not count, as in torch's
                     torch._foreach_sub_(steps, [found_inf] * len(steps))
         return None
+
+
+def _kernel_reads(params: list[torch.Tensor]) -> bool:
+    # the kernels read 16 bytes at a time: every tensor they touch starts on a 16-byte boundary (a gradient that
+    # is a view into a flat buffer may not; the moments are made by the allocator, aligned)
+    return all(uses_triton(p) and p.grad.dtype == p.dtype and p.is_contiguous() and p.grad.is_contiguous()
+               and p.data_ptr() % 16 == 0 and p.grad.data_ptr() % 16 == 0 for p in params)
 
 
 def _by_device_and_dtype(params: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:

@@ -293,7 +293,9 @@ class Trainer:
         if on_device and self.parallel.world_size == 1:
             # the fused step divides each gradient by grad_scale as it reads it: clipping without a pass of its own
             # (clip_grad_norm_'s factor max_norm / (norm + 1e-6), at most 1, as a divisor)
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None], foreach=True)
+            norm = self.optimizer.grad_norm() if isinstance(self.optimizer, AdamW) else None  # one read, float32
+            if norm is None:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None], foreach=True)
             self.optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp_min(1.0) if math.isfinite(max_norm) else None
         else:  # max_norm=inf leaves the gradients as they are but still returns their (global) norm
             norm = self.parallel.clip_grad_norm_(self.model, max_norm)

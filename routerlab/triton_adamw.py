@@ -71,6 +71,27 @@ def _adamw(tensors, block_tensor, block_start, grad_scale, found_inf, lr, beta1,
                     log2_beta2, eps, weight_decay, DTYPE, HAS_SCALE)
 
 
+@triton.jit
+def _grad_sq_sums(tensors, block_tensor, block_start, n_blocks, sums, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                  BLOCKS: tl.constexpr):
+    """sums[p] = the float32 sum of squares of the gradient blocks p * BLOCKS .. (p + 1) * BLOCKS - 1."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(BLOCKS):
+        b = tl.program_id(0) * BLOCKS + i
+        if b < n_blocks:
+            row = tensors + tl.load(block_tensor + b).to(tl.int64) * 2  # 2 columns: the gradient, its size
+            grad = tl.multiple_of(tl.load(row).to(tl.pointer_type(DTYPE)), 16)
+            start = tl.multiple_of(tl.load(block_start + b), BLOCK)
+            n = tl.load(row + 1)
+            offs = start + tl.arange(0, BLOCK)
+            if start + BLOCK <= n:  # unmasked: 16-byte loads, as in _adamw
+                g = tl.load(grad + offs).to(tl.float32)
+            else:
+                g = tl.load(grad + offs, mask=offs < n, other=0.0).to(tl.float32)
+            acc += g * g
+    tl.store(sums + tl.program_id(0), tl.sum(acc, 0))
+
+
 class Launch:
     """The tables of one launch over a fixed list of parameter sizes: each program's tensor and first element
     (made once), and the tensors' addresses (remade only when a gradient or state tensor moves)."""
@@ -107,3 +128,19 @@ def step(launch: Launch, rows: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor
         found_inf if found_inf is not None else dummy, lr, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
         weight_decay, DTYPE=TRITON_DTYPES[rows[0][0].dtype], HAS_SCALE=grad_scale is not None,
         HAS_INF=found_inf is not None, BLOCK=launch.block, num_warps=launch.num_warps)
+
+
+NORM_BLOCKS = 4  # blocks a program of the norm reads: 8 KB of a bf16 gradient
+
+
+def grad_sq_sums(launch: Launch, grads: list[Tensor]) -> Tensor:
+    """float32 partial sums of squares of the gradients (contiguous, of one dtype, 16-byte aligned), one a program:
+    their sum is the squared L2 norm, the same every run (a fixed order, no atomics)."""
+    table = launch.tensors([(g,) for g in grads])
+    n_blocks = launch.block_tensor.numel()
+    programs = triton.cdiv(n_blocks, NORM_BLOCKS)
+    sums = torch.empty(programs, device=grads[0].device, dtype=torch.float32)
+    _grad_sq_sums[(programs,)](table, launch.block_tensor, launch.block_start, n_blocks, sums,
+                               DTYPE=TRITON_DTYPES[grads[0].dtype], BLOCK=launch.block, BLOCKS=NORM_BLOCKS,
+                               num_warps=launch.num_warps)
+    return sums

@@ -40,6 +40,22 @@ def test_the_kernel_compiles_for_hopper(flags):
     assert compiled.asm["cubin"]
 
 
+def test_the_norm_kernel_compiles_for_hopper():
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from routerlab.triton_adamw import _grad_sq_sums
+
+    constants = {"DTYPE": triton.language.bfloat16, "BLOCK": 1024, "BLOCKS": 4}
+    types = {"tensors": "*i64", "block_tensor": "*i32", "block_start": "*i64", "n_blocks": "i32", "sums": "*fp32",
+             **dict.fromkeys(constants, "constexpr")}
+    assert sorted(types) == sorted(_grad_sq_sums.arg_names)
+    compiled = triton.compile(ASTSource(fn=_grad_sq_sums, signature={k: types[k] for k in _grad_sq_sums.arg_names},
+                                        constexprs=constants), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]
+
+
 def pair(dtype, device="cpu", sizes=(5, 3000, 4099)):
     """Our AdamW and torch's fused AdamW on equal copies of the same parameters."""
     from routerlab.adamw import AdamW
@@ -138,7 +154,38 @@ def check_under_interpreter() -> None:
     ours, theirs = pair(torch.float64)
     steps(ours, theirs)
     assert all(torch.equal(p, q) for p, q in zip(params(ours), params(theirs)))
+    check_grad_norm()
     print("adamw ok")
+
+
+def check_grad_norm(device: str = "cpu") -> None:
+    """AdamW.grad_norm against the norm in float64: parameters of two dtypes, sizes that end inside a block and a
+    program of several blocks, one without a gradient; a non-finite gradient gives a non-finite norm; gradients
+    the kernel cannot read (float64, a misaligned view) give None, for the caller to take torch's norm."""
+    from routerlab.adamw import AdamW
+    from routerlab.triton_adamw import BLOCK, NORM_BLOCKS
+
+    torch.manual_seed(2)
+    sizes = (5, BLOCK, 3 * BLOCK + 7, NORM_BLOCKS * BLOCK + 1, 2 * NORM_BLOCKS * BLOCK)
+    ps = [torch.nn.Parameter(torch.randn(n, device=device, dtype=dtype)) for n in sizes for dtype in (torch.float32, torch.bfloat16)]
+    idle = torch.nn.Parameter(torch.randn(7, device=device))
+    for p in ps:
+        p.grad = torch.randn_like(p) * 3
+    opt = AdamW([*ps, idle], **HYPER)
+    want = torch.cat([p.grad.double().flatten() for p in ps]).norm()
+    got = opt.grad_norm()
+    assert got is not None and got.dtype == torch.float32 and got.device == ps[0].device
+    assert abs(float(got) - float(want)) <= 1e-6 * float(want), f"norm {float(got)} against {float(want)}"
+    ps[-1].grad[5 * BLOCK + 3] = float("nan")
+    assert not torch.isfinite(opt.grad_norm())
+    ps[-1].grad[5 * BLOCK + 3] = float("inf")
+    assert not torch.isfinite(opt.grad_norm())
+    wide = torch.nn.Parameter(torch.randn(9, device=device, dtype=torch.float64))
+    wide.grad = torch.ones_like(wide)
+    assert AdamW([wide], **HYPER).grad_norm() is None
+    shifted = torch.nn.Parameter(torch.randn(4100, device=device)[1:])
+    shifted.grad = torch.ones(4099, device=device)
+    assert AdamW([shifted], **HYPER).grad_norm() is None
 
 
 def check_one_bf16_step(rtol: float, device: str = "cpu") -> None:
@@ -162,6 +209,11 @@ def check_one_bf16_step(rtol: float, device: str = "cpu") -> None:
     for got, want in ((p, exact), (opt.state[p]["exp_avg"], m), (opt.state[p]["exp_avg_sq"], v)):
         torch.testing.assert_close(got.detach().double(), want, rtol=rtol, atol=1e-7)
     assert float(opt.state[p]["step"]) == t
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gradient_norm_on_cuda():
+    check_grad_norm("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

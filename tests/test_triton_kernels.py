@@ -32,9 +32,15 @@ KERNEL_ARGS = {
     ("routers.triton_topk", "_topk_softmax"): {"logits": "*fp32", "probs": "*fp32", "lse": "*fp32", "experts": "*i64", "weights": "*fp32", "T": "i32", "E": "i32"},
     ("routers.triton_topk", "_topk_softmax_grad"): {"probs": "*fp32", "grad_probs": "*fp32", "grad_lse": "*fp32", "experts": "*i64",
                                                     "weights": "*fp32", "grad_weights": "*fp32", "grad_logits": "*fp32", "T": "i32", "E": "i32"},
+    ("routers.triton_gate", "_gate_logits"): {"x": "*bf16", "w": "*bf16", "logits": "*fp32", "T": "i32", "D": "i32", "E": "i32"},
+    ("routers.triton_gate", "_split_hi_lo"): {"g": "*fp32", "g2": "*bf16", "T": "i32", "E": "i32"},
+    ("routers.triton_gate", "_gate_input_grad"): {"g2": "*bf16", "w2": "*bf16", "grad_x": "*bf16", "T": "i32", "D": "i32", "E2": "i32"},
+    ("routers.triton_gate", "_gate_weight_grad"): {"g2": "*bf16", "x": "*bf16", "parts": "*fp32", "T": "i32", "D": "i32", "E2": "i32",
+                                                   "rows_per_program": "i32"},
 }
 FLAGS = ("HAS_LIMIT", "HAS_OUT", "HAS_W", "RENORM")  # each kernel with one of these compiles in both forms
-CONSTANTS = {"routers.triton_topk": {"K": 6, "KP": 8, "BLOCK_T": 64, "BLOCK_E": 64, "HAS_GP": True, "HAS_GL": True, "HAS_GW": True}}
+CONSTANTS = {"routers.triton_topk": {"K": 6, "KP": 8, "BLOCK_T": 64, "BLOCK_E": 64, "HAS_GP": True, "HAS_GL": True, "HAS_GW": True},
+             "routers.triton_gate": {"BLOCK_T": 64, "BLOCK_E": 128, "BLOCK_D": 128, "UPCAST": False}}  # the preset's 2E = 128
 
 
 def compile_cases():
@@ -95,6 +101,7 @@ def check_kernels() -> None:
     for T, k, d, E, capacity in [(13, 3, 24, 4, 5), (9, 1, 24, 3, 2), (9, 3, 1100, 3, 4)]:
         check_gathers(triton_combine, close, T, k, d, E, capacity)
     check_topk_softmax()
+    check_fp32_gate()
     check_layer_dtypes_and_backends()
     print("kernels ok")
 
@@ -194,12 +201,21 @@ def test_the_trainer_bench_files_each_kernel_under_its_part():
     # by Triton function name, first matching part wins: the router's kernels once fell under the experts' "_fwd"
     from routerlab.bench.trainer import kernel_part
     from routerlab.moe import triton_combine, triton_swiglu
-    from routerlab.routers import triton_topk
+    from routerlab import triton_adamw
+    from routerlab.routers import triton_gate, triton_topk
 
     for kernel, part in [(triton_topk._topk_softmax, "router"), (triton_topk._topk_softmax_grad, "router"),
+                         (triton_gate._gate_logits, "router"), (triton_gate._split_hi_lo, "router"),
+                         (triton_gate._gate_input_grad, "router"), (triton_gate._gate_weight_grad, "router"),
+                         (triton_adamw._grad_sq_sums, "optimizer"), (triton_adamw._adamw, "optimizer"),
                          (triton_swiglu._fwd, "experts"), (triton_swiglu._bwd, "experts"),
                          (triton_combine._gather_rows, "dispatch + combine"), (triton_combine._combine_grads, "dispatch + combine")]:
         assert kernel_part(kernel.__name__).startswith(part), f"{kernel.__name__} is filed under {kernel_part(kernel.__name__)!r}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp32_gate_on_cuda():
+    check_fp32_gate("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -208,6 +224,82 @@ def test_fused_topk_on_cuda():
     torch.backends.cuda.matmul.allow_tf32 = False  # the router's float32 gate computed the same on both paths
     try:
         check_topk_softmax("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def check_fp32_gate(device: str = "cpu") -> None:
+    """The float32 gate of a bf16 router (routers/triton_gate.py) against the gate in float64: hi + lo within 2^-13
+    of the logits' gradient (a dropped lo misses by 2^-8) over 16 orders of magnitude; logits to fp32 sums, input
+    and weight gradients to within bf16's rounding, each gradient alone too, row blocks split over programs
+    (600 rows) and column blocks ending inside a tile (300); then a bf16 router takes the kernels only with TF32 on,
+    and its logits and gradients are the cast path's."""
+    from routerlab.routers.gated import uses_gate_kernel
+    from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
+    from routerlab.routers.triton_gate import Fp32Gate, split_hi_lo
+
+    def near(got, want, tol, what):
+        assert torch.isfinite(got).all(), f"{what}: non-finite values"
+        err = float((got.detach().double() - want.detach()).norm() / want.detach().norm().clamp_min(1e-30))
+        assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
+
+    torch.manual_seed(4)
+    g = torch.randn(70, 9, device=device) * torch.logspace(-8, 8, 9, device=device)
+    g2 = split_hi_lo(g)
+    err = (g2[:, :9].float() + g2[:, 9:].float() - g).abs()
+    assert bool((err <= 2 ** -13 * g.abs()).all()), f"hi + lo misses g by up to {float((err / g.abs()).max()):.1e} of it"
+    for shape, E in [((150, 72), 6), ((2, 40, 300), 64), ((1, 16), 17), ((600, 24), 128)]:
+        case = f"x {shape} E={E}"
+        x = torch.randn(shape, device=device).bfloat16()
+        w = (torch.randn(E, shape[-1], device=device) * 0.1).bfloat16()
+        g = torch.randn(*shape[:-1], E, device=device)
+        xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+        ref = xr @ wr.t()
+        want_x, want_w = torch.autograd.grad(ref, [xr, wr], g.double())
+        for needs in [(True, True), (True, False), (False, True)]:
+            xi, wi = x.clone().requires_grad_(needs[0]), w.clone().requires_grad_(needs[1])
+            logits = Fp32Gate.apply(xi, wi)
+            assert logits.dtype == torch.float32 and logits.shape == ref.shape
+            near(logits, ref, 1e-6, f"{case} logits")
+            grads = torch.autograd.grad(logits, [t for t, on in zip((xi, wi), needs) if on], g)
+            for (what, want), got in zip([(n, v) for n, v, on in zip(("grad x", "grad w"), (want_x, want_w), needs) if on], grads):
+                assert got.dtype == torch.bfloat16, f"{case} {what}: {got.dtype}"
+                near(got, want, 2 ** -7, f"{case} {what} {needs}")  # bf16's rounding
+    empty = torch.zeros(0, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(4, 8, device=device).bfloat16().requires_grad_(True)
+    out = Fp32Gate.apply(empty, weight)
+    assert out.shape == (0, 4) and float(torch.autograd.grad(out.sum(), weight)[0].abs().sum()) == 0
+
+    tf32, capturing = torch.backends.cuda.matmul.allow_tf32, torch.cuda.is_current_stream_capturing
+    router = SoftmaxTopK(48, 64, SoftmaxTopKParams(k=6, z_loss=1e-3)).to(device, torch.bfloat16)
+    x = torch.randn(90, 48, device=device).bfloat16().requires_grad_(True)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert not uses_gate_kernel(x, router.gate), "with TF32 off the gate must compute in full fp32"
+        plain = router.raw_logits(x)
+        want = torch.autograd.grad(plain.square().sum(), [x, router.gate.weight])
+        torch.backends.cuda.matmul.allow_tf32 = True
+        if device == "cuda":  # eager CUDA takes the cast path; a step being captured takes the kernels
+            assert not uses_gate_kernel(x, router.gate), "an eager CUDA gate should take the cast path"
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+                during_capture = uses_gate_kernel(x, router.gate)
+                torch.zeros(1, device=device).add_(1)  # a graph with one node
+            assert during_capture, "a bf16 gate captured in a CUDA graph should take the kernels"
+            torch.cuda.is_current_stream_capturing = lambda: True  # the same call as under capture, run eagerly
+        assert uses_gate_kernel(x, router.gate), "a bf16 router with TF32 on should take the gate kernels"
+        kernel = router.raw_logits(x)
+        got = torch.autograd.grad(kernel.square().sum(), [x, router.gate.weight])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.cuda.is_current_stream_capturing = tf32, capturing
+    near(kernel, plain.double(), 1e-6, "router logits")
+    for what, a, b in zip(("grad x", "grad gate"), got, want):
+        near(a, b.double(), 2 ** -7, f"router {what}")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert not uses_gate_kernel(x.half(), router.half().gate), "an fp16 gate takes the cast path"
+        assert not uses_gate_kernel(x.float(), router.float().gate), "a float32 gate has nothing to cast"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 

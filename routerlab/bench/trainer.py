@@ -151,8 +151,8 @@ KERNEL_PARTS = [
     ("attention (SDPA)", ("sdpa", "flash", "cudnn")),
     ("experts (grouped GEMM, SwiGLU)", ("GemmUniversal", "enable_3x_kernel_for_sm9x", "_fwd", "_bwd")),
     ("dispatch + combine (sort, permute, combine)", ("radix_sort", "RadixSort", "_gather_rows", "_gather_reduce", "_combine_grads", "searchsorted")),
-    ("router (fp32 gate, top-k, softmax, losses)", ("f32f32", "sgemm", "TopK", "bitonicSort", "indexFunc", "softmax_warp", "_topk_softmax")),
-    ("optimizer (grad norm, AdamW)", ("multi_tensor_apply", "_adamw")),
+    ("router (fp32 gate, top-k, softmax, losses)", ("f32f32", "sgemm", "TopK", "bitonicSort", "indexFunc", "softmax_warp", "_topk_softmax", "_gate_", "_split_hi_lo")),
+    ("optimizer (grad norm, AdamW)", ("multi_tensor_apply", "_adamw", "_grad_sq_sums")),
     ("dense GEMMs (projections, head; the twin's FFN)", ("nvjet", "gemm", "splitKreduce")),
     ("norms", ("layer_norm", "GammaBeta")),
 ]

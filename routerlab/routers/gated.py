@@ -53,6 +53,20 @@ from routerlab.routers.registry import RouterParams, require
 SCORES = ("softmax", "sigmoid", "sqrt_softplus")
 SELECTION_OPTIONS = ("score", "normalize_k1", "route_scale", "expert_groups", "top_groups", "null_experts")
 MAX_FUSED_EXPERTS = 1024  # the fused top-k holds a token's scores in registers
+MAX_GATE_KERNEL_OUTPUTS = 128  # triton_gate holds a block of tokens' logits in registers; wider gates take the cast path
+
+
+def uses_gate_kernel(x: Tensor, gate: nn.Linear) -> bool:
+    """Whether the float32 gate runs as routers/triton_gate.py's kernels: a bf16 x and weight where the Triton kernels
+    run, no bias, at most MAX_GATE_KERNEL_OUTPUTS, TF32 on (the kernels are at least as precise as the cast path's
+    TF32 GEMM; with TF32 off the cast path computes in full fp32), and on CUDA only while a CUDA graph is captured
+    (train.cuda_graph): the graph pays the kernels' host launches once, where an eager step, bound by its launches,
+    pays ~0.3 ms a layer more than the cast path's (docs/benchmarks.md, issue 19 v9). CPU tensors reach here only
+    under Triton's interpreter (the tests), which takes the kernels."""
+    w = gate.weight
+    return (x.dtype == torch.bfloat16 and w.dtype == x.dtype and gate.bias is None and w.shape[0] <= MAX_GATE_KERNEL_OUTPUTS
+            and uses_triton(x) and torch.backends.cuda.matmul.allow_tf32
+            and (torch.cuda.is_current_stream_capturing() if x.is_cuda else True))
 
 
 @dataclass(frozen=True)
@@ -200,6 +214,10 @@ class GatedRouter(Router):
         if self.params.fp64:
             return F.linear(x.double(), gate.weight.double(), None if gate.bias is None else gate.bias.double())
         if self.params.fp32:  # also under autocast (bf16-mixed), which would otherwise run the linear in bf16
+            if uses_gate_kernel(x, gate):
+                from routerlab.routers.triton_gate import Fp32Gate
+
+                return Fp32Gate.apply(x, gate.weight)
             with torch.autocast(x.device.type, enabled=False):
                 return F.linear(x.float(), gate.weight.float(), None if gate.bias is None else gate.bias.float())
         return gate(x)
