@@ -120,12 +120,14 @@ def history_png(spec: StudySpec, study, path: Path) -> None:
 
 def importances(spec: StudySpec, study) -> dict[str, Any]:
     """fANOVA importance of every parameter for every objective (needs a few complete trials)."""
-    import optuna
+    # from the module itself: `optuna.importance` may be optuna's lazy-import proxy or the module, depending on what
+    # imported it first
+    from optuna.importance import get_param_importances
 
     out: dict[str, Any] = {}
     for i, o in enumerate(spec.objectives):
         try:
-            values = optuna.importance.get_param_importances(study, target=lambda t, i=i: t.values[i])
+            values = get_param_importances(study, target=lambda t, i=i: t.values[i])
             out[o.metric] = {k: round(float(v), 4) for k, v in values.items()}
         except (ValueError, RuntimeError) as err:  # too few trials, or a single point
             out[o.metric] = {"unavailable": str(err).splitlines()[0]}
