@@ -2,8 +2,8 @@
 
 The gate's float32 default, `F.linear(x.float(), W.float())`, moves x's bytes four more times than the logits need:
 it writes a float32 copy of x (twice x's bytes), keeps it for the weight gradient, and in the backward writes a
-float32 input gradient that a cast reads again to round it to bf16. At the E=64 preset (T=16384, d=1024) that is
-~0.1 ms a layer of memory traffic around GEMMs of 2 GFLOP. These kernels read x as it is:
+float32 input gradient that a cast reads again to round it to bf16: 0.078 ms of kernels a layer at the E=64 preset
+(T=16384, d=1024) for GEMMs of 2 GFLOP. These kernels read x as it is (0.056 ms; docs/benchmarks.md, issue 19 v9):
 
   forward   logits [T, E] float32 = x @ W^T: bf16 products (exact in fp32), fp32 sums
   backward  grad_logits enters the bf16 tensor cores as [hi | lo], two bf16 numbers a logit whose sum carries 16
