@@ -22,17 +22,6 @@ if part optimizer; then
   timeout 150 python3 benchmarks/optimizer_step.py > "$OUT/optimizer-step.txt" 2>&1
   grep -E '^\|' "$OUT/optimizer-step.txt"; grep -A4 '"gradient norms"' "$OUT/optimizer-step.txt"; grep -iE 'Traceback|Error' -A3 "$OUT/optimizer-step.txt" | head -8
 fi
-bench() {  # name, tree, timeout, bench flags
-  (cd "$2" && PYTHONPATH=$SITE:$2 timeout "$3" python3 -m routerlab.bench.trainer --warmup 5 --compile off --cuda-graph on \
-     --steps ${STEPS:-40} --json "$OUT/$1.json" "${@:4}") > "$OUT/$1.txt" 2>&1
-  echo "== $1"; grep '^|' "$OUT/$1.txt" | grep -v 'host during stalls\|host inside' | head -40; grep -iE 'Traceback|Error' -A3 "$OUT/$1.txt" | head -8
-}
-if part trainer; then
-  [ -n "${OLD:-}" ] && cp "$NEW/routerlab/bench/trainer.py" "$OLD/routerlab/bench/trainer.py"  # the same bench and kernel parts
-  for round in $(seq 1 "${ROUNDS:-2}"); do
-    flags=""; [ "$round" = "${KERNEL_ROUND:-1}" ] && flags="--kernels"  # KERNEL_ROUND=0: no profile
-    bench "trainer-new-$round" "$NEW" 300 $flags
-    [ -n "${OLD:-}" ] && bench "trainer-old-$round" "$OLD" 300 $flags
-  done
-fi
+. "$NEW/benchmarks/issue19_trainer_pairs.sh"
+part trainer && trainer_pairs
 date -u >> "$OUT/card.txt"

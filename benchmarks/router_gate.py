@@ -14,31 +14,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from routerlab.bench.core import time_cuda
+from routerlab.bench.core import kernel_ms, time_cuda
 from routerlab.routers import triton_gate
 from routerlab.routers.triton_gate import Fp32Gate
-
-
-def kernel_ms(fn, iters: int) -> tuple[float, dict[str, float]]:
-    """GPU kernel milliseconds of one fn() (torch.profiler, the sum over its kernels, mean of iters calls: the
-    kernels' time as the trainer's graph replays them, not the host's launches), and the same by kernel name."""
-    from collections import Counter
-
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    by_name = Counter()
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA and "#" not in e.name:
-            by_name[e.name[:60]] += (e.time_range.end - e.time_range.start) / 1e3 / iters
-    return sum(by_name.values()), dict(by_name.most_common(8))
 
 
 def main() -> None:
@@ -78,7 +56,7 @@ def main() -> None:
                      ("ideal fwd: copy of x's bytes", lambda: dst[: nbytes // 2].copy_(src[: nbytes // 2])),
                      ("cast path fwd", lambda: cast(x, w)), ("kernel fwd", lambda: Fp32Gate.apply(x, w)),
                      ("cast path fwd+bwd", fwd_bwd(cast)), ("kernel fwd+bwd", fwd_bwd(Fp32Gate.apply))]:
-        rows[name], kernels[name] = kernel_ms(fn, args.iters)
+        rows[name], kernels[name], _ = kernel_ms(fn, args.iters)
     for name in ("cast path fwd+bwd", "kernel fwd+bwd"):
         rows[f"{name}, eager wall (host launches included)"] = time_cuda(fwd_bwd(cast if "cast" in name else Fp32Gate.apply), args.iters)
     default = triton_gate.WEIGHT_BLOCK_D, triton_gate.PROGRAMS

@@ -30,6 +30,12 @@ def triton_available() -> bool:
     return _TRITON
 
 
+def triton_device(t: Tensor) -> bool:
+    """Whether Triton kernels can run on t's device: CUDA (or the interpreter), Triton there. For index tensors; the
+    kernels that compute values take uses_triton."""
+    return (t.is_cuda or _INTERPRET) and triton_available()
+
+
 def uses_triton(t: Tensor) -> bool:
     """Whether the core runs its Triton kernels on t: CUDA (or the interpreter), Triton there, a kernel dtype."""
-    return (t.is_cuda or _INTERPRET) and t.dtype in KERNEL_DTYPES and triton_available()
+    return t.dtype in KERNEL_DTYPES and triton_device(t)

@@ -267,7 +267,7 @@ class Trainer:
         self._synchronize()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=self.device)
+        loss = torch.zeros((), device=self.device) if len(micro) > 1 else None
         aux: dict[str, torch.Tensor] = {}
         merged: list[RoutingStats | None] = [None] * len(self.layers)
         for part in micro:
@@ -277,11 +277,13 @@ class Trainer:
                 part_loss, part_aux = self.step_graph.forward_backward(part)
             else:
                 part_loss, part_aux = self.forward_backward(part, weight)
+            if len(micro) == 1:  # the step's values are the micro-batch's: no small kernels to weigh and add them
+                loss, aux = part_loss.float(), dict(part_aux)
+                continue
             loss = loss + weight * part_loss.float()
             for k, v in part_aux.items():
                 aux[k] = aux.get(k, 0) + weight * v
-            if len(micro) > 1:  # the step's routing stats: the sum over its micro-batches
-                merged = [l.stats if m is None else m.merge(l.stats) for m, l in zip(merged, self.layers)]
+            merged = [l.stats if m is None else m.merge(l.stats) for m, l in zip(merged, self.layers)]  # the step's: their sum
         if len(micro) > 1:
             for layer, stats in zip(self.layers, merged):
                 layer.stats = stats
@@ -299,7 +301,7 @@ class Trainer:
             self.optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp_min(1.0) if math.isfinite(max_norm) else None
         else:  # max_norm=inf leaves the gradients as they are but still returns their (global) norm
             norm = self.parallel.clip_grad_norm_(self.model, max_norm)
-        total = loss.detach() + sum(v.detach() for v in aux.values())  # task loss plus aux losses, on the device
+        total = loss.detach() + torch.stack([v.detach() for v in aux.values()]).sum() if aux else loss.detach()  # with the aux losses
         bad = ~(torch.isfinite(total) & torch.isfinite(norm))
         if on_device:  # the fused kernels skip the whole update (moments and step count too) where found_inf is set
             self.optimizer.found_inf = bad.float()
@@ -358,7 +360,7 @@ class Trainer:
         """A logged step's device values (aux losses, routing statistics) copied to the host: on CUDA queued into pinned
         memory behind the step's kernels, with an event to wait on (the next replay overwrites the graph's aux
         tensors; the copies come first)."""
-        aux_values = torch.stack([v.detach().double().reshape(()) for v in aux.values()]).to("cpu", non_blocking=True) if aux else None
+        aux_values = torch.stack([v.detach().reshape(()) for v in aux.values()]).double().to("cpu", non_blocking=True) if aux else None
         stats = stats_on_host([layer.stats for layer in self.layers], non_blocking=True)
         copied = torch.cuda.Event() if self.on_cuda else None
         if copied is not None:

@@ -1,5 +1,5 @@
-"""The Triton kernels of the GPU path (SwiGLU, permute gather, combine and its backward, the router's softmax +
-top-k) on a CPU machine:
+"""The Triton kernels of the GPU path (SwiGLU, permute gather, combine and its backward, the dispatch plan's counting
+sort, the routing statistics, the router's softmax + top-k with its aux losses, the float32 gate) on a CPU machine:
 each compiles for Hopper (sm_90, the H200), and each matches its PyTorch reference when run by Triton's
 interpreter (TRITON_INTERPRET=1, in a subprocess: it must be set before triton is imported). Padding rows
 hold NaN, so a kernel that reads one fails the check; few programs are launched, so the kernels' row loops
@@ -29,17 +29,32 @@ KERNEL_ARGS = {
     ("moe.triton_combine", "_gather_reduce"): {"src": "*bf16", "inv": "*i64", "n_kept": "*i64", "w": "*fp32", "out": "*bf16", "T": "i32", "d": "i32", "k": "i32"},
     ("moe.triton_combine", "_combine_grads"): {"y": "*bf16", "grad": "*bf16", "inv": "*i64", "n_kept": "*i64", "w": "*fp32", "grad_y": "*bf16",
                                                "grad_w": "*fp32", "T": "i32", "d": "i32", "k": "i32"},
-    ("routers.triton_topk", "_topk_softmax"): {"logits": "*fp32", "probs": "*fp32", "lse": "*fp32", "experts": "*i64", "weights": "*fp32", "T": "i32", "E": "i32"},
+    ("moe.triton_plan", "_plan_histogram"): {"experts": "*i64", "hist": "*i32", "T": "i32", "k": "i32", "n_slots": "i32", "E": "i32"},
+    ("moe.triton_plan", "_plan_offsets"): {"hist": "*i32", "shift": "*i32", "counts": "*i64", "n_kept": "*i64", "chunks": "i32", "E": "i32"},
+    ("moe.triton_plan", "_plan_place"): {"experts": "*i64", "shift": "*i32", "order": "*i64", "inv": "*i64", "kept": "*i1", "T": "i32",
+                                         "k": "i32", "n_slots": "i32", "E": "i32"},
+    ("moe.triton_stats", "_stats_partials"): {"experts": "*i64", "kept": "*i1", "logits": "*fp32", "partials": "*fp32", "T": "i32", "E": "i32"},
+    ("moe.triton_stats", "_stats_finish"): {"partials": "*fp32", "programs": "i32", "sequence_programs": "i32", "sequences": "i32", "T": "i32",
+                                            "E": "i32", "out": "*fp32"},
+    ("routers.triton_topk", "_topk_softmax"): {"logits": "*fp32", "probs": "*fp32", "lse": "*fp32", "experts": "*i64", "weights": "*fp32",
+                                               "partials": "*fp32", "T": "i32", "E": "i32"},
+    ("routers.triton_topk", "_router_losses"): {"partials": "*fp32", "programs": "i32", "T": "i32", "E": "i32", "balance_coef": "fp32",
+                                                "z_coef": "fp32", "losses": "*fp32", "grad_p": "*fp32"},
     ("routers.triton_topk", "_topk_softmax_grad"): {"probs": "*fp32", "grad_probs": "*fp32", "grad_lse": "*fp32", "experts": "*i64",
-                                                    "weights": "*fp32", "grad_weights": "*fp32", "grad_logits": "*fp32", "T": "i32", "E": "i32"},
+                                                    "weights": "*fp32", "grad_weights": "*fp32", "grad_logits": "*fp32", "lse": "*fp32",
+                                                    "grad_balance": "*fp32", "grad_z": "*fp32", "grad_p": "*fp32", "z_scale": "fp32",
+                                                    "T": "i32", "E": "i32"},
     ("routers.triton_gate", "_gate_logits"): {"x": "*bf16", "w": "*bf16", "logits": "*fp32", "T": "i32", "D": "i32", "E": "i32"},
     ("routers.triton_gate", "_split_hi_lo"): {"g": "*fp32", "g2": "*bf16", "T": "i32", "E": "i32"},
     ("routers.triton_gate", "_gate_input_grad"): {"g2": "*bf16", "w2": "*bf16", "grad_x": "*bf16", "T": "i32", "D": "i32", "E2": "i32"},
     ("routers.triton_gate", "_gate_weight_grad"): {"g2": "*bf16", "x": "*bf16", "parts": "*fp32", "T": "i32", "D": "i32", "E2": "i32",
                                                    "rows_per_program": "i32"},
 }
-FLAGS = ("HAS_LIMIT", "HAS_OUT", "HAS_W", "RENORM")  # each kernel with one of these compiles in both forms
-CONSTANTS = {"routers.triton_topk": {"K": 6, "KP": 8, "BLOCK_T": 64, "BLOCK_E": 64, "HAS_GP": True, "HAS_GL": True, "HAS_GW": True},
+FLAGS = ("HAS_LIMIT", "HAS_OUT", "HAS_W", "RENORM", "LOSSES", "HAS_GB")  # each kernel with one of these compiles in both forms
+CONSTANTS = {"moe.triton_stats": {"K": 6, "BLOCK_T": 64, "BLOCK_E": 64, "BLOCK_P": 64},
+             "moe.triton_plan": {"C": 1024, "EB": 128, "NCH": 128},  # the preset's plan: 98,304 slots, 64 experts
+             "routers.triton_topk": {"K": 6, "KP": 8, "BLOCK_T": 64, "BLOCK_E": 64, "BLOCK_P": 64, "HAS_GP": True, "HAS_GL": True,
+                                       "HAS_GW": True, "HAS_GZ": True},
              "routers.triton_gate": {"BLOCK_T": 64, "BLOCK_E": 128, "BLOCK_D": 128, "UPCAST": False}}  # the preset's 2E = 128
 
 
@@ -100,6 +115,8 @@ def check_kernels() -> None:
     # one column block (1100 columns: two blocks of 1024, the second partial)
     for T, k, d, E, capacity in [(13, 3, 24, 4, 5), (9, 1, 24, 3, 2), (9, 3, 1100, 3, 4)]:
         check_gathers(triton_combine, close, T, k, d, E, capacity)
+    check_plan()
+    check_stats()
     check_topk_softmax()
     check_fp32_gate()
     check_layer_dtypes_and_backends()
@@ -133,6 +150,57 @@ def check_gathers(triton_combine, close, T, k, d, E, capacity) -> None:
     close(grad_w, (slot_rows * grad_out).sum(-1).t(), "combine backward, weights")
 
 
+def check_plan(device: str = "cpu", cases=((5, 1, 3), (700, 3, 64), (1000, 2, 126), (40, 4, 6))) -> None:
+    """The dropless plan's counting sort (moe/triton_plan.py) against PyTorch's stable sort (layer.plan_dispatch without
+    the kernels): the same order, inverse, kept slots, counts and n_kept, element for element; unused slots (-1) among
+    them, a token with none used, plans of one and of several chunks (2,000 slots: three of 1,024), 126 experts (the
+    most a bucket table of 128 holds beside the unused and the past-the-end keys)."""
+    from routerlab.moe import layer
+
+    for T, k, E in cases:
+        experts = torch.randint(-1, E, (T, k), device=device)
+        experts[0] = -1
+        got = layer.plan_dispatch(experts, E, None)
+        uses = layer.triton_device
+        layer.triton_device = lambda t: False
+        try:
+            want = layer.plan_dispatch(experts, E, None)
+        finally:
+            layer.triton_device = uses
+        for field in ("order", "inv", "kept", "counts", "n_kept"):
+            a, b = getattr(got, field), getattr(want, field)
+            assert a.dtype == b.dtype and torch.equal(a, b), f"plan T={T} k={k} E={E}: {field} differs"
+
+
+def check_stats(device: str = "cpu", cases=((300, 6, 64, None), (256, 2, 64, 64), (1024, 3, 6, None), (130, 4, 100, 130))) -> None:
+    """A layer's routing statistics from the two kernels (moe/triton_stats.py) against stats.compute_stats' PyTorch ops: every
+    field, counts exactly; unused slots (-1), dropped slots and a token with none kept among them; one sequence and
+    several (64 tokens: one program each), 6 and 100 experts (padded to 8 and 128 columns), partial last programs."""
+    from routerlab.moe import stats as stats_module
+    from routerlab.moe.stats import RoutingStats
+
+    for T, k, E, L in cases:
+        experts = torch.randint(-1, E, (T, k), device=device)
+        kept = (experts >= 0) & (torch.rand(T, k, device=device) < 0.8)
+        kept[3] = False
+        kept = kept.t().contiguous().t()  # slot-major underneath, as the layer keeps it (plan.kept.view(k, T).t())
+        logits = torch.randn(T, E, device=device) * 3
+        got = stats_module.stats_from_routing(experts, logits, kept, E, L)
+        uses = stats_module.triton_device
+        stats_module.triton_device = lambda t: False
+        try:
+            want = stats_module.stats_from_routing(experts, logits, kept, E, L)
+        finally:
+            stats_module.triton_device = uses
+        assert got.load._base is not None and got.load._base.numel() == 3 * E + 9, "the kernels' buffer should hold the fields"
+        for field in ("load", "kept", "tokens", "dropped_tokens", "batches", "sequences"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), f"stats T={T} k={k} E={E} L={L}: {field} differs"
+        for field in ("prob_sum", "entropy_sum", "z_sum", "max_logit", "vio_batch_sum", "vio_seq_sum"):
+            a, b = getattr(got, field), getattr(want, field)
+            assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-5, atol=1e-4), f"stats T={T} k={k} E={E} L={L}: {field} {a} against {b}"
+        assert isinstance(got, RoutingStats) and float(got.sequences) == (T // L if L else 1)
+
+
 def check_topk_softmax(device: str = "cpu") -> None:
     """The fused softmax + top-k (routers/triton_topk.py) against PyTorch's softmax, topk, gather and logsumexp:
     values, and the gradient of every combination of the outputs a router uses; then a preset-like router
@@ -146,7 +214,7 @@ def check_topk_softmax(device: str = "cpu") -> None:
 
     for T, E, k, renorm in [(70, 64, 6, True), (70, 64, 6, False), (33, 6, 1, False), (5, 100, 3, True), (1, 8, 8, True)]:
         logits = torch.randn(T, E, dtype=torch.float64).float().to(device).requires_grad_(True)
-        probs, lse, experts, weights = TopKSoftmax.apply(logits, k, renorm)
+        probs, lse, experts, weights, _, _ = TopKSoftmax.apply(logits, k, renorm)
         ref = logits.detach().requires_grad_(True)
         ref_probs = ref.softmax(-1)
         ref_experts = ref_probs.detach().topk(k, dim=-1).indices
@@ -173,49 +241,77 @@ def check_topk_softmax(device: str = "cpu") -> None:
     assert torch.equal(experts[2], torch.arange(3, device=device)), "a row of -inf takes the first experts"
     assert bool(((experts >= 0) & (experts < 6)).all())
 
-    params = SoftmaxTopKParams(k=6, importance_balance=0.01, importance_power=0.0, z_loss=1e-3)
-    torch.manual_seed(1)
-    router = SoftmaxTopK(32, 64, params).to(device)
-    x = torch.randn(50, 32, device=device, requires_grad=True)
-    fused = router(x)
-    assert router.uses_fused_topk(fused.logits, 6, None, None), "the preset's router should take the kernel here"
-    g = torch.randn(50, 6, device=device)
-    loss = (fused.weights * g).sum() + sum(fused.aux.values())
-    got = torch.autograd.grad(loss, [x, router.gate.weight])
-    original = GatedRouter.uses_fused_topk
-    GatedRouter.uses_fused_topk = lambda *args: False
-    try:
-        plain = router(x)
-    finally:
-        GatedRouter.uses_fused_topk = original
-    want = torch.autograd.grad((plain.weights * g).sum() + sum(plain.aux.values()), [x, router.gate.weight])
-    assert torch.equal(fused.experts, plain.experts) and sorted(fused.aux) == sorted(plain.aux) == ["importance_balance", "z_loss"]
-    close(fused.weights, plain.weights, "router weights")
-    for name in fused.aux:
-        close(fused.aux[name], plain.aux[name], f"router {name}")
-    for what, a, b in zip(("grad x", "grad gate"), got, want):
-        close(a, b, f"router {what}")
+    # routers with the kernel against the same routers without it: the preset's (importance balance at power 0, z-loss),
+    # the losses the kernels also compute (each alone, the batch balance with the z-loss, in training and evaluation,
+    # 300 tokens: five programs' partials) and one they leave to PyTorch (the balance over sequences)
+    def routed(router, x, g, kernel):
+        original = GatedRouter.uses_fused_topk
+        if not kernel:
+            GatedRouter.uses_fused_topk = lambda *args: False
+        try:
+            out = router(x)
+        finally:
+            GatedRouter.uses_fused_topk = original
+        loss = (out.weights * g).sum() + sum(out.aux.values(), torch.zeros((), device=device))
+        return out, torch.autograd.grad(loss, [x, router.gate.weight])
+
+    cases = [(dict(importance_balance=0.01, importance_power=0.0, z_loss=1e-3), True, ["z_loss", "importance_balance"]),
+             (dict(importance_balance=0.01, importance_power=0.0), False, ["importance_balance"]),
+             (dict(balance_batch=0.02, z_loss=1e-3), True, ["balance_batch", "z_loss"]),
+             (dict(balance_batch=0.02, z_loss=1e-3), False, ["z_loss"]),
+             (dict(z_loss=1e-2), True, ["z_loss"]),
+             (dict(balance_sequence=0.02, z_loss=1e-3), True, ["balance_sequence", "z_loss"])]
+    for options, training, names in cases:
+        torch.manual_seed(1)
+        router = SoftmaxTopK(32, 64, SoftmaxTopKParams(k=6, **options)).to(device).train(training)
+        x = torch.randn(300, 32, device=device, requires_grad=True)
+        g = torch.randn(300, 6, device=device)
+        fused, got = routed(router, x, g, True)
+        plain, want = routed(router, x, g, False)
+        case = f"{options} training={training}"
+        assert router.uses_fused_topk(fused.logits, 6, None, None), f"{case}: the router should take the kernel here"
+        assert (router.fused_losses(300) is None) == ("balance_sequence" in options), f"{case}: the kernels compute the wrong losses"
+        assert torch.equal(fused.experts, plain.experts) and list(fused.aux) == list(plain.aux) == names, f"{case}: {list(fused.aux)}"
+        close(fused.weights, plain.weights, f"{case} router weights")
+        for name in fused.aux:
+            close(fused.aux[name], plain.aux[name], f"{case} {name}")
+        for what, a, b in zip(("grad x", "grad gate"), got, want):
+            close(a, b, f"{case} {what}")
 
 
 def test_the_trainer_bench_files_each_kernel_under_its_part():
     # by Triton function name, first matching part wins: the router's kernels once fell under the experts' "_fwd"
     from routerlab.bench.trainer import kernel_part
-    from routerlab.moe import triton_combine, triton_swiglu
+    from routerlab.moe import triton_combine, triton_plan, triton_stats, triton_swiglu
     from routerlab import triton_adamw
     from routerlab.routers import triton_gate, triton_topk
 
     for kernel, part in [(triton_topk._topk_softmax, "router"), (triton_topk._topk_softmax_grad, "router"),
+                         (triton_topk._router_losses, "router"),
                          (triton_gate._gate_logits, "router"), (triton_gate._split_hi_lo, "router"),
                          (triton_gate._gate_input_grad, "router"), (triton_gate._gate_weight_grad, "router"),
                          (triton_adamw._grad_sq_sums, "optimizer"), (triton_adamw._adamw, "optimizer"),
                          (triton_swiglu._fwd, "experts"), (triton_swiglu._bwd, "experts"),
-                         (triton_combine._gather_rows, "dispatch + combine"), (triton_combine._combine_grads, "dispatch + combine")]:
+                         (triton_combine._gather_rows, "dispatch + combine"), (triton_combine._combine_grads, "dispatch + combine"),
+                         (triton_plan._plan_histogram, "dispatch + combine"), (triton_plan._plan_offsets, "dispatch + combine"),
+                         (triton_plan._plan_place, "dispatch + combine"), (triton_stats._stats_partials, "routing statistics"),
+                         (triton_stats._stats_finish, "routing statistics")]:
         assert kernel_part(kernel.__name__).startswith(part), f"{kernel.__name__} is filed under {kernel_part(kernel.__name__)!r}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp32_gate_on_cuda():
     check_fp32_gate("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plan_kernels_on_cuda():
+    check_plan("cuda", ((16384, 6, 64), (16384, 1, 8), (8192, 2, 16), (3, 2, 4), (100000, 5, 200)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stats_kernels_on_cuda():
+    check_stats("cuda", ((16384, 6, 64, 512), (16384, 1, 8, 512), (8192, 2, 16, None), (5, 2, 4, None)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

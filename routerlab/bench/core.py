@@ -133,6 +133,45 @@ def time_cuda(fn, iters: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def kernel_ms(fn, iters: int) -> tuple[float, dict[str, float], float]:
+    """GPU kernel milliseconds of one fn() (torch.profiler, the sum over its kernels, mean of iters calls: the
+    kernels' time as a replayed CUDA graph runs them, without the host's launches), the 8 largest by kernel name, and
+    the kernels one fn() launches."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    by_name, launches = Counter(), 0
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and "#" not in e.name:
+            by_name[e.name[:60]] += (e.time_range.end - e.time_range.start) / 1e3 / iters
+            launches += 1
+    return sum(by_name.values()), dict(by_name.most_common(8)), launches / iters
+
+
+def graph_ms(fn, iters: int = 20, replays: int = 10) -> float:
+    """Median milliseconds of one fn() captured in a CUDA graph, `replays` replays between two events: the GPU's time
+    with the launch gaps inside a graph, as the trainer's graphed step sees them."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_cuda(lambda: [graph.replay() for _ in range(replays)], iters) / replays
+
+
 def activation_bytes(forward) -> int:
     """Bytes the forward leaves allocated (saved activations and the output)."""
     torch.cuda.synchronize()

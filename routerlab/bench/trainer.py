@@ -40,13 +40,14 @@ PRESETS = {"moe": "configs/gpu/stdlib-110m-e64k6.yaml", "dense": "configs/gpu/st
 
 
 def lm_config(kind: str, compile_mode: str, run_dir: str, dtype: str = "bfloat16", tf32: bool = True, smoke: bool = False, cuda_graph: bool = True,
-              optimizer_kernel: str | None = None):
+              optimizer_kernel: str | None = None, log_every: int = 10):
     """The preset (configs/gpu/, run from the repository root) with this run's device, dtype, compile and TF32;
-    routing statistics logged every 10 steps; no evaluation or checkpoint inside the timed steps."""
+    routing statistics logged every `log_every` steps (10, stricter than the presets' 50, unless asked); no evaluation or
+    checkpoint inside the timed steps."""
     from routerlab.config import load_config
 
     precision = {"bfloat16": "bf16-pure", "float32": "fp32", "bf16-mixed": "bf16-mixed"}[dtype]  # bfloat16, float32: the old train.dtype meanings
-    overrides = [f"train.precision={precision}", f"train.compile={compile_mode}", f"train.tf32={str(tf32).lower()}", "train.log_every=10", f"train.cuda_graph={str(cuda_graph).lower()}",
+    overrides = [f"train.precision={precision}", f"train.compile={compile_mode}", f"train.tf32={str(tf32).lower()}", f"train.log_every={log_every}", f"train.cuda_graph={str(cuda_graph).lower()}",
                  "train.eval_every=1000000", "train.eval_batches=1", "train.steps=1000000", f"run.dir={run_dir}", "run.checkpoint=false"]
     if optimizer_kernel:  # None: the config's default (a trainer from before the switch has no such key)
         overrides.append(f"train.optimizer_kernel={optimizer_kernel}")
@@ -150,11 +151,12 @@ def profile_step(trainer, iters: int = 5) -> dict[str, float]:
 KERNEL_PARTS = [
     ("attention (SDPA)", ("sdpa", "flash", "cudnn")),
     ("experts (grouped GEMM, SwiGLU)", ("GemmUniversal", "enable_3x_kernel_for_sm9x", "_fwd", "_bwd")),
-    ("dispatch + combine (sort, permute, combine)", ("radix_sort", "RadixSort", "_gather_rows", "_gather_reduce", "_combine_grads", "searchsorted")),
-    ("router (fp32 gate, top-k, softmax, losses)", ("f32f32", "sgemm", "TopK", "bitonicSort", "indexFunc", "softmax_warp", "_topk_softmax", "_gate_", "_split_hi_lo")),
+    ("dispatch + combine (sort, permute, combine)", ("radix_sort", "RadixSort", "_plan_", "_gather_rows", "_gather_reduce", "_combine_grads", "searchsorted")),
+    ("router (fp32 gate, top-k, softmax, losses)", ("f32f32", "sgemm", "TopK", "bitonicSort", "indexFunc", "softmax_warp", "_topk_softmax", "_router_losses", "_gate_", "_split_hi_lo")),
     ("optimizer (grad norm, AdamW)", ("multi_tensor_apply", "_adamw", "_grad_sq_sums")),
     ("dense GEMMs (projections, head; the twin's FFN)", ("nvjet", "gemm", "splitKreduce")),
     ("norms", ("layer_norm", "GammaBeta")),
+    ("routing statistics (logged steps)", ("_stats_partials", "_stats_finish")),
 ]
 
 
@@ -324,6 +326,7 @@ def main(argv=None) -> None:
     ap.add_argument("--kernels", action="store_true", help="also a torch.profiler kernel table and the host syncs of each bf16 run")
     ap.add_argument("--fp32", action="store_true", help="also the MoE model in float32 (TF32 on, then off)")
     ap.add_argument("--mixed", action="store_true", help="also both models in the presets' own precision, bf16-mixed (float32 weights and optimizer)")
+    ap.add_argument("--log-every", type=int, default=10, help="train.log_every of the runs (the presets log every 50)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (checks this script, times nothing real)")
     args = ap.parse_args(argv)
@@ -344,7 +347,7 @@ def main(argv=None) -> None:
         runs += [("moe", "off", "float32", True, False, optimizers[0]), ("moe", "off", "float32", False, False, optimizers[0])]
     for kind, mode, dtype, tf32, graph, opt in runs:
         try:
-            config = lm_config(kind, mode, run_dir, dtype, tf32, args.smoke, graph, opt)
+            config = lm_config(kind, mode, run_dir, dtype, tf32, args.smoke, graph, opt, args.log_every)
             trainer = Trainer(config, log=True, run_dir=os.path.join(run_dir, f"{kind}-{mode}-{dtype}-{tf32}-{graph}-{opt}"))
             tps, ms, first, split = steady_tokens_per_s(trainer, args.warmup, args.steps)
             row = {"model": kind, "compile": mode, "dtype": dtype, "tf32": tf32, "cuda_graph": graph, "optimizer_kernel": getattr(config.train, "optimizer_kernel", "torch"), "graphed": trainer.step_graph is not None and trainer.step_graph.graph is not None,

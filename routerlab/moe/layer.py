@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from routerlab.kernel_choice import uses_triton
+from routerlab.kernel_choice import triton_device, uses_triton
 from routerlab.moe.experts import ExpertBank
 from routerlab.moe.stats import RoutingStats, stats_from_routing
 from routerlab.registry import Registry
@@ -91,6 +91,11 @@ def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None, prior
     slots and drops its lowest first (ties: the position order).
     """
     num_tokens, k = experts.shape
+    if capacity is None and triton_device(experts):
+        from routerlab.moe import triton_plan
+
+        if triton_plan.chunking(num_tokens * k, num_experts) is not None:  # three kernels, the same plan
+            return DispatchPlan(*triton_plan.plan(experts, num_experts), num_tokens, k)
     flat = experts.t().reshape(-1)
     key = torch.where(flat >= 0, flat, num_experts)  # unused slots sort last
     if capacity is not None and priority is not None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from routerlab.kernel_choice import triton_device
 from routerlab.routers.balancing import slot_counts
 
 
@@ -81,9 +82,26 @@ def compute_stats(experts: Tensor, logits: Tensor | None, kept: Tensor, kept_per
 @torch.no_grad()
 def stats_from_routing(experts: Tensor, logits: Tensor | None, kept: Tensor, num_experts: int, sequence_length: int | None = None) -> RoutingStats:
     """RoutingStats of one forward from its routing: experts [T, k] (-1 unused), logits [T, E] or None,
-    kept [T, k] bool (slots computed), tokens in sequences of sequence_length. No host sync on CUDA."""
+    kept [T, k] bool (slots computed), tokens in sequences of sequence_length. No host sync on CUDA; on the GPU two
+    Triton kernels where they apply (routerlab/moe/triton_stats.py), not under torch.compile (compile.py compiles this)."""
+    T = experts.shape[0]
+    if triton_device(experts) and not torch.compiler.is_compiling():
+        from routerlab.moe import triton_stats
+
+        L = sequence_length if sequence_length and T % sequence_length == 0 else T
+        if triton_stats.supports(logits, num_experts, T, L):
+            return _stats_from_flat(triton_stats.routing_stats(experts, logits, kept, num_experts, L), num_experts)
     counts = slot_counts(torch.where(kept, experts, -1), num_experts, "all")  # kept slots per (global) expert
     return compute_stats(experts, logits, counts, kept.sum(1), sequence_length)
+
+
+def _stats_from_flat(flat: Tensor, num_experts: int) -> RoutingStats:
+    """RoutingStats viewing triton_stats.routing_stats' [3E + 9] buffer."""
+    E = num_experts
+    tokens, dropped, entropy, z, max_logit, vio_batch, batches, vio_seq, sequences = flat[3 * E :].unbind(0)
+    return RoutingStats(load=flat[:E], kept=flat[E : 2 * E], tokens=tokens, dropped_tokens=dropped, prob_sum=flat[2 * E : 3 * E],
+                        entropy_sum=entropy, z_sum=z, max_logit=max_logit, vio_batch_sum=vio_batch, batches=batches,
+                        vio_seq_sum=vio_seq, sequences=sequences)
 
 
 def stats_on_host(stats: list[RoutingStats], non_blocking: bool = False) -> list[RoutingStats]:
@@ -94,7 +112,8 @@ def stats_on_host(stats: list[RoutingStats], non_blocking: bool = False) -> list
     present = [(i, f.name, v) for i, s in enumerate(stats) for f in fields(s) if (v := getattr(s, f.name)) is not None]
     if not present or present[0][2].device.type == "cpu":
         return stats
-    flat = torch.cat([v.detach().double().reshape(-1) for _, _, v in present]).to("cpu", non_blocking=non_blocking)  # pinned when non_blocking
+    # one cat (promoting to the widest dtype present), one cast, one copy: a few launches for all the layers' fields
+    flat = torch.cat([v.detach().reshape(-1) for _, _, v in present]).double().to("cpu", non_blocking=non_blocking)  # pinned when non_blocking
     out = [{f.name: None for f in fields(s)} for s in stats]
     offset = 0
     for i, name, v in present:

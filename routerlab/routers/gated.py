@@ -288,11 +288,19 @@ class GatedRouter(Router):
         logits = self.gate_logits(x) if logits is None else logits
         renormalize = renormalize and (k > 1 or (p.normalize_k1 if normalize_k1 is None else normalize_k1))
         softmax = None  # (probs, logsumexp) of the logits where the fused kernel gives them with the selection
+        aux = None  # the aux losses, where the fused kernels compute them too
         if self.uses_fused_topk(logits, k, selection_bias, logit_noise):
             from routerlab.routers.triton_topk import TopKSoftmax
 
-            scores, lse, experts, weights = TopKSoftmax.apply(logits, k, renormalize)
+            fused = self.fused_losses(logits.shape[0])
+            scores, lse, experts, weights, balance, z = TopKSoftmax.apply(logits, k, renormalize, fused and fused[1:])
             softmax = (scores, lse)
+            if fused:  # in stability_losses' order
+                aux = {"balance_batch": balance} if fused[0] == "balance_batch" else {}
+                if p.z_loss > 0:
+                    aux["z_loss"] = z
+                if fused[0] == "importance_balance":
+                    aux["importance_balance"] = balance
         else:
             scores = self.scores(logits if logit_noise is None else logits + logit_noise)
             select = scores.detach()
@@ -307,7 +315,8 @@ class GatedRouter(Router):
                 weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
         if p.route_scale != 1.0:
             weights = weights * p.route_scale
-        aux = self.stability_losses(logits, experts, softmax)
+        if aux is None:
+            aux = self.stability_losses(logits, experts, softmax)
         chosen, full_logits = experts, logits
         experts, weights = self.drop_null(experts, weights)
         routing = Routing(experts, weights.to(x.dtype), logits[:, : self.num_experts], aux)
@@ -320,6 +329,20 @@ class GatedRouter(Router):
         plain = p.score == "softmax" and not p.null_experts and (not p.top_groups or p.top_groups == p.expert_groups)
         return (plain and selection_bias is None and logit_noise is None and logits.dtype == torch.float32 and logits.dim() == 2
                 and k <= logits.shape[1] <= MAX_FUSED_EXPERTS and uses_triton(logits))
+
+    def fused_losses(self, num_tokens: int) -> tuple[str | None, float, float] | None:
+        """(name, coefficient) of the balance loss and the z-loss coefficient where the fused top-k kernels compute every
+        aux loss this forward has (routers/triton_topk.py): at most one balance term of the Switch form over the
+        micro-batch counting all k slots (balance_batch summed per layer, or importance_balance at power 0, which is
+        the same number) and the z-loss; None where any other loss is on (stability_losses computes them all then)."""
+        p = self.params
+        batch = p.balance_batch if self.training else 0.0  # the balance terms apply in training, the others always
+        other_losses = p.entropy or (self.training and (p.balance_sequence or p.balance_global))
+        other_forms = (batch and (p.balance_count != "all" or p.balance_layers != "sum")) or (p.importance_balance and p.importance_power != 0)
+        if num_tokens == 0 or other_losses or other_forms or (batch and p.importance_balance) or not (batch or p.importance_balance or p.z_loss):
+            return None  # also with no losses at all: the plain kernel
+        name = "balance_batch" if batch else "importance_balance" if p.importance_balance else None
+        return name, batch or p.importance_balance, p.z_loss
 
     # -- losses ---------------------------------------------------------------------------------------
     def stability_losses(self, logits: Tensor, experts: Tensor | None = None,
