@@ -1,7 +1,7 @@
 """The dropless dispatch plan as a counting sort in three Triton kernels (CUDA; imported lazily by layer.plan_dispatch).
 
 The plan orders the T*k token-slots (slot j of token t is j * T + t) by expert, slots in order within an expert, unused
-slots (expert -1) last: a stable sort of small integer keys. PyTorch spends ~20 small kernels a layer on it (a radix
+slots (expert -1) last: a stable sort of small integer keys. PyTorch spends 13 small kernels a layer on it (a radix
 sort, searchsorted, the inverse permutation's scatter, counts, casts); a counting sort needs three:
 
   _plan_histogram   each program counts the keys of its chunk of C slots                        hist [chunks, EB]

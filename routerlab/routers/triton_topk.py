@@ -12,7 +12,7 @@ backward; the preset's 64 experts fit one register tile per block of tokens, so 
             where x* scatters a [T, k] value to its experts' columns: renormalized weights are the softmax of the
             chosen logits alone, so the other logits get no gradient from them.
 With loss coefficients given, the kernels also compute the router's two usual aux losses, already scaled, where
-the selection has everything they need (eager PyTorch spent ~25 small kernels a layer on them and their gradient):
+the selection has everything they need (PyTorch spent ~16 small kernels a layer on them and their gradient):
   balance   c_b * E * sum_e f_e P_e   (Switch; f_e the share of the T*k chosen slots, P_e the mean probability)
   z         c_z * mean_t lse_t^2      (ST-MoE)
 Each program writes its column sums of p, its counts of chosen slots and its sum of lse^2; one small kernel sums
