@@ -6,14 +6,11 @@
 #   OUT=dir [OLD=.gpu/old] [PARTS="tests small trainer"] [TESTS="test files"] [ROUNDS=2] [LOG_EVERY=10] [STEPS=40] bash benchmarks/issue19_v10_gpu.sh
 # (docs/benchmarks.md, issue 19 v10)
 set -u
-SITE=${SITE:-/tmp/site}; PARTS=${PARTS:-tests small trainer}; NEW=$PWD; export PYTHONPATH=$SITE:$PWD
-[ -n "${OLD:-}" ] && OLD=$(cd "$OLD" && pwd)
-part() { [[ " $PARTS " == *" $1 "* ]]; }
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/card.txt" 2>&1; date -u >> "$OUT/card.txt"
+PARTS=${PARTS:-tests small trainer}
+. "$PWD/benchmarks/issue19_gpu_common.sh"
 if part tests; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_triton_kernels.py tests/test_adamw.py tests/test_step_graph.py \
-    tests/test_host_path.py} -k "${TESTS_K:-not interpreter and not hopper}" > "$OUT/tests.txt" 2>&1
-  grep -E "^E |Error|assert" "$OUT/tests.txt" | head -20; tail -3 "$OUT/tests.txt"
+  cuda_tests "${TESTS:-tests/test_triton_kernels.py tests/test_adamw.py tests/test_step_graph.py tests/test_host_path.py}" \
+    "${TESTS_K:-not interpreter and not hopper}"
   timeout 60 python3 -c "import torch; from routerlab.bench.core import check_correctness as c; print('fast path vs loop, bf16:', c(torch.device('cuda'), seed=0))" \
     > "$OUT/correctness.txt" 2>&1; tail -3 "$OUT/correctness.txt"
 fi
@@ -21,6 +18,5 @@ if part small; then
   timeout 150 python3 benchmarks/moe_small_ops.py > "$OUT/moe-small-ops.txt" 2>&1; grep -E "^(#|\|)" "$OUT/moe-small-ops.txt"
   grep -iE "Traceback|Error" -A3 "$OUT/moe-small-ops.txt" | head -8
 fi
-. "$NEW/benchmarks/issue19_trainer_pairs.sh"
 part trainer && trainer_pairs
 date -u >> "$OUT/card.txt"
