@@ -39,12 +39,20 @@ def why_not(trainer) -> str | None:
         return "several processes"
     if t.micro_batches != 1:
         return "micro_batches > 1"
-    for layer in trainer.layers:
-        router = type(layer.router)
-        if not vars(router).get("cuda_graph_safe", False):  # the class's own word: a subclass may add Python state
-            return f"router class {router.__name__} does not declare cuda_graph_safe"
+    unsafe = unsafe_router(trainer)
+    if unsafe is not None:
+        return f"router class {unsafe} does not declare cuda_graph_safe"
     if trainer.device.type != "cuda":
         return "not on CUDA"
+    return None
+
+
+def unsafe_router(trainer) -> str | None:
+    """The name of the first router class that does not declare cuda_graph_safe (the class's own word: a subclass may add
+    Python state), or None."""
+    for layer in trainer.layers:
+        if not vars(type(layer.router)).get("cuda_graph_safe", False):
+            return type(layer.router).__name__
     return None
 
 

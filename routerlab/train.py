@@ -29,7 +29,7 @@ from routerlab.outputs import check_writable, lock_output_dir
 from routerlab.prefetch import BatchPrefetch
 from routerlab.moe.stats import RoutingStats, fluctuation, routing_metrics, specialization, stats_on_host
 from routerlab.routers.base import Router
-from routerlab.step_graph import StepGraph, why_not
+from routerlab.step_graph import StepGraph, unsafe_router, why_not
 from routerlab.tasks import Batch, Task, build_task
 
 EVAL_SEED = 1234  # the evaluation batches are the same for every run of a task
@@ -153,6 +153,11 @@ class Trainer:
         # train.cuda_graph: forward + backward replayed from a CUDA graph where safe (routerlab/step_graph.py)
         self.cuda_graph_off = why_not(self)
         self.step_graph = StepGraph(self) if self.cuda_graph_off is None else None
+        # where the step is not graphed for another reason than its routers (micro-batches, processes, device), each MoE
+        # layer's core is (routerlab/moe/core_graph.py); a router that is not graph-safe may change its shapes every step
+        core = t.cuda_graph and self.step_graph is None and unsafe_router(self) is None
+        for layer in self.layers:
+            layer.graph_core = core
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.data_rng = torch.Generator().manual_seed(config.seed + 1)
         self.prefetch = BatchPrefetch(self.device, self.dtype)  # the next step's batch, drawn before this step's host read

@@ -3,7 +3,8 @@
   cpu  (default)  fp32, d=256 h=1024 E=8 k=2 T=4096: every backend's tokens/s against a dense SwiGLU FFN
                   with the same active FLOPs (hidden k*h), ratio = layer time / dense time
   gpu             bf16 on CUDA, the three shapes of issue 10: our MoELayer (softmax_topk routing,
-                  permutation and combine included), the ideal balanced bmm, the per-expert loop and the
+                  permutation and combine included; as it runs by default, its core replayed from CUDA graphs,
+                  and with graph_core off), the ideal balanced bmm, the per-expert loop and the
                   transformers MoE block (when importable), TFLOP/s on active expert FLOPs
                   (6*d*h per token-slot, x3 for fwd+bwd), activation memory, per-stage breakdown,
                   and a correctness check of the fast path against `loop` on fresh random inputs
@@ -369,7 +370,9 @@ def run_gpu(shapes=GPU_SHAPES, iters=10, with_transformers=True, with_loop=True,
         record("ideal balanced bmm", ideal, gx, torch.randn(E, T * k // E, d, device=device, dtype=dtype))
         del ideal, gx
         layer = make_layer(d, h, E, k, "auto", device, dtype)
-        record("routerlab MoELayer (auto)", layer, xs, grad)
+        record("routerlab MoELayer (auto)", layer, xs, grad)  # its core replayed from CUDA graphs (moe/core_graph.py)
+        layer.graph_core = False
+        record("routerlab MoELayer (auto, graph_core off)", layer, xs, grad)
         if stages:
             report["stages"][str(shape)] = stage_breakdown(layer, xs[0], grad, iters)
             log(f"{shape} stages ms: {json.dumps({n: round(v, 3) for n, v in report['stages'][str(shape)].items()})}")
@@ -392,7 +395,7 @@ def run_gpu(shapes=GPU_SHAPES, iters=10, with_transformers=True, with_loop=True,
                 log(f"{shape} torch.compile: {type(err).__name__}: {err}"[:300])
         if graph:
             try:  # launch gaps: the same layer, forward and backward each replayed as one CUDA graph
-                graphed = copy.deepcopy(layer)
+                graphed = copy.deepcopy(layer)  # graph_core off: the whole layer is captured
                 graphed = torch.cuda.make_graphed_callables(graphed, (xs[0],))
                 record("routerlab MoELayer (CUDA graph)", graphed, xs, grad)
                 del graphed

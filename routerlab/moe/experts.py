@@ -104,13 +104,18 @@ class ExpertBank(nn.Module):
             # the float32 master weights stay the parameters, their bf16 copies carry the gradient back to them
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):
-                return expert_backend(backend)(_CastBank(self, dtype), x.to(dtype), counts)
+                return expert_backend(backend)(BankOn(self, self.w_in.to(dtype), self.w_out.to(dtype)), x.to(dtype), counts)
         return expert_backend(backend)(self, x, counts)
 
 
-class _CastBank:
-    """What a backend reads of an ExpertBank, with the weights cast to the compute dtype (differentiably)."""
+class BankOn:
+    """What a backend reads of an ExpertBank, on other tensors standing for its weights: their compute-dtype casts
+    (mixed precision, differentiably), or leaves sharing their memory (core_graph's capture, which must not touch the
+    parameters' own autograd nodes). Called like the bank."""
 
-    def __init__(self, bank: ExpertBank, dtype: torch.dtype) -> None:
-        self.w_in, self.w_out = bank.w_in.to(dtype), bank.w_out.to(dtype)
+    def __init__(self, bank: ExpertBank, w_in: Tensor, w_out: Tensor) -> None:
+        self.w_in, self.w_out = w_in, w_out
         self.act, self.activation, self.d_model, self.num_experts, self.hidden = bank.act, bank.activation, bank.d_model, bank.num_experts, bank.hidden
+
+    def __call__(self, x: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
+        return ExpertBank.forward(self, x, counts, backend)

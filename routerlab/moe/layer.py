@@ -11,6 +11,8 @@ model is sharded, as torchtitan swaps its token dispatchers):
   local        LocalDispatch, here: every expert in this process (the default)
   all_to_all   parallel.AllToAllDispatch: variable splits, any token counts
   all_gather   parallel.AllGatherDispatch: all_gather + reduce_scatter, static splits, no host sync
+On CUDA the local dispatcher replays its computation from CUDA graphs once it has seen an input signature twice
+(graph_core, moe/core_graph.py); the router before it stays eager.
 The stages of the local computation are separate functions so that the distributed dispatchers put their
 exchanges between them:
   plan = plan_dispatch(experts, E, capacity)   which slot goes where (no data moved, no host sync)
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from routerlab.kernel_choice import triton_device, uses_triton
+from routerlab.moe import core_graph
 from routerlab.moe.experts import ExpertBank
 from routerlab.moe.stats import RoutingStats, stats_from_routing
 from routerlab.registry import Registry
@@ -248,15 +251,23 @@ class LocalDispatch:
         if layer.experts.sharded:
             raise ValueError("this layer's ExpertBank holds a block of the experts; shard the model (routerlab.moe.parallel.shard_experts) to dispatch across ranks")
         capacity = capacity_for(x.shape[0], routing.experts.shape[1], layer.num_experts, layer.active_capacity_factor, layer.min_capacity)
-        priority = routing.weights if layer.drop_policy == "probability" else None
-        out, plan = moe_compute(x, routing.experts, routing.weights, layer.experts, capacity, layer.backend, priority)
-        return out, plan.kept.view(plan.k, plan.num_tokens).t()
+        if core_graph.applies(layer, x, routing.weights):
+            return core_graph.compute(layer, x, routing.experts, routing.weights, capacity)
+        return local_compute(layer, x, routing.experts, routing.weights, capacity)
+
+
+def local_compute(layer: MoELayer, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | None, bank=None) -> tuple[Tensor, Tensor]:
+    """(out [T, d], kept [T, k]) of every expert of `layer` in this process, eagerly (moe_compute); bank: what stands
+    for layer.experts (experts.BankOn), if not the bank itself."""
+    priority = weights if layer.drop_policy == "probability" else None
+    out, plan = moe_compute(x, experts, weights, layer.experts if bank is None else bank, capacity, layer.backend, priority)
+    return out, plan.kept.view(plan.k, plan.num_tokens).t()
 
 
 class MoELayer(nn.Module):
     def __init__(self, router: Router, experts: ExpertBank, capacity_factor: float | None = None, backend: str = "auto", dispatcher=None,
                  shared: nn.Module | None = None, eval_capacity_factor: float | str | None = "train", min_capacity: int = 1,
-                 drop_policy: str = "position") -> None:
+                 drop_policy: str = "position", graph_core: bool = True) -> None:
         super().__init__()
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
@@ -280,6 +291,10 @@ class MoELayer(nn.Module):
         self.stats_fn = stats_from_routing  # routerlab/compile.py swaps in a compiled one
         self.sequence_length: int | None = None  # tokens per sequence of the last forward (None: not a sequence model)
         self.aux_losses: dict[str, Tensor] = {}
+        # eager CUDA training: dispatch, experts and combine replayed from CUDA graphs (moe/core_graph.py); the trainer
+        # turns it off where it graphs the whole step
+        self.graph_core = graph_core
+        self.core_graphs = core_graph.CoreGraphs()
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         tokens, token_ids = flatten_tokens(x, token_ids)

@@ -1,0 +1,71 @@
+"""Issue 19 v11: what graphing each MoE layer's core (routerlab/moe/core_graph.py) does to training steps that the trainer
+cannot graph whole, on one GPU in one run.
+
+The E=64, k=6 preset (configs/gpu/stdlib-110m-e64k6.yaml, bf16-pure, statistics logged every 50 steps) with each
+router below, `train.cuda_graph=false` (every kernel launched eagerly) against `true` (the step not graphed, so each
+layer's core is), alternating, and the same seed: steady tokens/s (routerlab.bench.trainer.steady_tokens_per_s) and
+the training losses, which must agree.
+  softmax_topk, micro_batches 2   the presets' router; two micro-batches rule out the step's graph
+  relu, expert_choice, dselect_k  routers that read the host each step (never graph-safe)
+
+    python3 benchmarks/core_graph_trainer.py [--steps 20] [--warmup 5] [--routers ...] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+
+import torch
+
+from routerlab.bench.trainer import PRESETS, steady_tokens_per_s
+from routerlab.config import load_config
+from routerlab.train import Trainer
+
+CASES = {"softmax_topk": ["train.micro_batches=2"], "relu": ["router.name=relu"], "expert_choice": ["router.name=expert_choice", "router.allow_noncausal=true"],
+         "dselect_k": ["router.name=dselect_k"]}
+
+
+def run(case: str, cuda_graph: bool, steps: int, warmup: int) -> dict:
+    overrides = ["train.precision=bf16-pure", "train.compile=off", "train.log_every=50", f"train.cuda_graph={str(cuda_graph).lower()}",
+                 "train.eval_every=1000000", "train.eval_batches=1", "train.steps=1000000", f"run.dir={tempfile.mkdtemp()}",
+                 "run.checkpoint=false", *CASES[case]]
+    trainer = Trainer(load_config(PRESETS["moe"], overrides), log=False)
+    tokens_per_s, ms, _, split = steady_tokens_per_s(trainer, warmup, steps)
+    row = {"case": case, "cuda_graph": cuda_graph, "step graph": trainer.step_graph is not None,
+           "core graphs": sum(1 for layer in trainer.layers for c in layer.core_graphs.captured.values() if c is not None),
+           "tokens/s": tokens_per_s, "ms/step": ms, "median ms": split["median step ms"], "losses": trainer.losses[:8],
+           "peak GiB": torch.cuda.max_memory_allocated() / 2**30}
+    trainer.close()
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--routers", default=",".join(CASES))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    print("| router | train.cuda_graph | step graphed | core graphs | tokens/s | ms/step | median ms | peak GiB | losses 1-3 |\n|---|---|---|--:|--:|--:|--:|--:|---|")
+    for case in args.routers.split(","):
+        for cuda_graph in (False, True):
+            row = run(case, cuda_graph, args.steps, args.warmup)
+            rows.append(row)
+            print(f"| {case} | {cuda_graph} | {row['step graph']} | {row['core graphs']} | {row['tokens/s']:,.0f} | {row['ms/step']:.1f} | "
+                  f"{row['median ms']:.1f} | {row['peak GiB']:.1f} | {', '.join(f'{v:.5f}' for v in row['losses'][:3])} |", flush=True)
+        off, on = rows[-2], rows[-1]
+        print(f"  {case}: core graphs / eager tokens/s {on['tokens/s'] / off['tokens/s']:.3f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
