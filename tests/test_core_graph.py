@@ -134,3 +134,23 @@ def test_training_with_graphed_cores_is_training_without(tmp_path):
     assert losses[True][0] == losses[False][0], "the first step's loss, before any update"
     # later steps: eager runs of one config differ by a few ulps anyway (atomics in the embedding's backward)
     assert losses[True] == pytest.approx(losses[False], rel=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_capture_computes_on_aliases_of_the_weights_what_the_layer_computes(dtype):
+    """The capture runs the layer's computation on leaves sharing the expert weights' memory (experts.BankOn), so that
+    it never touches the parameters' own autograd nodes: the same output and the same gradients (here on the CPU)."""
+    from routerlab.moe.experts import BankOn
+    from routerlab.moe.layer import local_compute
+
+    torch.manual_seed(0)
+    layer = MoELayer(SoftmaxTopK(16, 4, SoftmaxTopKParams(k=2)), ExpertBank(4, 16, 8)).to(dtype)
+    x = torch.randn(32, 16, dtype=dtype, requires_grad=True)
+    routing = layer.route(x)
+    aliases = [p.detach().requires_grad_(True) for p in (layer.experts.w_in, layer.experts.w_out)]
+    results = []
+    for bank, weights in ((None, [layer.experts.w_in, layer.experts.w_out]), (BankOn(layer.experts, *aliases), aliases)):
+        out, kept = local_compute(layer, x, routing.experts, routing.weights, None, bank)
+        results.append([out, kept, *torch.autograd.grad(out.float().square().sum(), [x, routing.weights, *weights], retain_graph=True)])
+    assert aliases[0].data_ptr() == layer.experts.w_in.data_ptr(), "an alias, not a copy"
+    assert_same(results[1], results[0], "on aliases")
