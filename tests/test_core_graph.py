@@ -32,7 +32,7 @@ def step(layer, x, g):
     out = layer(x)
     loss = (out.float() * g).sum() + sum(v.float() for v in layer.aux_losses.values())
     loss.backward()
-    kept = layer._pending[3].clone()
+    kept = layer.recorded()[0][3].clone()  # the kept mask the layer records
     return [out.detach().clone(), kept, x.grad] + [p.grad.clone() for p in layer.parameters()]
 
 
