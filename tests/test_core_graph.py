@@ -58,6 +58,7 @@ def test_a_graphed_output_is_the_callers_own():
     graphed, _, T, d = layers()
     xs = [torch.randn(T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     outs = [graphed(x) for x in xs]  # the second and third replay into the same graph tensors
+    assert any(c is not None for c in graphed.core_graphs.captured.values()), "the second call captured"
     for out in outs:
         out.sum().backward()  # each backward is the graph's or a recomputation
     again = [graphed(x).detach() for x in xs]

@@ -104,7 +104,7 @@ def compute(layer, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | 
     captured = graphs.captured[key]
     if captured is None:
         return _eager(layer, x, experts, weights, capacity)
-    return _Replay.apply(captured, (layer, capacity), x, experts, weights, *_params(layer))
+    return _Replay.apply(captured, layer, capacity, x, experts, weights, *_params(layer))
 
 
 def _eager(layer, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | None, bank=None) -> tuple[Tensor, Tensor]:
@@ -152,12 +152,12 @@ class _Replay(torch.autograd.Function):
     """The captured forward and backward as one autograd node; copies in and out of the graphs' tensors."""
 
     @staticmethod
-    def forward(ctx, captured: _Captured, layer_capacity: tuple, x: Tensor, experts: Tensor, weights: Tensor, *params: Tensor):
+    def forward(ctx, captured: _Captured, layer, capacity: int | None, x: Tensor, experts: Tensor, weights: Tensor, *params: Tensor):
         for static, given in zip(captured.inputs, (x, experts, weights)):
             static.copy_(given)
         captured.fwd.replay()
         captured.generation += 1
-        ctx.captured, ctx.generation, ctx.layer_capacity = captured, captured.generation, layer_capacity
+        ctx.captured, ctx.generation, ctx.layer, ctx.capacity = captured, captured.generation, layer, capacity
         ctx.save_for_backward(x, experts, weights, *params)  # their version counters, and the recomputation's inputs
         kept = captured.kept.clone()
         ctx.mark_non_differentiable(kept)
@@ -169,15 +169,14 @@ class _Replay(torch.autograd.Function):
         captured = ctx.captured
         x, experts, weights, *params = ctx.saved_tensors
         if ctx.generation != captured.generation:  # a later forward replaced this one's activations
-            return (None, None, *_recompute(ctx, grad_out, x, experts, weights, params))
+            return (None, None, None, *_recompute(ctx.layer, ctx.capacity, grad_out, x, experts, weights, params))
         captured.grad_out.copy_(grad_out)
         captured.bwd.replay()
         grad_x, grad_w, *grad_params = (_copy(g) for g in captured.grads)
-        return (None, None, grad_x, None, grad_w, *grad_params)
+        return (None, None, None, grad_x, None, grad_w, *grad_params)
 
 
-def _recompute(ctx, grad_out: Tensor, x: Tensor, experts: Tensor, weights: Tensor, params: list[Tensor]) -> tuple:
-    layer, capacity = ctx.layer_capacity
+def _recompute(layer, capacity: int | None, grad_out: Tensor, x: Tensor, experts: Tensor, weights: Tensor, params: list[Tensor]) -> tuple:
     with torch.enable_grad():
         x_, w_ = x.detach().requires_grad_(x.requires_grad), weights.detach().requires_grad_(weights.requires_grad)
         out, _ = _eager(layer, x_, experts, w_, capacity)
