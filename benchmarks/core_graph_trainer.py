@@ -1,4 +1,4 @@
-"""Issue 19 v11: what graphing each MoE layer's core (routerlab/moe/core_graph.py) does to training steps that the trainer
+"""Issue 19 v11, v12: what graphing each MoE layer's core (routerlab/moe/core_graph.py) does to training steps that the trainer
 cannot graph whole, on one GPU in one run.
 
 The E=64, k=6 preset (configs/gpu/stdlib-110m-e64k6.yaml, bf16-pure, statistics logged every 50 steps) with each
@@ -8,7 +8,7 @@ the training losses, which must agree.
   softmax_topk, micro_batches 2   the presets' router; two micro-batches rule out the step's graph
   relu, expert_choice, dselect_k  routers that read the host each step (never graph-safe)
 
-    python3 benchmarks/core_graph_trainer.py [--steps 20] [--warmup 5] [--routers ...] [--json FILE]
+    python3 benchmarks/core_graph_trainer.py [--steps 20] [--warmup 5] [--rounds 1] [--routers ...] [--json FILE]
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import tempfile
 
 import torch
 
+from routerlab.ablate.report import summarize
 from routerlab.bench.trainer import PRESETS, steady_tokens_per_s
 from routerlab.config import load_config
 from routerlab.train import Trainer
@@ -49,19 +50,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="pairs per router, alternating eager, graphed")
     ap.add_argument("--routers", default=",".join(CASES))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
     print("| router | train.cuda_graph | step graphed | core graphs | tokens/s | ms/step | median ms | peak GiB | losses 1-3 |\n|---|---|---|--:|--:|--:|--:|--:|---|")
     for case in args.routers.split(","):
-        for cuda_graph in (False, True):
-            row = run(case, cuda_graph, args.steps, args.warmup)
-            rows.append(row)
-            print(f"| {case} | {cuda_graph} | {row['step graph']} | {row['core graphs']} | {row['tokens/s']:,.0f} | {row['ms/step']:.1f} | "
-                  f"{row['median ms']:.1f} | {row['peak GiB']:.1f} | {', '.join(f'{v:.5f}' for v in row['losses'][:3])} |", flush=True)
-        off, on = rows[-2], rows[-1]
-        print(f"  {case}: core graphs / eager tokens/s {on['tokens/s'] / off['tokens/s']:.3f}", flush=True)
+        ratios = []
+        for _ in range(args.rounds):
+            for cuda_graph in (False, True):
+                row = run(case, cuda_graph, args.steps, args.warmup)
+                rows.append(row)
+                print(f"| {case} | {cuda_graph} | {row['step graph']} | {row['core graphs']} | {row['tokens/s']:,.0f} | {row['ms/step']:.1f} | "
+                      f"{row['median ms']:.1f} | {row['peak GiB']:.1f} | {', '.join(f'{v:.5f}' for v in row['losses'][:3])} |", flush=True)
+            ratios.append(rows[-1]["tokens/s"] / rows[-2]["tokens/s"])
+        s = summarize(ratios)
+        print(f"  {case}: core graphs / eager tokens/s, pair by pair {', '.join(f'{r:.3f}' for r in ratios)}; mean {s.mean:.3f}"
+              f" (95% t-interval {s.low:.3f} to {s.high:.3f})", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

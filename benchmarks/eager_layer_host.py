@@ -1,14 +1,14 @@
 """Issue 19 target 1: where the eager MoE layer's time goes at issue 19's shapes, on one GPU in one run.
 
 For each shape (`routerlab bench gpu`'s layer: softmax_topk, backend auto, bf16, forward + backward through
-autograd.grad, two alternating inputs; as it runs by default, its core replayed from CUDA graphs, and with
-graph_core off) and for the ideal balanced bmm beside it:
+autograd.grad, two alternating inputs; as it runs by default, router and core replayed from CUDA graphs, with the
+router eager (only the core graphed), and with graph_core off) and for the ideal balanced bmm beside it:
   eager ms    CUDA events around one call, synchronized after each (`routerlab bench gpu`'s timing)
   host ms     the host's time to issue one call (from a synchronized start to the call's return, no sync)
   graph ms    one call captured as a CUDA graph and replayed (the GPU's time, launch gaps inside included)
-  kernel ms   the sum of the call's kernel times, and its launches (torch.profiler)
+  kernel ms   the sum of the call's kernel times, its launches and its 8 largest kernels (torch.profiler)
 Where host ms exceeds graph ms the eager call is host-bound. --profile adds cProfile's 30 most expensive functions
-(own time) over `iters` eager calls of the layer at each shape.
+(own time) over `iters` calls of the layer as it runs by default at each shape.
 
     python3 benchmarks/eager_layer_host.py [--shapes issue19] [--iters 20] [--profile]
 """
@@ -41,9 +41,10 @@ def host_ms(fn, iters: int) -> float:
 
 def measure(name: str, fn, iters: int, flops: float) -> dict:
     row = {"eager ms": time_cuda(fn, iters), "host ms": host_ms(fn, iters), "graph ms": graph_ms(fn)}
-    row["kernel ms"], _, row["launches"] = kernel_ms(fn, iters)
+    row["kernel ms"], row["largest kernels ms"], row["launches"] = kernel_ms(fn, iters)
     row["TFLOP/s eager"] = flops / row["eager ms"] / 1e9
     print(f"| {name} | {row['eager ms']:.3f} | {row['host ms']:.3f} | {row['graph ms']:.3f} | {row['kernel ms']:.3f} | {row['launches']:.0f} |", flush=True)
+    print(f"  largest kernels ms: {json.dumps({k: round(v, 3) for k, v in row['largest kernels ms'].items()})}", flush=True)
     return row
 
 
@@ -75,12 +76,16 @@ def main() -> None:
             state["i"] += 1
             return fwd_bwd(layer, xs[state["i"] % 2], grad)
 
-        for name, graph_core in (("layer", True), ("layer, graph_core off", False)):
-            layer.graph_core = graph_core
-            rows[name] = row = measure(f"{shape} MoELayer{'' if graph_core else ', graph_core off'}", step, args.iters, flops)
+        for name in ("layer", "layer, router eager", "layer, graph_core off"):
+            if name == "layer, router eager":  # as a router that does not say its forward is pure: only the core graphed
+                layer.router.forward_is_pure = lambda: False
+            layer.graph_core = name != "layer, graph_core off"
+            rows[name] = row = measure(f"{shape} MoELayer{name[5:]}", step, args.iters, flops)
             row["x ideal eager"], row["x ideal graph"] = rows["ideal"]["eager ms"] / row["eager ms"], rows["ideal"]["eager ms"] / row["graph ms"]
             print(f"  x ideal: eager {row['x ideal eager']:.3f}, whole call graphed {row['x ideal graph']:.3f}", flush=True)
-        if args.profile:
+        if args.profile:  # the layer as it runs by default
+            del layer.router.forward_is_pure
+            layer.graph_core = True
             torch.cuda.synchronize()
             prof = cProfile.Profile()
             prof.enable()

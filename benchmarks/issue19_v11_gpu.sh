@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 19, v11 on one GPU: the CUDA tests (the core graphs' among them); where the eager layer's time goes, its core
-# graphed and not (benchmarks/eager_layer_host.py); `routerlab bench gpu --shapes issue19`; the trainer with the step
+# Issue 19, v11 and v12 on one GPU: the CUDA tests (the core graphs' among them); where the eager layer's time goes,
+# router and core graphed, the core only, and nothing (benchmarks/eager_layer_host.py); `routerlab bench gpu --shapes issue19`; the trainer with the step
 # not graphed, every kernel eager against each layer's core graphed (benchmarks/core_graph_trainer.py); and, when OLD
 # names another tree, the graphed trainer pairs new/old (issue19_gpu_common.sh).
-#   OUT=dir [OLD=.gpu/old] [PARTS="tests layer bench eager trainer"] [ROUTERS=...] [STEPS=40] bash benchmarks/issue19_v11_gpu.sh
-# (docs/benchmarks.md, issue 19 v11)
+#   OUT=dir [OLD=.gpu/old] [PARTS="tests layer bench eager trainer"] [ROUTERS=...] [PAIRS=1] [STEPS=40] bash benchmarks/issue19_v11_gpu.sh
+# (docs/benchmarks.md, issue 19 v11, v12)
 set -u
 PARTS=${PARTS:-tests layer bench eager}
 . "$PWD/benchmarks/issue19_gpu_common.sh"
@@ -21,7 +21,8 @@ if part bench; then
   grep -E "correctness|MoELayer|ideal|grouped_mm" "$OUT/bench.txt" | grep -v "^(" ; grep -iE "Traceback" -A3 "$OUT/bench.txt" | head -8
 fi
 if part eager; then
-  timeout 400 python3 benchmarks/core_graph_trainer.py --routers "${ROUTERS:-softmax_topk,relu,expert_choice,dselect_k}" --json "$OUT/core-graph-trainer.json" \
+  timeout 400 python3 benchmarks/core_graph_trainer.py --routers "${ROUTERS:-softmax_topk,relu,expert_choice,dselect_k}" --rounds "${PAIRS:-1}" \
+    --json "$OUT/core-graph-trainer.json" \
     > "$OUT/core-graph-trainer.txt" 2>&1
   grep -E "^\||core graphs /" "$OUT/core-graph-trainer.txt"; grep -iE "Traceback|Error" -A3 "$OUT/core-graph-trainer.txt" | head -8
 fi

@@ -1,10 +1,13 @@
-"""MoELayer.graph_core (routerlab/moe/core_graph.py): an eager layer's dispatch, experts and combine replayed from CUDA
-graphs give the eager layer's numbers exactly, never hand a graph's tensor to the caller, and recompute a backward whose
-forward a later forward overwrote. The captures need a GPU (run on the H200: docs/benchmarks.md, issue 19 v11); the
-trainer's choice of where the core is graphed is checked on the CPU too."""
+"""MoELayer.graph_core (routerlab/moe/core_graph.py): an eager layer's router, dispatch, experts and combine replayed from
+CUDA graphs give the eager layer's numbers, never hand a graph's tensor to the caller, and replay a forward again for a
+backward whose forward a later forward overwrote. The captures need a GPU (run on the H200: docs/benchmarks.md, issue
+19 v11 and v12); on the CPU a stand-in capture, whose replays run the region again, checks everything around the capture
+(which tensors go in and out, gradients, the routing rebuilt, second replays), and the trainer's choice of where the
+core is graphed."""
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -13,44 +16,61 @@ from routerlab.moe import ExpertBank, MoELayer
 from routerlab.moe import core_graph
 from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the H200: docs/benchmarks.md, issue 19 v11)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the H200: docs/benchmarks.md, issue 19 v11, v12)")
+REGIONS = ["router + core", "core"]
 
 
-def layers(T=512, d=64, h=96, E=8, k=2, capacity_factor=None, drop_policy="position", dtype=torch.bfloat16):
+def make_layer(d, E, k, h, capacity_factor=None, drop_policy="position", region="router + core", router=None) -> MoELayer:
     torch.manual_seed(0)
-    router = SoftmaxTopK(d, E, SoftmaxTopKParams(k=k, z_loss=1e-3))
-    graphed = MoELayer(router, ExpertBank(E, d, h), capacity_factor, drop_policy=drop_policy).to("cuda", dtype)
+    router = router or SoftmaxTopK(d, E, SoftmaxTopKParams(k=k, z_loss=1e-3, balance_batch=1e-2))
+    if region == "core":  # a router that does not say its forward is pure decides eagerly
+        router.forward_is_pure = lambda: False
+    return MoELayer(router, ExpertBank(E, d, h), capacity_factor, drop_policy=drop_policy)
+
+
+def layers(T=512, d=64, h=96, E=8, k=2, capacity_factor=None, drop_policy="position", dtype=torch.bfloat16, region="router + core"):
+    graphed = make_layer(d, E, k, h, capacity_factor, drop_policy, region).to("cuda", dtype)
     eager = copy.deepcopy(graphed)
     eager.graph_core = False
     assert graphed.graph_core and not graphed.core_graphs.captured, "a deep copy starts without graphs"
     return graphed, eager, T, d
 
 
-def step(layer, x, g):
-    """One forward + backward into .grad (the trainer's form); (out, kept, x.grad, every parameter's grad)."""
+def regions(layer) -> list[str]:
+    """The region of each signature the layer captured."""
+    return [key[0] for key, c in layer.core_graphs.captured.items() if c is not None]
+
+
+def step(layer, x, g, token_ids=None):
+    """One forward + backward into .grad (the trainer's form); the output, the routing the layer records, the aux losses,
+    x's and every parameter's gradient."""
     x = x.detach().clone().requires_grad_(True)
-    out = layer(x)
-    loss = (out.float() * g).sum() + sum(v.float() for v in layer.aux_losses.values())
+    out = layer(x, token_ids)
+    aux = [layer.aux_losses[name].float() for name in sorted(layer.aux_losses)]  # by name
+    loss = (out.float() * g).sum() + sum(aux)
     loss.backward()
-    kept = layer.recorded()[0][3].clone()  # the kept mask the layer records
-    return [out.detach().clone(), kept, x.grad] + [p.grad.clone() for p in layer.parameters()]
+    experts, weights, logits, kept = (None if t is None else t.clone() for t in layer.recorded()[0])  # the routing the layer records
+    return [out.detach().clone(), kept, experts, weights, logits, *(v.detach() for v in aux), x.grad] + [p.grad.clone() for p in layer.parameters()]
 
 
 def assert_same(got, want, what):
+    assert len(got) == len(want), f"{what}: {len(got)} tensors against {len(want)}"
     for i, (a, b) in enumerate(zip(got, want)):
-        assert torch.equal(a, b), f"{what}: tensor {i} differs (max {(a.float() - b.float()).abs().max():.3g})"
+        assert (a is None and b is None) or torch.equal(a, b), f"{what}: tensor {i} differs (max {(a.float() - b.float()).abs().max():.3g})"
 
 
 @cuda
+@pytest.mark.parametrize("region", REGIONS)
 @pytest.mark.parametrize("capacity_factor, drop_policy", [(None, "position"), (1.0, "position"), (0.75, "probability")])
-def test_the_graphed_core_gives_the_eager_numbers(capacity_factor, drop_policy):
-    graphed, eager, T, d = layers(capacity_factor=capacity_factor, drop_policy=drop_policy)
+def test_the_graphed_core_gives_the_eager_numbers(capacity_factor, drop_policy, region):
+    """TF32 off (torch's default): the captured router takes the eager router's kernels, so every number is equal."""
+    graphed, eager, T, d = layers(capacity_factor=capacity_factor, drop_policy=drop_policy, region=region)
     for i in range(4):  # call 1 eager, call 2 captures and replays, calls 3-4 replay
         x, g = torch.randn(T, d, device="cuda", dtype=torch.bfloat16), torch.randn(T, d, device="cuda")
         for layer in (graphed, eager):
             layer.zero_grad(set_to_none=True)
         assert_same(step(graphed, x, g), step(eager, x, g), f"call {i + 1}")
-    assert [c is not None for c in graphed.core_graphs.captured.values()] == [True], "the signature was captured"
+    assert regions(graphed) == [region], "the signature was captured"
 
 
 @cuda
@@ -66,25 +86,56 @@ def test_a_graphed_output_is_the_callers_own():
         assert torch.equal(out.detach(), want), f"output {i} changed after later forwards"
 
 
+def micro_batches(layer, inputs, grads, reverse: bool, token_ids=None) -> list:
+    """Two micro-batches forward, then both backward (in reverse: the first one's graphed forward is overwritten by
+    then); x's and every parameter's gradient."""
+    layer.zero_grad(set_to_none=True)
+    xs = [x.clone().requires_grad_(True) for x in inputs]
+    outs = [layer(x, token_ids) for x in xs]
+    pairs = list(zip(outs, grads))
+    for out, g in reversed(pairs) if reverse else pairs:
+        (out.float() * g).sum().backward()
+    return [x.grad for x in xs] + [p.grad.clone() for p in layer.parameters()]
+
+
 @cuda
-def test_a_backward_after_a_later_forward_recomputes():
-    graphed, eager, T, d = layers()
+@pytest.mark.parametrize("region", REGIONS)
+def test_a_backward_after_a_later_forward_replays_its_forward_again(region):
+    graphed, eager, T, d = layers(region=region)
     x0 = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     step(graphed, x0, torch.ones(T, d, device="cuda"))
     step(graphed, x0, torch.ones(T, d, device="cuda"))  # captured now
     inputs = [torch.randn(T, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     grads = [torch.randn(T, d, device="cuda") for _ in range(2)]
-    results = []
-    for layer in (graphed, eager):  # two micro-batches forward, then backward in reverse: the first one's forward is gone
-        layer.zero_grad(set_to_none=True)
-        xs = [x.clone().requires_grad_(True) for x in inputs]
-        outs = [layer(x) for x in xs]
-        for out, g in reversed(list(zip(outs, grads))):
-            (out.float() * g).sum().backward()
-        results.append([x.grad for x in xs] + [p.grad.clone() for p in layer.experts.parameters()])
+    got, want = micro_batches(graphed, inputs, grads, reverse=True), micro_batches(eager, inputs, grads, reverse=True)
     captured = next(iter(graphed.core_graphs.captured.values()))
-    assert captured is not None and captured.generation >= 3
-    assert_same(*results, "micro-batches backward in reverse")
+    assert captured is not None and captured.generation == 4, "the capture's call, 2 forwards, 1 again for the first backward"
+    assert_same(got, want, "micro-batches backward in reverse")
+
+
+@cuda
+def test_with_tf32_the_captured_router_agrees_with_the_eager_one_to_rounding():
+    """TF32 on (the trainer's default): the captured router's gate is routers/triton_gate.py's kernel, the eager one's
+    the cast path, so graphed and eager agree to rounding; a graphed layer still agrees with itself bit for bit, a
+    backward that replays its forward again included."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        graphed, eager, T, d = layers()
+        for i in range(3):
+            x, g = torch.randn(T, d, device="cuda", dtype=torch.bfloat16), torch.randn(T, d, device="cuda")
+            for layer in (graphed, eager):
+                layer.zero_grad(set_to_none=True)
+            got, want = step(graphed, x, g), step(eager, x, g)
+            assert (got[2] == want[2]).float().mean() > 0.98, f"call {i + 1}: the chosen experts"
+            assert torch.allclose(got[0].float(), want[0].float(), atol=0.05, rtol=0.05), f"call {i + 1}: the output"
+        assert regions(graphed) == ["router + core"]
+        inputs = [torch.randn(T, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        grads = [torch.randn(T, d, device="cuda") for _ in range(2)]
+        assert_same(micro_batches(graphed, inputs, grads, reverse=True), micro_batches(graphed, inputs, grads, reverse=False),
+                    "graphed, backward in reverse against in order")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @cuda
@@ -137,21 +188,83 @@ def test_training_with_graphed_cores_is_training_without(tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=5e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_capture_computes_on_aliases_of_the_weights_what_the_layer_computes(dtype):
-    """The capture runs the layer's computation on leaves sharing the expert weights' memory (experts.BankOn), so that
-    it never touches the parameters' own autograd nodes: the same output and the same gradients (here on the CPU)."""
-    from routerlab.moe.experts import BankOn
-    from routerlab.moe.layer import local_compute
+def stand_in_capture(region, inputs, params):
+    """core_graph._capture's contract on the CPU: the same aliases of the parameters and copies of the inputs, and
+    "graphs" whose replays run the region again on them, writing into the same output and gradient tensors."""
+    aliases = [p.detach().requires_grad_(p.requires_grad) for p in params]
+    assert all(a.data_ptr() == p.data_ptr() for a, p in zip(aliases, params)), "aliases, not copies"
+    statics = tuple(None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+    leaves = (*statics, *aliases)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    live = {}
 
-    torch.manual_seed(0)
-    layer = MoELayer(SoftmaxTopK(16, 4, SoftmaxTopKParams(k=2)), ExpertBank(4, 16, 8)).to(dtype)
-    x = torch.randn(32, 16, dtype=dtype, requires_grad=True)
-    routing = layer.route(x)
-    aliases = [p.detach().requires_grad_(True) for p in (layer.experts.w_in, layer.experts.w_out)]
-    results = []
-    for bank, weights in ((None, [layer.experts.w_in, layer.experts.w_out]), (BankOn(layer.experts, *aliases), aliases)):
-        out, kept = local_compute(layer, x, routing.experts, routing.weights, None, bank)
-        results.append([out, kept, *torch.autograd.grad(out.float().square().sum(), [x, routing.weights, *weights], retain_graph=True)])
-    assert aliases[0].data_ptr() == layer.experts.w_in.data_ptr(), "an alias, not a copy"
-    assert_same(results[1], results[0], "on aliases")
+    def forward():
+        with torch.enable_grad():  # a replay runs inside the autograd Function's forward, where grad mode is off
+            live["outs"], layout = region(aliases, *statics)
+        return layout
+
+    def gradients(grad_outputs):
+        outs = [o for o in live["outs"] if o.requires_grad]
+        found = iter(torch.autograd.grad(outs, wanted, [g for g in grad_outputs if g is not None], allow_unused=True))
+        return [next(found) if t is not None and t.requires_grad else None for t in leaves]
+
+    layout = forward()
+    outputs = tuple(o.detach().clone() for o in live["outs"])
+    grad_outputs = tuple(torch.ones_like(o) if o.requires_grad else None for o in live["outs"])
+    grads = tuple(None if g is None else torch.empty_like(g) for g in gradients(grad_outputs))  # None: unused, as the capture's
+
+    def replay_forward():
+        forward()
+        for static, o in zip(outputs, live["outs"]):
+            static.copy_(o.detach())
+
+    def replay_backward():
+        for static, g in zip(grads, gradients(grad_outputs)):
+            if static is not None:
+                static.copy_(g)
+
+    graph = types.SimpleNamespace
+    return core_graph._Captured(graph(replay=replay_forward), graph(replay=replay_backward), statics, outputs, grad_outputs, grads, layout)
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "hash"])
+@pytest.mark.parametrize("region", REGIONS)
+def test_around_the_capture_the_replays_give_the_eager_numbers(monkeypatch, region, router):
+    """On the CPU, with a stand-in capture: what goes into the graphs and comes out (outputs, the routing rebuilt, aux
+    losses), every gradient, and a backward whose forward was overwritten, equal the eager layer's bit for bit."""
+    from routerlab.routers.hash import Hash, HashParams
+
+    monkeypatch.setattr(core_graph, "_capture", stand_in_capture)
+    monkeypatch.setattr(core_graph, "applies", lambda layer, x, differentiable: layer.graph_core and torch.is_grad_enabled())
+    T, d, E = 64, 16, 4
+    make = {"softmax_topk": lambda: None, "hash": lambda: Hash(d, E, HashParams())}[router]
+    graphed = make_layer(d, E, 2, 8, 1.0, region=region, router=make())
+    eager = copy.deepcopy(graphed)
+    eager.graph_core = False
+    ids = torch.randint(0, 100, (T,)) if router == "hash" else None
+    for i in range(4):  # call 1 eager, call 2 captures and replays, calls 3-4 replay
+        x, g = torch.randn(T, d), torch.randn(T, d)
+        for layer in (graphed, eager):
+            layer.zero_grad(set_to_none=True)
+        assert_same(step(graphed, x, g, ids), step(eager, x, g, ids), f"call {i + 1}")
+    assert regions(graphed) == [region]
+    if router == "softmax_topk":
+        assert set(graphed.aux_losses) == {"z_loss", "balance_batch"}, "the aux losses come back under their names"
+    inputs, grads = [torch.randn(T, d) for _ in range(2)], [torch.randn(T, d) for _ in range(2)]
+    got, want = micro_batches(graphed, inputs, grads, True, ids), micro_batches(eager, inputs, grads, True, ids)
+    assert next(iter(graphed.core_graphs.captured.values())).generation == 6, "calls 2-4, 2 forwards, the first again"
+    assert_same(got, want, "micro-batches backward in reverse")
+
+
+def test_a_router_forward_is_pure_only_where_its_class_and_options_say_so():
+    from routerlab.routers.noisy_topk import NoisyTopK, NoisyTopKParams
+
+    router = SoftmaxTopK(8, 4, SoftmaxTopKParams())
+    assert router.forward_is_pure(), "softmax_topk declares it, and its own weight-finishing hook is part of it"
+    assert not NoisyTopK(8, 4, NoisyTopKParams()).forward_is_pure(), "noise: a second replay would draw other numbers"
+    jitter = SoftmaxTopK(8, 4, SoftmaxTopKParams(jitter=0.1))
+    assert not jitter.forward_is_pure() and jitter.eval().forward_is_pure(), "jitter draws in training only"
+    assert not SoftmaxTopK(8, 4, SoftmaxTopKParams(balance_batch=0.01, balance_layers="pool")).forward_is_pure(), "writes balance_part"
+    assert not type("Sub", (SoftmaxTopK,), {})(8, 4, SoftmaxTopKParams()).forward_is_pure(), "a subclass may add state"
+    router.register_forward_hook(lambda *args: None)
+    assert not router.forward_is_pure(), "a hook would run on the eager calls only"

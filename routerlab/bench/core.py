@@ -3,8 +3,8 @@
   cpu  (default)  fp32, d=256 h=1024 E=8 k=2 T=4096: every backend's tokens/s against a dense SwiGLU FFN
                   with the same active FLOPs (hidden k*h), ratio = layer time / dense time
   gpu             bf16 on CUDA, the three shapes of issue 10: our MoELayer (softmax_topk routing,
-                  permutation and combine included; as it runs by default, its core replayed from CUDA graphs,
-                  and with graph_core off), the ideal balanced bmm, the per-expert loop and the
+                  permutation and combine included; as it runs by default, router and core replayed from CUDA
+                  graphs, with the router eager, and with graph_core off), the ideal balanced bmm, the per-expert loop and the
                   transformers MoE block (when importable), TFLOP/s on active expert FLOPs
                   (6*d*h per token-slot, x3 for fwd+bwd), activation memory, per-stage breakdown,
                   and a correctness check of the fast path against `loop` on fresh random inputs
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from routerlab.moe import ExpertBank, MoELayer, combine, permute, plan_dispatch
+from routerlab.moe.core_graph import CoreGraphs
 from routerlab.moe.stats import compute_stats
 from routerlab.routers.softmax_topk import SoftmaxTopK, SoftmaxTopKParams
 
@@ -372,7 +373,11 @@ def run_gpu(shapes=GPU_SHAPES, iters=10, with_transformers=True, with_loop=True,
         record("ideal balanced bmm", ideal, gx, torch.randn(E, T * k // E, d, device=device, dtype=dtype))
         del ideal, gx
         layer = make_layer(d, h, E, k, "auto", device, dtype)
-        record("routerlab MoELayer (auto)", layer, xs, grad, graphed=True)  # its core replayed from CUDA graphs (moe/core_graph.py)
+        record("routerlab MoELayer (auto)", layer, xs, grad, graphed=True)  # router and core replayed from CUDA graphs (moe/core_graph.py)
+        layer.router.forward_is_pure = lambda: False  # as a router that does not say its forward is pure: decided eagerly
+        record("routerlab MoELayer (auto, router eager)", layer, xs, grad, graphed=True)
+        del layer.router.forward_is_pure
+        layer.core_graphs = CoreGraphs()  # the graphs' memory back
         layer.graph_core = False
         record("routerlab MoELayer (auto, graph_core off)", layer, xs, grad)
         if stages:

@@ -1,35 +1,42 @@
-"""`MoELayer.graph_core`: an eager layer's dispatch, experts and combine replayed from CUDA graphs.
+"""`MoELayer.graph_core`: an eager layer's router, dispatch, experts and combine replayed from CUDA graphs.
 
 Why: at issue 19's small shapes an eager layer is host-bound. On an H200's host, issuing one forward + backward of the
 layer took 2.3-3.1 ms for 31 kernels whose GPU time is 0.6-2.4 ms (benchmarks/eager_layer_host.py). The trainer graphs
 the whole step where it can (routerlab/step_graph.py); this serves a layer used outside the trainer and the steps the
 trainer cannot graph whole though every router is graph-safe (several micro-batches or processes, extra loss terms).
-The router decides eagerly; the core's ~20 kernels (plan, permute, grouped experts, combine and their backward) become
-one replay each way: they read only tensors whose shapes the input fixes.
 
+What is captured, per layer and input signature (shapes, dtypes, what needs a gradient, autocast, the parameters'
+addresses, training or not, capacity):
+  router + core   where the router's forward is pure (Router.forward_is_pure: it writes no state and draws no random
+                  numbers): x and the token ids in; the output, the kept mask, the routing and its aux losses out
+  core            otherwise: the router decides eagerly, and x, the chosen experts and their weights go in; the output
+                  and the kept mask come out. Its ~20 kernels read only tensors whose shapes the input fixes.
 When (`applies`): the layer's local dispatcher on CUDA, a backend that never reads the host (grouped), gradients wanted,
-and not already inside a capture (train.cuda_graph's step) or a torch.compile trace. Per input signature (shapes,
-dtypes, capacity, what needs a gradient, autocast, the expert weights' addresses):
+and not already inside a capture (train.cuda_graph's step) or a torch.compile trace.
   first call      eager, as without the switch (Triton compiles, grouped-GEMM set-up)
-  second call     one more eager forward + backward on the capture stream, then the forward and the backward of
-                  x, the routing weights and the expert weights captured (one memory pool), then replayed
-  later calls     inputs copied into the graph's tensors, the forward replayed; backward: the output gradient copied in,
-                  the backward replayed
-Nothing the graphs write leaves the layer: the output, the kept mask and every gradient are copies, so a later replay
-cannot change a tensor the caller holds (the cost: a copy of the expert weights' gradients, which a large layer
-feels). A backward whose forward was overwritten by a later forward of the same signature (two micro-batches forward
-before either backward) recomputes its forward eagerly and backpropagates that: the same numbers, slower. A layer keeps
+  second call     one more eager forward + backward on the capture stream, then the forward and the backward captured
+                  (one memory pool), then replayed
+  later calls     inputs copied into the graph's tensors, the forward replayed; backward: the gradient of each
+                  differentiable output copied in (zero where unused), the backward replayed
+Nothing the graphs write leaves the layer: outputs and gradients are copies, so a later replay cannot change a tensor
+the caller holds (the cost: a copy of the expert weights' gradients, which a large layer feels). A backward whose
+forward a later forward of the same signature overwrote (two micro-batches forward before either backward) replays its
+forward again on its saved inputs first: the same numbers, since the parameters cannot change in between (autograd's
+version counters check it) and the region draws nothing. The captured router may take other kernels than the eager one
+(routers/gated.py: uses_gate_kernel), so graphed and eager routing agree to rounding, not bit for bit. A layer keeps
 graphs for MAX_SIGNATURES signatures (each holds one forward's activations) and captures at most MAX_CAPTURES times
 (each capture synchronizes the device and collects garbage), so shapes that change every call stay eager.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from routerlab.moe.backends import choose_backend
+from routerlab.routers.base import Routing
 
 MAX_SIGNATURES = 2  # graphs kept per layer (training batches, plus one other shape); the oldest goes first
 MAX_CAPTURES = 4  # captures per layer: each costs a device synchronization and a garbage collection
@@ -39,12 +46,12 @@ MAX_CAPTURES = 4  # captures per layer: each costs a device synchronization and 
 class _Captured:
     fwd: torch.cuda.CUDAGraph
     bwd: torch.cuda.CUDAGraph
-    inputs: tuple[Tensor, Tensor, Tensor]   # x, experts, weights as the graphs read them
-    out: Tensor
-    kept: Tensor
-    grad_out: Tensor
-    grads: tuple[Tensor | None, ...]        # of x, weights, *params (None where not wanted)
-    generation: int = 0                      # forwards replayed: a backward checks its forward is still there
+    inputs: tuple[Tensor | None, ...]        # the graphs' copies of the inputs (None: an input not given)
+    outputs: tuple[Tensor, ...]              # what the forward writes
+    grad_outputs: tuple[Tensor | None, ...]  # the gradient of each output the backward reads (None: not differentiable)
+    grads: tuple[Tensor | None, ...]         # of each input, then each parameter (None where not wanted)
+    layout: object                            # what the region returns besides tensors (the aux losses' names)
+    generation: int = 0                       # forwards replayed: a backward checks its forward is still there
 
 
 class CoreGraphs:
@@ -65,122 +72,155 @@ class CoreGraphs:
         self.__init__()
 
 
-def applies(layer, x: Tensor, weights: Tensor) -> bool:
-    """Whether this forward takes the graphs (the dispatch itself decides nothing else)."""
+def applies(layer, x: Tensor, differentiable) -> bool:
+    """Whether this forward takes the graphs; differentiable: the region's parameters and float inputs besides x."""
     if torch.compiler.is_compiling() or not (layer.graph_core and x.is_cuda and torch.is_grad_enabled()):
         return False
     if torch.cuda.is_current_stream_capturing():
         return False
-    wanted = x.requires_grad or weights.requires_grad or any(p.requires_grad for p in _params(layer))
+    wanted = x.requires_grad or any(t.requires_grad for t in differentiable)
     return wanted and choose_backend(layer.backend, x) == "grouped"
 
 
-def _params(layer) -> tuple[Tensor, Tensor]:
+def expert_params(layer) -> tuple[Tensor, Tensor]:
     return layer.experts.w_in, layer.experts.w_out
 
 
-def _signature(layer, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | None) -> tuple:
-    params = tuple((p.data_ptr(), p.requires_grad) for p in _params(layer))
+def router_params(layer) -> list[Tensor]:
+    return [p for _, p in layer.router.named_parameters()]
+
+
+def _signature(layer, params, *inputs: Tensor | None) -> tuple:
+    described = tuple(None if t is None else (t.shape, t.dtype, t.requires_grad) for t in inputs)
     autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    return (x.shape, x.dtype, x.requires_grad, experts.shape, experts.dtype, weights.dtype, weights.requires_grad, capacity,
-            layer.backend, layer.drop_policy, autocast, params, x.device)
+    return (described, tuple((p.data_ptr(), p.requires_grad) for p in params), autocast, layer.backend, layer.drop_policy,
+            inputs[0].device)
 
 
 def compute(layer, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | None) -> tuple[Tensor, Tensor]:
-    """(out [T, d], kept [T, k]) of the layer's local computation, through the graphs once captured."""
+    """(out [T, d], kept [T, k]) of the layer's local computation of a routing made eagerly, through the graphs once
+    captured."""
+    params = expert_params(layer)
+    key = ("core", capacity, *_signature(layer, params, x, experts, weights))
+    (out, kept), _ = _run(layer, key, functools.partial(_core, layer, capacity), (x, experts, weights), params)
+    return out, kept
+
+
+def route_and_compute(layer, x: Tensor, token_ids: Tensor | None) -> tuple[Routing, Tensor, Tensor]:
+    """(routing, out [T, d], kept [T, k]) of a pure router and the layer's local computation, through the graphs once
+    captured. The routing's weights and logits come detached (the layer records them; the combine used them inside)."""
+    params = [*router_params(layer), *expert_params(layer)]
+    router = layer.router
+    state = (layer.training, router.training, router.sequence_length, layer.active_capacity_factor, layer.min_capacity,
+             tuple(b.data_ptr() for b in router.buffers()), torch.backends.cuda.matmul.allow_tf32)
+    key = ("router + core", state, *_signature(layer, params, x, token_ids))
+    tensors, (has_logits, aux_names) = _run(layer, key, functools.partial(_routed, layer), (x, token_ids), params)
+    out, kept, experts, weights, *rest = tensors
+    logits = rest.pop(0) if has_logits else None
+    return Routing(experts, weights, logits, dict(zip(aux_names, rest))), out, kept
+
+
+def _core(layer, capacity: int | None, params, x: Tensor, experts: Tensor, weights: Tensor):
+    from routerlab.moe.experts import BankOn
+    from routerlab.moe.layer import local_compute  # layer.py imports this module
+
+    return local_compute(layer, x, experts, weights, capacity, BankOn(layer.experts, *params)), None
+
+
+def _routed(layer, params, x: Tensor, token_ids: Tensor | None):
+    from routerlab.moe.experts import BankOn
+    from routerlab.moe.layer import capacity_for, local_compute
+
+    names = [name for name, _ in layer.router.named_parameters()]
+    *gate, w_in, w_out = params
+    routing = torch.func.functional_call(layer.router, dict(zip(names, gate)), (x,), {"token_ids": token_ids})
+    capacity = capacity_for(x.shape[0], routing.experts.shape[1], layer.num_experts, layer.active_capacity_factor, layer.min_capacity)
+    out, kept = local_compute(layer, x, routing.experts, routing.weights, capacity, BankOn(layer.experts, w_in, w_out))
+    logits = () if routing.logits is None else (routing.logits.detach(),)
+    tensors = (out, kept, routing.experts, routing.weights.detach(), *logits, *routing.aux.values())
+    return tensors, (routing.logits is not None, tuple(routing.aux))
+
+
+def _run(layer, key: tuple, region, inputs: tuple, params) -> tuple[tuple[Tensor, ...], object]:
+    """region(params, *inputs) -> (tensors, layout), eagerly or replayed from the signature's graphs."""
     graphs = layer.core_graphs
-    key = _signature(layer, x, experts, weights, capacity)
     if key not in graphs.captured:
         graphs.seen[key] = graphs.seen.get(key, 0) + 1
         if graphs.seen[key] < 2 or graphs.captures >= MAX_CAPTURES:  # shapes that keep changing (a router choosing
             if len(graphs.seen) > 64:                                 # a data-dependent k) stop being captured
                 graphs.seen.clear()
-            return _eager(layer, x, experts, weights, capacity)
+            return region(params, *inputs)
         del graphs.seen[key]
         graphs.captures += 1
         if len(graphs.captured) >= MAX_SIGNATURES:
             graphs.captured.pop(next(iter(graphs.captured)))
-        graphs.captured[key] = _capture(layer, x, experts, weights, capacity)
+        graphs.captured[key] = _capture(region, inputs, params)
     captured = graphs.captured[key]
     if captured is None:
-        return _eager(layer, x, experts, weights, capacity)
-    return _Replay.apply(captured, layer, capacity, x, experts, weights, *_params(layer))
+        return region(params, *inputs)
+    return _Replay.apply(captured, len(inputs), *inputs, *params), captured.layout
 
 
-def _eager(layer, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | None, bank=None) -> tuple[Tensor, Tensor]:
-    from routerlab.moe.layer import local_compute  # layer.py imports this module
-
-    return local_compute(layer, x, experts, weights, capacity, bank)
-
-
-def _capture(layer, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | None) -> _Captured | None:
-    from routerlab.moe.experts import BankOn
-
-    # new leaves throughout: the inputs' copies, and the weights' memory under leaves of its own (a live eager graph's
+def _capture(region, inputs: tuple, params) -> _Captured | None:
+    # new leaves throughout: the inputs' copies, and the parameters' memory under leaves of its own (a live eager graph's
     # AccumulateGrad nodes of the parameters, bound to the default stream, would break the capture)
-    params = [p.detach().requires_grad_(p.requires_grad) for p in _params(layer)]
-    bank = BankOn(layer.experts, *params)
-    inputs = (x.detach().clone().requires_grad_(x.requires_grad), experts.clone(),
-              weights.detach().clone().requires_grad_(weights.requires_grad))
-    wanted = [t for t in (inputs[0], inputs[2], *params) if t.requires_grad]
+    aliases = [p.detach().requires_grad_(p.requires_grad) for p in params]
+    statics = tuple(None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+    leaves = (*statics, *aliases)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     try:
         with torch.cuda.stream(stream):  # warm-up on the capture stream, as make_graphed_callables does
-            out, _ = _eager(layer, *inputs, capacity, bank)
-            torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=True)
-            del out
+            outs, _ = region(aliases, *statics)
+            differentiable = [o for o in outs if o.requires_grad]
+            torch.autograd.grad(differentiable, wanted, [torch.ones_like(o) for o in differentiable], allow_unused=True)
+            del outs, differentiable
         torch.cuda.current_stream().wait_stream(stream)
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(fwd, stream=stream):
-            out, kept = _eager(layer, *inputs, capacity, bank)
-        grad_out = torch.empty_like(out)
+            outs, layout = region(aliases, *statics)
+        grad_outputs = tuple(torch.empty_like(o) if o.requires_grad else None for o in outs)
         with torch.cuda.graph(bwd, pool=fwd.pool(), stream=stream):
-            found = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+            found = iter(torch.autograd.grad([o for o in outs if o.requires_grad], wanted, [g for g in grad_outputs if g is not None],
+                                             allow_unused=True))
     except RuntimeError:  # e.g. a backend that read the host after all: this signature stays eager
         torch.cuda.synchronize()
         return None
-    grads = tuple(next(found) if t.requires_grad else None for t in (inputs[0], inputs[2], *params))
-    return _Captured(fwd, bwd, inputs, out.detach(), kept, grad_out, grads)
+    grads = tuple(next(found) if t is not None and t.requires_grad else None for t in leaves)
+    return _Captured(fwd, bwd, statics, tuple(o.detach() for o in outs), grad_outputs, grads, layout)
 
 
-def _copy(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.clone()
+def _replay_forward(captured: _Captured, inputs) -> None:
+    for static, given in zip(captured.inputs, inputs):
+        if static is not None:
+            static.copy_(given)
+    captured.fwd.replay()
+    captured.generation += 1
 
 
 class _Replay(torch.autograd.Function):
-    """The captured forward and backward as one autograd node; copies in and out of the graphs' tensors."""
+    """The captured forward and backward as one autograd node; copies in and out of the graphs' tensors.
+    apply(captured, number of inputs, *inputs, *parameters) -> copies of the region's tensors."""
 
     @staticmethod
-    def forward(ctx, captured: _Captured, layer, capacity: int | None, x: Tensor, experts: Tensor, weights: Tensor, *params: Tensor):
-        for static, given in zip(captured.inputs, (x, experts, weights)):
-            static.copy_(given)
-        captured.fwd.replay()
-        captured.generation += 1
-        ctx.captured, ctx.generation, ctx.layer, ctx.capacity = captured, captured.generation, layer, capacity
-        ctx.save_for_backward(x, experts, weights, *params)  # their version counters, and the recomputation's inputs
-        kept = captured.kept.clone()
-        ctx.mark_non_differentiable(kept)
-        return captured.out.clone(), kept
+    def forward(ctx, captured: _Captured, n_inputs: int, *given: Tensor | None):
+        _replay_forward(captured, given[:n_inputs])
+        ctx.captured, ctx.generation, ctx.n_inputs = captured, captured.generation, n_inputs
+        ctx.save_for_backward(*given)  # the inputs, for a second replay, and the parameters' version counters
+        outputs = tuple(t.clone() for t in captured.outputs)
+        ctx.mark_non_differentiable(*(o for o, g in zip(outputs, captured.grad_outputs) if g is None))
+        return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor, _grad_kept):
+    def backward(ctx, *grad_outputs: Tensor | None):
         captured = ctx.captured
-        x, experts, weights, *params = ctx.saved_tensors
-        if ctx.generation != captured.generation:  # a later forward replaced this one's activations
-            return (None, None, None, *_recompute(ctx.layer, ctx.capacity, grad_out, x, experts, weights, params))
-        captured.grad_out.copy_(grad_out)
+        saved = ctx.saved_tensors
+        if ctx.generation != captured.generation:  # a later forward replaced this one's activations: bring them back
+            _replay_forward(captured, saved[: ctx.n_inputs])
+        for static, grad in zip(captured.grad_outputs, grad_outputs):
+            if static is not None:
+                static.zero_() if grad is None else static.copy_(grad)
         captured.bwd.replay()
-        grad_x, grad_w, *grad_params = (_copy(g) for g in captured.grads)
-        return (None, None, None, grad_x, None, grad_w, *grad_params)
-
-
-def _recompute(layer, capacity: int | None, grad_out: Tensor, x: Tensor, experts: Tensor, weights: Tensor, params: list[Tensor]) -> tuple:
-    with torch.enable_grad():
-        x_, w_ = x.detach().requires_grad_(x.requires_grad), weights.detach().requires_grad_(weights.requires_grad)
-        out, _ = _eager(layer, x_, experts, w_, capacity)
-        wanted = [t for t in (x_, w_, *params) if t.requires_grad]
-        found = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-    grad_x, grad_w, *grad_params = (next(found) if t.requires_grad else None for t in (x_, w_, *params))
-    return grad_x, None, grad_w, *grad_params
+        return (None, None, *(None if g is None else g.clone() for g in captured.grads))

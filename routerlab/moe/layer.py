@@ -11,8 +11,8 @@ model is sharded, as torchtitan swaps its token dispatchers):
   local        LocalDispatch, here: every expert in this process (the default)
   all_to_all   parallel.AllToAllDispatch: variable splits, any token counts
   all_gather   parallel.AllGatherDispatch: all_gather + reduce_scatter, static splits, no host sync
-On CUDA the local dispatcher replays its computation from CUDA graphs once it has seen an input signature twice
-(graph_core, moe/core_graph.py); the router before it stays eager.
+On CUDA an eager layer replays its local computation from CUDA graphs once it has seen an input signature twice
+(graph_core, moe/core_graph.py): the router's with it where the router's forward is pure (Router.forward_is_pure).
 The stages of the local computation are separate functions so that the distributed dispatchers put their
 exchanges between them:
   plan = plan_dispatch(experts, E, capacity)   which slot goes where (no data moved, no host sync)
@@ -251,7 +251,7 @@ class LocalDispatch:
         if layer.experts.sharded:
             raise ValueError("this layer's ExpertBank holds a block of the experts; shard the model (routerlab.moe.parallel.shard_experts) to dispatch across ranks")
         capacity = capacity_for(x.shape[0], routing.experts.shape[1], layer.num_experts, layer.active_capacity_factor, layer.min_capacity)
-        if core_graph.applies(layer, x, routing.weights):
+        if core_graph.applies(layer, x, (routing.weights, *core_graph.expert_params(layer))):
             return core_graph.compute(layer, x, routing.experts, routing.weights, capacity)
         return local_compute(layer, x, routing.experts, routing.weights, capacity)
 
@@ -291,8 +291,8 @@ class MoELayer(nn.Module):
         self.stats_fn = stats_from_routing  # routerlab/compile.py swaps in a compiled one
         self.sequence_length: int | None = None  # tokens per sequence of the last forward (None: not a sequence model)
         self.aux_losses: dict[str, Tensor] = {}
-        # eager CUDA training: dispatch, experts and combine replayed from CUDA graphs (moe/core_graph.py); the trainer
-        # turns it off where it graphs the whole step
+        # eager CUDA training: dispatch, experts and combine (and a pure router) replayed from CUDA graphs
+        # (moe/core_graph.py); the trainer turns it off where it graphs the whole step
         self.graph_core = graph_core
         self.core_graphs = core_graph.CoreGraphs()
 
@@ -300,8 +300,11 @@ class MoELayer(nn.Module):
         tokens, token_ids = flatten_tokens(x, token_ids)
         self.sequence_length = x.shape[-2] if x.dim() >= 3 else None  # for per-sequence balance and MaxVio
         self.router.sequence_length = self.sequence_length
-        routing = self.route(tokens, token_ids)
-        out, kept = self.compute(tokens, routing)
+        if self.graphs_router(tokens):
+            routing, out, kept = core_graph.route_and_compute(self, tokens, token_ids)
+        else:
+            routing = self.route(tokens, token_ids)
+            out, kept = self.compute(tokens, routing)
         if self.shared is not None:
             out = out + self.shared(tokens)
         self.record(routing, kept)
@@ -313,6 +316,13 @@ class MoELayer(nn.Module):
         if self.training or self.eval_capacity_factor == "train":
             return self.capacity_factor
         return self.eval_capacity_factor
+
+    def graphs_router(self, x: Tensor) -> bool:
+        """Whether this forward's router runs inside the core's CUDA graphs (moe/core_graph.py): a pure router, every
+        expert in this process."""
+        return (type(self.dispatcher) is LocalDispatch and not self.experts.sharded
+                and core_graph.applies(self, x, [*core_graph.router_params(self), *core_graph.expert_params(self)])
+                and isinstance(self.router, Router) and self.router.forward_is_pure())
 
     # The steps of forward.
 

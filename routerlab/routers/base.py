@@ -47,6 +47,13 @@ class Router(nn.Module):
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:  # pragma: no cover
         raise NotImplementedError
 
+    def forward_is_pure(self) -> bool:
+        """Whether this forward writes no state, draws no random numbers and reads nothing on the host: then an eager
+        MoELayer on CUDA replays it from a CUDA graph with its core, and replays it again where a backward needs its
+        activations back (moe/core_graph.py). Its class says so with `pure_forward = True` (the class's own word: a
+        subclass may add state), and nobody hooked into it (a hook would run only on the eager calls)."""
+        return vars(type(self)).get("pure_forward", False) and not (self._forward_hooks or self._forward_pre_hooks)
+
     def before_step(self) -> None:
         """Called by the trainer after backward, before the optimizer step (e.g. a router-only grad clip)."""
 

@@ -37,6 +37,7 @@ class BiasBalanced(GatedRouter):
     finishes_weights = True  # route_topk normalizes and scales
     refuses = {"normalize_k1": "its own `normalize` already applies at every k, k=1 included"}
     cuda_graph_safe = True  # the forward reads the bias, a buffer after_step updates in place; no host reads
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     def __init__(self, d_model: int, num_experts: int, params: BiasBalancedParams) -> None:
         super().__init__(d_model, num_experts, params)

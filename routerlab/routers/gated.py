@@ -204,6 +204,14 @@ class GatedRouter(Router):
         self.sequence_length: int | None = None  # set by the MoE layer before each forward (None: one sequence)
         self.balance_part: BalancePart | None = None  # this forward's share of a layer-pooled balance loss
 
+    def forward_is_pure(self) -> bool:
+        """Router.forward_is_pure, with the gate options that write state or draw in a training forward off: jitter
+        (noise), smoothing (the EMA), balance_global (the step's counts) and balance_layers="pool" (the layer's part)."""
+        p = self.params
+        writes = self.training and (p.jitter or p.smoothing or p.balance_global or (p.balance_batch and p.balance_layers == "pool"))
+        hooks = self._forward_pre_hooks or any(h is not _finish_weights_hook for h in self._forward_hooks.values())
+        return vars(type(self)).get("pure_forward", False) and not (writes or hooks)
+
     # -- scores ---------------------------------------------------------------------------------------
     def raw_logits(self, x: Tensor, gate: nn.Linear | None = None) -> Tensor:
         """x @ W^T with jitter (training) and the fp32 option; no temperature, no smoothing."""

@@ -30,6 +30,7 @@ class HashPosition(Hash):
 
     needs_token_ids = False
     cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     def keys(self, x: Tensor, token_ids: Tensor | None) -> Tensor:
         pos = torch.arange(x.shape[0], device=x.device)

@@ -26,6 +26,7 @@ class SoftmaxTopK(GatedRouter):
 
     finishes_weights = True  # route_topk normalizes and scales
     cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         return self.route_topk(x, self.params.k, self.params.renormalize).routing

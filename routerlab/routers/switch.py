@@ -25,6 +25,7 @@ class Switch(GatedRouter):
 
     finishes_weights = True  # route_topk normalizes and scales
     cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         out = self.route_topk(x, 1, renormalize=True)  # renormalizing one weight happens only with normalize_k1

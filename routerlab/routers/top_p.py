@@ -39,6 +39,7 @@ class TopP(GatedRouter):
 
     finishes_weights = True  # normalized and scaled below
     cuda_graph_safe = True  # no Python state across steps, no host reads (always k_max slots, -1 where unused)
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         p = self.params
