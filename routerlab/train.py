@@ -275,11 +275,11 @@ class Trainer:
         loss = torch.zeros((), device=self.device) if len(micro) > 1 else None
         aux: dict[str, torch.Tensor] = {}
         merged: list[RoutingStats | None] = [None] * len(self.layers)
-        for part in micro:
+        for index, part in enumerate(micro):
             weight = part.num_tokens / global_tokens
             part = self.parallel.shard_batch(part.to(self.device, self.dtype))  # every rank draws the global batch and keeps its slice
-            if self.step_graph is not None and len(micro) == 1:
-                part_loss, part_aux = self.step_graph.forward_backward(part)
+            if self.step_graph is not None:
+                part_loss, part_aux = self.step_graph.forward_backward(part, weight, index, len(micro))
             else:
                 part_loss, part_aux = self.forward_backward(part, weight)
             if len(micro) == 1:  # the step's values are the micro-batch's: no small kernels to weigh and add them

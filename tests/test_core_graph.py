@@ -20,6 +20,19 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 REGIONS = ["router + core", "core"]
 
 
+@pytest.fixture(autouse=True)
+def tf32_off():
+    """torch's default, which the trainer changes (train.tf32) and other tests' trainers leave changed: with TF32 on, the
+    captured router takes the gate kernel and agrees with the eager one to rounding only."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def make_layer(d, E, k, h, capacity_factor=None, drop_policy="position", region="router + core", router=None) -> MoELayer:
     torch.manual_seed(0)
     router = router or SoftmaxTopK(d, E, SoftmaxTopKParams(k=k, z_loss=1e-3, balance_batch=1e-2))
@@ -167,8 +180,9 @@ def test_the_trainer_graphs_the_core_only_where_it_does_not_graph_the_step(tmp_p
 
 @cuda
 def test_training_with_graphed_cores_is_training_without(tmp_path):
-    """Steps the trainer does not graph whole (two micro-batches): the same losses with each layer's core graphed as with
-    every kernel eager."""
+    """Steps the trainer does not graph whole (a loss term, as FedProx adds; several micro-batches): the same losses with
+    each layer's router and core graphed as with every kernel eager, to rounding (the captured router takes its gate
+    kernel)."""
     from routerlab.config import load_config
     from routerlab.train import Trainer
 
@@ -178,13 +192,12 @@ def test_training_with_graphed_cores_is_training_without(tmp_path):
     losses = {}
     for cuda_graph in (True, False):
         trainer = Trainer(load_config("configs/gpu/stdlib-110m-e64k6.yaml", base + [f"train.cuda_graph={str(cuda_graph).lower()}", f"run.dir={tmp_path / str(cuda_graph)}"]), log=False)
+        trainer.add_loss_term("zero", lambda: torch.zeros((), device="cuda"))
         for _ in range(6):
             trainer.train_step()
         losses[cuda_graph] = trainer.losses
         if cuda_graph:
-            assert trainer.step_graph is None and all(any(c is not None for c in layer.core_graphs.captured.values()) for layer in trainer.layers)
-    assert losses[True][0] == losses[False][0], "the first step's loss, before any update"
-    # later steps: eager runs of one config differ by a few ulps anyway (atomics in the embedding's backward)
+            assert all(regions(layer) == ["router + core"] for layer in trainer.layers)
     assert losses[True] == pytest.approx(losses[False], rel=5e-3)
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from routerlab.bench.trainer import gc_pauses, host_ops_during, host_times, union
+from routerlab.bench.trainer import gc_pauses, host_ops_during, host_times, steady_tokens_per_s, union
 from routerlab.config import load_config
 from routerlab.moe.stats import RoutingStats, stats_on_host
 from routerlab.prefetch import BatchPrefetch
@@ -201,6 +201,14 @@ def test_host_times_reports_the_parts_of_steps_and_leaves_the_trainer_as_it_was(
     assert all(0 < times[p] < times["train_step (all)"] for p in parts)
     assert "next_batch (draw)" not in times  # every step took the batch drawn ahead
     assert 0 < times["read -> next forward (GPU has nothing queued)"] < times["train_step (all)"]
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_the_benchs_tokens_per_second_count_a_steps_whole_batch(tmp_path, micro_batches):
+    """A step trains on micro_batches x batch_size sequences (v11's two-micro-batch figures counted one micro-batch)."""
+    t = tiny(tmp_path, f"train.micro_batches={micro_batches}")
+    tokens_per_s, ms_per_step, _, _ = steady_tokens_per_s(t, warmup=1, steps=2)
+    assert tokens_per_s * ms_per_step / 1e3 == pytest.approx(4 * micro_batches * 16)
 
 
 def test_gc_pauses_add_the_collectors_time_by_generation():

@@ -22,7 +22,7 @@ def trainer(tmp_path, *extra: str) -> Trainer:
 @pytest.mark.parametrize("extra, reason", [
     ([], "not on CUDA"),  # everything else qualifies: on a GPU this run would be graphed
     (["train.cuda_graph=false"], "train.cuda_graph is false"),
-    (["train.micro_batches=2"], "micro_batches > 1"),
+    (["train.micro_batches=2"], "not on CUDA"),  # micro-batches are replayed one by one
     (["router.name=relu"], "router class ReLURouter does not declare cuda_graph_safe"),  # reads its slot count on the host
 ])
 def test_when_a_step_may_be_replayed(tmp_path, extra, reason):
@@ -218,3 +218,27 @@ def test_a_logged_graphed_steps_metrics_are_its_own_though_written_during_the_ne
     for step in (5, 10):
         for name, value in seen[step].items():
             assert acc.Scalars(f"train/aux/{name}")[[5, 10].index(step)].value == pytest.approx(value, rel=1e-6), (step, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the H200: docs/benchmarks.md, issue 19 v12)")
+def test_micro_batches_replayed_one_by_one_train_as_eager_ones(tmp_path):
+    """train.micro_batches=2 under train.cuda_graph: each micro-batch a replay, the gradients summed over both (not the
+    last one's), the same losses and gradients as every kernel eager (to rounding: the graph takes the router's gate
+    kernel) and the step's routing statistics over both micro-batches."""
+    lm = ["task.name=stdlib", "task.block_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.num_experts=8",
+          "model.expert_hidden=32", "router.name=softmax_topk", "router.k=2", "router.balance_batch=0.01", "router.z_loss=1e-3",
+          "train.batch_size=8", "train.micro_batches=2", "train.device=cuda", "train.precision=bf16-mixed", "train.eval_batches=1"]
+    runs = {}
+    for graphed in (True, False):
+        t = Trainer(load_config(None, lm + [f"train.cuda_graph={str(graphed).lower()}"]), run_dir=tmp_path / str(graphed), log=False)
+        for _ in range(6):  # 2 eager steps, the capture, 3 replayed steps
+            t.train_step()
+        assert (t.step_graph is not None and t.step_graph.graph is not None) == graphed
+        runs[graphed] = (t.losses, [p.grad.float().clone() for p in t.model.parameters()], t.layers[0].stats.tokens.item())
+    (losses, grads, tokens), (eager_losses, eager_grads, eager_tokens) = runs[True], runs[False]
+    assert losses[:2] == eager_losses[:2], "the eager warm-up steps"
+    assert losses == pytest.approx(eager_losses, rel=2e-3)
+    assert tokens == eager_tokens == 8 * 64 * 2, "the step's statistics count both micro-batches"
+    for i, (g, e) in enumerate(zip(grads, eager_grads)):
+        cosine = torch.nn.functional.cosine_similarity(g.flatten(), e.flatten(), dim=0)
+        assert cosine > 0.99 and g.norm().item() == pytest.approx(e.norm().item(), rel=0.03), f"parameter {i}: cosine {cosine:.4f}"

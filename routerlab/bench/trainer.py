@@ -86,7 +86,8 @@ def steady_tokens_per_s(trainer, warmup: int, steps: int) -> tuple[float, float,
             logged.append(trainer.step % trainer.config.train.log_every == 0)
         _sync()
     seconds = time.perf_counter() - t0
-    tokens = steps * trainer.config.train.batch_size * trainer.task.block_size
+    t = trainer.config.train
+    tokens = steps * t.batch_size * t.micro_batches * trainer.task.block_size  # a step's global batch
     log_steps = [ms for ms, log in zip(times, logged) if log]
     split = {"median step ms": sorted(times)[len(times) // 2], "logged step ms (mean)": sum(log_steps) / len(log_steps) if log_steps else math.nan,
              "GC ms/step": {k: v * 1e3 / steps for k, v in sorted(pauses.items())},
