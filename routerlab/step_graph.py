@@ -4,10 +4,11 @@ Why: a ~110M-active MoE language model on one H200 is launch-bound. Its step iss
 by one from Python (router, plan, permute, combine, norms); a replayed graph issues them in one call. What stays
 eager around the replay: router hooks, gradient clipping, the (fused) optimizer, the scheduler, logging.
 
-When (`why_not`, checked at the trainer's start): CUDA, one process, and every router's own class declares `cuda_graph_safe = True`: its forward and backward keep no Python state that changes from step
-to step (a replay re-runs the captured kernels, not the Python) and never read a device value on the host. At run
-time also: no extra loss terms (`add_loss_term` runs arbitrary Python each step; while there are, each MoE layer's router
-and core are graphed instead: MoELayer.graph_core). Then:
+When (`why_not`, checked at the trainer's start): CUDA, one process, and every router's own class declares
+`cuda_graph_safe = True`: its forward and backward keep no Python state that changes from step to step (a replay
+re-runs the captured kernels, not the Python) and never read a device value on the host. At run time also: no extra
+loss terms (`add_loss_term` runs arbitrary Python each step; while there are, each MoE layer's router and core are
+graphed instead: MoELayer.graph_core). Then:
   steps 1..WARMUP_STEPS   eager (Triton compiles, grouped-GEMM and cuBLAS set-up); the last one under CUDA's sync
                           debug mode: a host sync anywhere in forward or backward, which a capture cannot hold, leaves
                           the run eager with one warning

@@ -3,7 +3,7 @@
 Why: at issue 19's small shapes an eager layer is host-bound. On an H200's host, issuing one forward + backward of the
 layer took 2.3-3.1 ms for 31 kernels whose GPU time is 0.6-2.4 ms (benchmarks/eager_layer_host.py). The trainer graphs
 the whole step where it can (routerlab/step_graph.py); this serves a layer used outside the trainer and the steps the
-trainer cannot graph whole though every router is graph-safe (several micro-batches or processes, extra loss terms).
+trainer cannot graph whole though every router is graph-safe (several processes, extra loss terms).
 
 What is captured, per layer and input signature (shapes, dtypes, what needs a gradient, autocast, the parameters'
 addresses, training or not, capacity):
@@ -112,7 +112,7 @@ def route_and_compute(layer, x: Tensor, token_ids: Tensor | None) -> tuple[Routi
     params = [*router_params(layer), *expert_params(layer)]
     router = layer.router
     state = (layer.training, router.training, router.sequence_length, layer.active_capacity_factor, layer.min_capacity,
-             tuple(b.data_ptr() for b in router.buffers()), torch.backends.cuda.matmul.allow_tf32)
+             id(router.params), tuple(b.data_ptr() for b in router.buffers()), torch.backends.cuda.matmul.allow_tf32)
     key = ("router + core", state, *_signature(layer, params, x, token_ids))
     tensors, (has_logits, aux_names) = _run(layer, key, functools.partial(_routed, layer), (x, token_ids), params)
     out, kept, experts, weights, *rest = tensors
