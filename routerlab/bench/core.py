@@ -468,6 +468,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="also time the layer under train.compile=moe (torch.compile)")
     ap.add_argument("--no-loop", action="store_true", help="skip the per-expert loop baseline")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown and the layout probe")
+    ap.add_argument("--tf32", action="store_true", help="gpu: float32 matmuls in TF32, as the trainer runs them (train.tf32): the router's fp32 gate")
     ap.add_argument("--json", default=None, help="also write the full report here")
     args = ap.parse_args(argv)
     if args.target == "cpu":
@@ -480,9 +481,11 @@ def main(argv=None) -> None:
             shapes = parse_shapes(args.shapes)
         except ValueError as err:
             ap.error(str(err))  # one line, exit code 2
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32  # torch's default is off; the trainer's (train.tf32) on
         report = run_gpu(shapes, args.iters, not args.no_transformers, with_loop=not args.no_loop, stages=not args.no_stages,
                          probe=not args.no_stages, compiled=args.compile)
-        print(f"\n{report['device']}, torch {report['torch']}, bf16, fwd+bwd")
+        report["tf32"] = args.tf32
+        print(f"\n{report['device']}, torch {report['torch']}, bf16, fwd+bwd, TF32 {'on' if args.tf32 else 'off'}")
         print(gpu_table(report))
     if args.json:
         with open(args.json + ".tmp", "w") as fh:
