@@ -89,6 +89,24 @@ def flat_hparams(config) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in out.items()}
 
 
+def after_earlier_event_files(run_dir: Path) -> None:
+    """Wait, if need be, for the second after the newest event file's in run_dir was created. TensorBoard reads a run's
+    event files in name order, and a name is `events.out.tfevents.<second>.<host>.<pid>.<counter>` with the counter not
+    zero-padded: a resumed writer made within the second of the one it resumes may sort before it (...9 > ...10, or
+    another pid), and its purge of the killed run's later events would then come first and purge nothing."""
+    import time
+
+    seconds = []
+    for path in run_dir.glob("events.out.tfevents.*"):
+        try:
+            seconds.append(int(path.name.split(".")[3]))
+        except (IndexError, ValueError):
+            continue
+    wait = max(seconds, default=0) + 1 - time.time()
+    if wait > 0:
+        time.sleep(wait)
+
+
 class Board:
     """A SummaryWriter with routerlab's layout. `purge_step` drops events a killed run left past it."""
 
@@ -99,6 +117,8 @@ class Board:
         # evaluation, its training scalars) came before the checkpoint was written, so they stay
         # max_queue: a logged step's ~100 scalars (E=64, 8 layers) go to the writer's thread without waiting on it;
         # at the default 10 the step blocked until that thread had written most of them (docs/benchmarks.md, v6)
+        if purge_step:
+            after_earlier_event_files(Path(run_dir))
         self.writer = SummaryWriter(str(run_dir), purge_step=purge_step + 1 if purge_step else None, max_queue=1000)
         if not purge_step:
             self.writer.add_custom_scalars(custom_layout())

@@ -309,6 +309,28 @@ def test_resume_with_logging_drops_the_events_a_killed_run_left_past_the_checkpo
     assert [e.step for e in events.Scalars("eval/loss")] == [2]  # the checkpoint's own evaluation is kept
 
 
+def test_a_resumed_boards_purge_comes_after_the_killed_runs_events_within_one_second(tmp_path, monkeypatch):
+    """TensorBoard reads event files in name order, and the writer's counter in the name is not zero-padded: a file made
+    in the same second with counter 10 sorts before counter 9's. The resumed board waits for the next second instead
+    (this failed once in the full suite, where one worker had made nine writers before)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer import event_file_writer
+
+    from routerlab.board import Board
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    killed = Board(tmp_path)
+    killed.scalars({"train/loss": 3.0}, 3)  # past the checkpoint at step 2
+    killed.close()
+    resumed = Board(tmp_path, purge_step=2)
+    resumed.scalars({"train/loss": 1.5}, 3)
+    resumed.close()
+    names = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert names[0].endswith(".9") and names[1].endswith(".10"), "the killed run's file reads first"
+    loss = [(e.step, e.value) for e in EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload().Scalars("train/loss")]
+    assert loss == [(3, 1.5)]
+
+
 def test_before_any_evaluation_there_are_no_metrics_and_no_loads(tmp_path):
     t = trainer(tmp_path)
     assert t.last_eval == {} and t.last_loads == []
