@@ -269,6 +269,63 @@ def test_around_the_capture_the_replays_give_the_eager_numbers(monkeypatch, regi
     assert_same(got, want, "micro-batches backward in reverse")
 
 
+def declared_pure() -> list[str]:
+    from routerlab.routers.registry import router_entry, router_names
+
+    return sorted(name for name in router_names() if vars(router_entry(name).obj).get("pure_forward", False))
+
+
+@pytest.mark.parametrize("name", declared_pure())
+def test_every_router_declaring_a_pure_forward_replays_to_its_eager_numbers(monkeypatch, name):
+    """Each router whose class says `pure_forward`, at its default options in training, through the stand-in capture:
+    replays and the second replay of an overwritten forward give its eager numbers, which a router that wrote state or
+    drew random numbers in its forward would not."""
+    from routerlab.routers.registry import build_router
+
+    monkeypatch.setattr(core_graph, "_capture", stand_in_capture)
+    monkeypatch.setattr(core_graph, "applies", lambda layer, x, differentiable: layer.graph_core and torch.is_grad_enabled())
+    T, d, E = 64, 16, 4
+    torch.manual_seed(0)
+    graphed = make_layer(d, E, 2, 8, router=build_router({"name": name}, d, E))
+    assert graphed.router.forward_is_pure()
+    eager = copy.deepcopy(graphed)
+    eager.graph_core = False
+    ids = torch.randint(0, 100, (T,))
+    for i in range(3):
+        x, g = torch.randn(T, d), torch.randn(T, d)
+        for layer in (graphed, eager):
+            layer.zero_grad(set_to_none=True)
+        assert_same(step(graphed, x, g, ids), step(eager, x, g, ids), f"call {i + 1}")
+    assert regions(graphed) == ["router + core"]
+    inputs, grads = [torch.randn(T, d) for _ in range(2)], [torch.randn(T, d) for _ in range(2)]
+    assert_same(micro_batches(graphed, inputs, grads, True, ids), micro_batches(eager, inputs, grads, True, ids), "in reverse")
+
+
+@cuda
+@pytest.mark.parametrize("name", declared_pure())
+def test_every_router_declaring_a_pure_forward_is_captured_with_the_core_on_cuda(name):
+    """Each declared router at its default options, bf16, TF32 off: its region is captured, and forward and backward,
+    a second replay included, agree with the eager layer (exactly where no kernel adds with atomics)."""
+    from routerlab.routers.registry import build_router
+
+    T, d, E = 512, 64, 8
+    torch.manual_seed(0)
+    graphed = make_layer(d, E, 2, 96, router=build_router({"name": name}, d, E)).to("cuda", torch.bfloat16)
+    eager = copy.deepcopy(graphed)
+    eager.graph_core = False
+    ids = torch.randint(0, 1000, (T,), device="cuda")
+    for i in range(3):
+        x, g = torch.randn(T, d, device="cuda", dtype=torch.bfloat16), torch.randn(T, d, device="cuda")
+        for layer in (graphed, eager):
+            layer.zero_grad(set_to_none=True)
+        for j, (a, b) in enumerate(zip(step(graphed, x, g, ids), step(eager, x, g, ids))):
+            assert (a is None and b is None) or torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2), f"call {i + 1}: tensor {j}"
+    assert regions(graphed) == ["router + core"]
+    inputs, grads = [torch.randn(T, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)], [torch.randn(T, d, device="cuda") for _ in range(2)]
+    for j, (a, b) in enumerate(zip(micro_batches(graphed, inputs, grads, True, ids), micro_batches(eager, inputs, grads, True, ids))):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2), f"in reverse: tensor {j}"
+
+
 def test_a_router_forward_is_pure_only_where_its_class_and_options_say_so():
     from routerlab.routers.noisy_topk import NoisyTopK, NoisyTopKParams
 

@@ -22,7 +22,7 @@ Nothing the graphs write leaves the layer: outputs and gradients are copies, so 
 the caller holds (the cost: a copy of the expert weights' gradients, which a large layer feels). A backward whose
 forward a later forward of the same signature overwrote (two micro-batches forward before either backward) replays its
 forward again on its saved inputs first: the same numbers, since the parameters cannot change in between (autograd's
-version counters check it) and the region draws nothing. The captured router may take other kernels than the eager one
+version counters check it) and the region draws nothing (to rounding where a kernel adds with atomics). The captured router may take other kernels than the eager one
 (routers/gated.py: uses_gate_kernel), so graphed and eager routing agree to rounding, not bit for bit. A layer keeps
 graphs for MAX_SIGNATURES signatures (each holds one forward's activations) and captures at most MAX_CAPTURES times
 (each capture synchronizes the device and collects garbage), so shapes that change every call stay eager.

@@ -52,6 +52,7 @@ class Adversarial(GatedRouter):
 
     finishes_weights = True  # route_topk normalizes and scales
     cuda_graph_safe = True  # the forward reads the prices, a buffer after_step updates in place; no host reads
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         out = self.route_topk(x, self.params.k, self.params.renormalize)

@@ -14,5 +14,6 @@ class Entmax15(SparseGate):
     """1.5-entmax over the k_max largest logits: 1..k_max experts per token, exact zeros."""
 
     cuda_graph_safe = True  # no Python state across steps, no host reads (always k_max slots, -1 where unused)
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     transform = staticmethod(entmax15)

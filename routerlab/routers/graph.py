@@ -55,6 +55,7 @@ class GraphRouter(GatedRouter):
 
     finishes_weights = True  # route_topk normalizes and scales
     cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     def adjacency_matrix(self) -> Tensor:
         E = self.edge_logits.shape[0]

@@ -45,6 +45,7 @@ class Hierarchical(GatedRouter):
                "top_groups": "it is group-limited by construction: use its own groups and k_groups",
                "null_experts": "its two gates are distributions over the E real experts"}
     cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     def __init__(self, d_model: int, num_experts: int, params: HierarchicalParams) -> None:
         if num_experts % params.groups:

@@ -31,6 +31,7 @@ class LSH(Router):
     """Random-hyperplane hash of the hidden state -> expert; no token ids needed."""
 
     cuda_graph_safe = True  # no Python state across steps, no host reads: train.cuda_graph may replay it (step_graph.py)
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     def __init__(self, d_model: int, num_experts: int, params: LSHParams) -> None:
         super().__init__(d_model, num_experts, params)

@@ -35,6 +35,7 @@ class Sinkhorn(GatedRouter):
 
     refuses = BALANCED_ASSIGNMENT_REFUSES
     cuda_graph_safe = True  # no Python state across steps; on CUDA the balanced assignment reads nothing on the host
+    pure_forward = True  # Router.forward_is_pure: MoELayer may graph it with the core
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         logits = self.gate_logits(x)
