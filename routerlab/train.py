@@ -153,8 +153,9 @@ class Trainer:
         # train.cuda_graph: forward + backward replayed from a CUDA graph where safe (routerlab/step_graph.py)
         self.cuda_graph_off = why_not(self)
         self.step_graph = StepGraph(self) if self.cuda_graph_off is None else None
-        # where the step is not graphed for another reason than its routers (micro-batches, processes, device), each MoE
-        # layer's core is (routerlab/moe/core_graph.py); a router that is not graph-safe may change its shapes every step
+        # where the step is not graphed for another reason than its routers (processes, device), each MoE layer's core
+        # is (routerlab/moe/core_graph.py; while loss terms keep the step eager, StepGraph turns it on); a router that
+        # is not graph-safe may change its shapes every step
         core = t.cuda_graph and self.step_graph is None and unsafe_router(self) is None
         for layer in self.layers:
             layer.graph_core = core

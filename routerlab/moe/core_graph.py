@@ -73,7 +73,8 @@ class CoreGraphs:
 
 
 def applies(layer, x: Tensor, differentiable) -> bool:
-    """Whether this forward takes the graphs; differentiable: the region's parameters and float inputs besides x."""
+    """Whether this forward takes the graphs; differentiable: the region's parameters and float inputs besides x (any
+    iterable: read only past the cheap checks)."""
     if torch.compiler.is_compiling() or not (layer.graph_core and x.is_cuda and torch.is_grad_enabled()):
         return False
     if torch.cuda.is_current_stream_capturing():
@@ -84,10 +85,6 @@ def applies(layer, x: Tensor, differentiable) -> bool:
 
 def expert_params(layer) -> tuple[Tensor, Tensor]:
     return layer.experts.w_in, layer.experts.w_out
-
-
-def router_params(layer) -> list[Tensor]:
-    return [p for _, p in layer.router.named_parameters()]
 
 
 def _signature(layer, params, *inputs: Tensor | None) -> tuple:
@@ -109,7 +106,7 @@ def compute(layer, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | 
 def route_and_compute(layer, x: Tensor, token_ids: Tensor | None) -> tuple[Routing, Tensor, Tensor]:
     """(routing, out [T, d], kept [T, k]) of a pure router and the layer's local computation, through the graphs once
     captured. The routing's weights and logits come detached (the layer records them; the combine used them inside)."""
-    params = [*router_params(layer), *expert_params(layer)]
+    params = [*(p for _, p in layer.router.named_parameters()), *expert_params(layer)]  # the order _routed names them in
     router = layer.router
     state = (layer.training, router.training, router.sequence_length, layer.active_capacity_factor, layer.min_capacity,
              id(router.params), tuple(b.data_ptr() for b in router.buffers()), torch.backends.cuda.matmul.allow_tf32)

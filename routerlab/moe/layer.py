@@ -26,6 +26,7 @@ dropped and unused (-1) slots become padding rows at the end, which nothing read
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -320,8 +321,8 @@ class MoELayer(nn.Module):
     def graphs_router(self, x: Tensor) -> bool:
         """Whether this forward's router runs inside the core's CUDA graphs (moe/core_graph.py): a pure router, every
         expert in this process."""
-        return (type(self.dispatcher) is LocalDispatch and not self.experts.sharded
-                and core_graph.applies(self, x, [*core_graph.router_params(self), *core_graph.expert_params(self)])
+        params = itertools.chain(self.router.parameters(), core_graph.expert_params(self))  # read only on CUDA
+        return (type(self.dispatcher) is LocalDispatch and not self.experts.sharded and core_graph.applies(self, x, params)
                 and isinstance(self.router, Router) and self.router.forward_is_pure())
 
     # The steps of forward.
