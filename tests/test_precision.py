@@ -97,3 +97,28 @@ def test_throughput_fields_count_steady_steps_and_active_flops(tmp_path):
     assert metrics["mfu"] == pytest.approx(flops * tps / 1e12)
     acc = EventAccumulator(str(trainer.run_dir), size_guidance={"scalars": 0}).Reload()
     assert {"perf/tokens_per_s", "perf/step_time_ms", "perf/mfu"} <= set(acc.Tags()["scalars"])
+
+
+def routers_with_defaults() -> list:
+    """Every registered router with options it builds from alone (replay and rl read a file another command wrote)."""
+    from routerlab.routers.registry import router_names
+
+    options = {"oracle": {"expert": 0}}
+    return [pytest.param({"name": name, **options.get(name, {})}, id=name) for name in router_names() if name not in ("replay", "rl")]
+
+
+@pytest.mark.parametrize("spec", routers_with_defaults())
+def test_every_router_runs_in_a_layer_cast_to_bfloat16(spec):
+    """bf16-pure casts the whole model, buffers included (lsh's hyperplanes were cast and its float32 matmul then
+    failed): forward and backward run, and the output and x's gradient are bfloat16 and finite."""
+    from routerlab.moe import ExpertBank, MoELayer
+    from routerlab.routers.registry import build_router
+
+    torch.manual_seed(0)
+    T, d, E = 64, 16, 4
+    layer = MoELayer(build_router(spec, d, E), ExpertBank(E, d, 8), None).to(torch.bfloat16)
+    x = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x, torch.randint(0, 100, (T,)))
+    (out.float().sum() + sum(v.float() for v in layer.aux_losses.values())).backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()

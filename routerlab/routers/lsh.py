@@ -44,7 +44,7 @@ class LSH(Router):
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Routing:
         with torch.no_grad():
-            bits = (x.detach().float() @ self.planes) > 0
+            bits = (x.detach().float() @ self.planes.float()) > 0  # planes are cast with a bf16 model
             code = (bits.long() * self.powers).sum(-1)
         experts = self.table[code].unsqueeze(1)
         return Routing(experts, torch.ones(experts.shape, dtype=x.dtype, device=x.device))
