@@ -3,8 +3,9 @@
 # router and core graphed, the core only, and nothing (benchmarks/eager_layer_host.py); `routerlab bench gpu --shapes issue19`; the trainer with the step
 # not graphed, every kernel eager against each layer's core graphed (benchmarks/core_graph_trainer.py); and, when OLD
 # names another tree, the graphed trainer pairs new/old (issue19_gpu_common.sh).
-#   OUT=dir [OLD=.gpu/old] [PARTS="tests layer bench eager trainer"] [ROUTERS=...] [PAIRS=1] [STEPS=40] bash benchmarks/issue19_v11_gpu.sh
-# (docs/benchmarks.md, issue 19 v11, v12)
+#   OUT=dir [OLD=.gpu/old] [PARTS="tests layer bench eager trainer"] [BENCH_FLAGS=...] [ROUTERS=...] [PAIRS=1] [STEPS=40] \
+#     bash benchmarks/issue19_v11_gpu.sh
+# With OLD, the layer bench runs new, old, new, old. (docs/benchmarks.md, issue 19 v11, v12, v13)
 set -u
 PARTS=${PARTS:-tests layer bench eager}
 . "$PWD/benchmarks/issue19_gpu_common.sh"
@@ -16,9 +17,14 @@ if part layer; then
   timeout 200 python3 benchmarks/eager_layer_host.py --json "$OUT/eager-layer-host.json" > "$OUT/eager-layer-host.txt" 2>&1
   grep -E "^\||x ideal" "$OUT/eager-layer-host.txt"; grep -iE "Traceback|Error" -A3 "$OUT/eager-layer-host.txt" | head -8
 fi
-if part bench; then
-  timeout 300 python3 -m routerlab.bench gpu --shapes issue19 --no-loop --no-stages --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
-  grep -E "correctness|MoELayer|ideal|grouped_mm" "$OUT/bench.txt" | grep -v "^(" ; grep -iE "Traceback" -A3 "$OUT/bench.txt" | head -8
+bench_layer() {  # name, tree
+  (cd "$2" && PYTHONPATH=$SITE:$2 timeout 300 python3 -m routerlab.bench gpu --shapes issue19 --no-loop --no-stages ${BENCH_FLAGS:-} \
+     --json "$OUT/$1.json") > "$OUT/$1.txt" 2>&1
+  echo "== $1"; grep -E "correctness|MoELayer|ideal|grouped_mm" "$OUT/$1.txt" | grep -v "^(" ; grep -iE "Traceback" -A3 "$OUT/$1.txt" | head -8
+}
+if part bench; then  # with OLD: new, old, new, old
+  bench_layer bench "$NEW"
+  [ -n "${OLD:-}" ] && { bench_layer bench-old "$OLD"; bench_layer bench-2 "$NEW"; bench_layer bench-old-2 "$OLD"; }
 fi
 if part eager; then
   timeout 400 python3 benchmarks/core_graph_trainer.py --routers "${ROUTERS:-softmax_topk,relu,expert_choice,dselect_k}" --rounds "${PAIRS:-1}" \

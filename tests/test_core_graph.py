@@ -237,7 +237,9 @@ def stand_in_capture(region, inputs, params):
                 static.copy_(g)
 
     graph = types.SimpleNamespace
-    return core_graph._Captured(graph(replay=replay_forward), graph(replay=replay_backward), statics, outputs, grad_outputs, grads, layout)
+    uses = tuple(None if g is None else core_graph._uses(g) for g in grads)
+    return core_graph._Captured(graph(replay=replay_forward), graph(replay=replay_backward), statics, outputs, grad_outputs, grads, layout,
+                                region, uses)
 
 
 @pytest.mark.parametrize("router", ["softmax_topk", "hash"])
@@ -338,3 +340,65 @@ def test_a_router_forward_is_pure_only_where_its_class_and_options_say_so():
     assert not type("Sub", (SoftmaxTopK,), {})(8, 4, SoftmaxTopKParams()).forward_is_pure(), "a subclass may add state"
     router.register_forward_hook(lambda *args: None)
     assert not router.forward_is_pure(), "a hook would run on the eager calls only"
+
+
+def stand_in_layers(monkeypatch):
+    monkeypatch.setattr(core_graph, "_capture", stand_in_capture)
+    monkeypatch.setattr(core_graph, "applies", lambda layer, x, differentiable: layer.graph_core and torch.is_grad_enabled())
+    graphed = make_layer(16, 4, 2, 8)
+    eager = copy.deepcopy(graphed)
+    eager.graph_core = False
+    return graphed, eager
+
+
+def test_the_parameters_gradients_are_handed_over_and_never_overwritten_while_held(monkeypatch):
+    """The graphs' gradient tensors become p.grad without a copy; a p.grad kept across backwards
+    (zero_grad(set_to_none=False)) or a gradient held elsewhere is not overwritten by the next replay, and the numbers
+    stay the eager layer's."""
+    graphed, eager = stand_in_layers(monkeypatch)
+    T, d = 64, 16
+    x, g = torch.randn(T, d), torch.randn(T, d)
+    for layer in (graphed, eager):
+        step(layer, x, g)  # call 1 eager
+        layer.zero_grad(set_to_none=True)
+    assert_same(step(graphed, x, g), step(eager, x, g), "call 2: captured and replayed")
+    captured = next(iter(graphed.core_graphs.captured.values()))
+    handed = {p.grad.data_ptr() for p in graphed.parameters()}
+    assert {t.data_ptr() for t in captured.grads if t is not None} >= handed, "every parameter's gradient is the graph's own"
+    for i in range(2):  # zero_grad keeps the tensors: each backward adds into a copy of the zeroed p.grad
+        for layer in (graphed, eager):
+            layer.zero_grad(set_to_none=False)
+        assert_same(step(graphed, x, g), step(eager, x, g), f"kept p.grad, call {i + 3}")
+    assert captured.hands_over, "a p.grad the last backward handed over is copied, not computed again"
+    for layer in (graphed, eager):
+        layer.zero_grad(set_to_none=True)
+    step(graphed, x, g), step(eager, x, g)
+    held = [p.grad for p in graphed.parameters()]  # the graph's tensors, kept by someone while p.grad is set to None
+    assert {h.data_ptr() for h in held} == handed
+    want = [h.clone() for h in held]
+    for layer in (graphed, eager):
+        layer.zero_grad(set_to_none=True)
+    x2 = torch.randn(T, d)
+    assert_same(step(graphed, x2, g), step(eager, x2, g), "with the gradients held")
+    assert_same(held, want, "the held gradients")
+    assert not captured.hands_over, "computed eagerly once, copies from then on"
+    assert_same(step(graphed, x, g), step(eager, x, g), "copies")
+
+
+def test_a_gradient_held_elsewhere_turns_the_hand_over_off_and_the_backward_eager(monkeypatch):
+    """The same layer twice in one graph: the second backward finds the first one's gradient still waiting to be summed,
+    computes its own eagerly and the signature hands over copies from then on; the numbers are the eager layer's."""
+    graphed, eager = stand_in_layers(monkeypatch)
+    T, d = 64, 16
+    x = torch.randn(T, d, requires_grad=True)  # both calls one signature: one graph, one set of gradient tensors
+    for layer in (graphed, eager):
+        layer(layer(x)).sum().backward()  # call 1 eager, call 2 captures
+        layer.zero_grad(set_to_none=True)
+    for i in range(2):
+        got, want = (layer(layer(x)).sum() for layer in (graphed, eager))
+        got.backward(), want.backward()
+        assert_same([p.grad for p in graphed.parameters()], [p.grad for p in eager.parameters()], f"twice in one graph, call {i + 1}")
+        for layer in (graphed, eager):
+            layer.zero_grad(set_to_none=True)
+    assert regions(graphed) == ["router + core"]
+    assert next(iter(graphed.core_graphs.captured.values())).hands_over is False

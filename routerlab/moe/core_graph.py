@@ -18,8 +18,12 @@ and not already inside a capture (train.cuda_graph's step) or a torch.compile tr
                   (one memory pool), then replayed
   later calls     inputs copied into the graph's tensors, the forward replayed; backward: the gradient of each
                   differentiable output copied in (zero where unused), the backward replayed
-Nothing the graphs write leaves the layer: outputs and gradients are copies, so a later replay cannot change a tensor
-the caller holds (the cost: a copy of the expert weights' gradients, which a large layer feels). A backward whose
+A later replay never changes a tensor the caller holds. Outputs and the inputs' gradients are copies. The parameters'
+gradients are handed over as the graph's own tensors, saving a copy of the expert weights' gradients (0.5 ms a layer
+at d=2048, E=64, h=1408), because AccumulateGrad keeps the tensor it is given as p.grad: before each backward replay
+the layer checks that nothing outside holds them. A p.grad that still does (micro-batches, zero_grad(set_to_none=False))
+is replaced by a copy first, as AccumulateGrad would have made; anything else that holds one (the same layer used twice
+in one graph) gets that backward computed eagerly, and the signature hands over copies from then on. A backward whose
 forward a later forward of the same signature overwrote (two micro-batches forward before either backward) replays its
 forward again on its saved inputs first: the same numbers, since the parameters cannot change in between (autograd's
 version counters check it) and the region draws nothing (to rounding where a kernel adds with atomics). The captured router may take other kernels than the eager one
@@ -51,7 +55,10 @@ class _Captured:
     grad_outputs: tuple[Tensor | None, ...]  # the gradient of each output the backward reads (None: not differentiable)
     grads: tuple[Tensor | None, ...]         # of each input, then each parameter (None where not wanted)
     layout: object                            # what the region returns besides tensors (the aux losses' names)
+    region: object                            # region(params, *inputs), for a backward that cannot replay
+    uses: tuple[int | None, ...] = ()         # each gradient's storage use count while only the graphs hold it
     generation: int = 0                       # forwards replayed: a backward checks its forward is still there
+    hands_over: bool = True                   # the parameters' gradients leave as the graph's tensors, not copies
 
 
 class CoreGraphs:
@@ -185,7 +192,38 @@ def _capture(region, inputs: tuple, params) -> _Captured | None:
         torch.cuda.synchronize()
         return None
     grads = tuple(next(found) if t is not None and t.requires_grad else None for t in leaves)
-    return _Captured(fwd, bwd, statics, tuple(o.detach() for o in outs), grad_outputs, grads, layout)
+    uses = tuple(None if g is None else _uses(g) for g in grads)
+    return _Captured(fwd, bwd, statics, tuple(o.detach() for o in outs), grad_outputs, grads, layout, region, uses)
+
+
+def _uses(t: Tensor) -> int:
+    """References to t's memory (torch's CUDA graph trees read the same count to find outputs still held)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _writable(captured: _Captured, params) -> bool:
+    """Whether the backward may overwrite the gradients: nothing outside holds them, once a p.grad that still does is
+    replaced by a copy."""
+    n_inputs = len(captured.grads) - len(params)
+    for p, g, free in zip(params, captured.grads[n_inputs:], captured.uses[n_inputs:]):
+        if g is None or _uses(g) == free:
+            continue
+        if p.grad is not None and p.grad.data_ptr() == g.data_ptr():
+            p.grad = p.grad.clone()
+        if _uses(g) != free:
+            return False
+    return True
+
+
+def _eager_gradients(captured: _Captured, saved, n_inputs: int, grad_outputs) -> list[Tensor | None]:
+    """The backward without the graphs: the region's forward again on the saved inputs, then autograd."""
+    leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in saved]
+    with torch.enable_grad():
+        outs, _ = captured.region(leaves[n_inputs:], *leaves[:n_inputs])
+    pairs = [(o, g) for o, g, s in zip(outs, grad_outputs, captured.grad_outputs) if s is not None and g is not None]
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) if pairs else [None] * len(wanted))
+    return [next(found) if t is not None and t.requires_grad else None for t in leaves]
 
 
 def _replay_forward(captured: _Captured, inputs) -> None:
@@ -197,8 +235,9 @@ def _replay_forward(captured: _Captured, inputs) -> None:
 
 
 class _Replay(torch.autograd.Function):
-    """The captured forward and backward as one autograd node; copies in and out of the graphs' tensors.
-    apply(captured, number of inputs, *inputs, *parameters) -> copies of the region's tensors."""
+    """The captured forward and backward as one autograd node; copies in and out of the graphs' tensors, but for the
+    parameters' gradients (the module's docstring). apply(captured, number of inputs, *inputs, *parameters) -> copies
+    of the region's tensors."""
 
     @staticmethod
     def forward(ctx, captured: _Captured, n_inputs: int, *given: Tensor | None):
@@ -212,12 +251,16 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs: Tensor | None):
-        captured = ctx.captured
+        captured, n_inputs = ctx.captured, ctx.n_inputs
         saved = ctx.saved_tensors
+        if not _writable(captured, saved[n_inputs:]):
+            captured.hands_over = False
+            return (None, None, *_eager_gradients(captured, saved, n_inputs, grad_outputs))
         if ctx.generation != captured.generation:  # a later forward replaced this one's activations: bring them back
-            _replay_forward(captured, saved[: ctx.n_inputs])
+            _replay_forward(captured, saved[:n_inputs])
         for static, grad in zip(captured.grad_outputs, grad_outputs):
             if static is not None:
                 static.zero_() if grad is None else static.copy_(grad)
         captured.bwd.replay()
-        return (None, None, *(None if g is None else g.clone() for g in captured.grads))
+        grads = (None if g is None else g.detach() if i >= n_inputs and captured.hands_over else g.clone() for i, g in enumerate(captured.grads))
+        return (None, None, *grads)
