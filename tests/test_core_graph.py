@@ -342,22 +342,30 @@ def test_a_router_forward_is_pure_only_where_its_class_and_options_say_so():
     assert not router.forward_is_pure(), "a hook would run on the eager calls only"
 
 
-def stand_in_layers(monkeypatch):
-    monkeypatch.setattr(core_graph, "_capture", stand_in_capture)
-    monkeypatch.setattr(core_graph, "applies", lambda layer, x, differentiable: layer.graph_core and torch.is_grad_enabled())
-    graphed = make_layer(16, 4, 2, 8)
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+def hand_over_layers(monkeypatch, device):
+    """A graphed layer and its eager copy, and a maker of inputs: on the CPU through the stand-in capture (float32), on
+    CUDA through real graphs (bf16, TF32 off)."""
+    if device == "cpu":
+        monkeypatch.setattr(core_graph, "_capture", stand_in_capture)
+        monkeypatch.setattr(core_graph, "applies", lambda layer, x, differentiable: layer.graph_core and torch.is_grad_enabled())
+        graphed, T, d, dtype = make_layer(16, 4, 2, 8), 64, 16, torch.float32
+    else:
+        graphed, T, d, dtype = make_layer(64, 8, 2, 96).to("cuda", torch.bfloat16), 512, 64, torch.bfloat16
     eager = copy.deepcopy(graphed)
     eager.graph_core = False
-    return graphed, eager
+    return graphed, eager, lambda **kw: torch.randn(T, d, device=device, dtype=dtype, **kw), lambda: torch.randn(T, d, device=device)
 
 
-def test_the_parameters_gradients_are_handed_over_and_never_overwritten_while_held(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_parameters_gradients_are_handed_over_and_never_overwritten_while_held(monkeypatch, device):
     """The graphs' gradient tensors become p.grad without a copy; a p.grad kept across backwards
     (zero_grad(set_to_none=False)) or a gradient held elsewhere is not overwritten by the next replay, and the numbers
     stay the eager layer's."""
-    graphed, eager = stand_in_layers(monkeypatch)
-    T, d = 64, 16
-    x, g = torch.randn(T, d), torch.randn(T, d)
+    graphed, eager, new_x, new_g = hand_over_layers(monkeypatch, device)
+    x, g = new_x(), new_g()
     for layer in (graphed, eager):
         step(layer, x, g)  # call 1 eager
         layer.zero_grad(set_to_none=True)
@@ -378,24 +386,24 @@ def test_the_parameters_gradients_are_handed_over_and_never_overwritten_while_he
     want = [h.clone() for h in held]
     for layer in (graphed, eager):
         layer.zero_grad(set_to_none=True)
-    x2 = torch.randn(T, d)
+    x2 = new_x()
     assert_same(step(graphed, x2, g), step(eager, x2, g), "with the gradients held")
     assert_same(held, want, "the held gradients")
     assert not captured.hands_over, "computed eagerly once, copies from then on"
     assert_same(step(graphed, x, g), step(eager, x, g), "copies")
 
 
-def test_a_gradient_held_elsewhere_turns_the_hand_over_off_and_the_backward_eager(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_gradient_held_elsewhere_turns_the_hand_over_off_and_the_backward_eager(monkeypatch, device):
     """The same layer twice in one graph: the second backward finds the first one's gradient still waiting to be summed,
     computes its own eagerly and the signature hands over copies from then on; the numbers are the eager layer's."""
-    graphed, eager = stand_in_layers(monkeypatch)
-    T, d = 64, 16
-    x = torch.randn(T, d, requires_grad=True)  # both calls one signature: one graph, one set of gradient tensors
+    graphed, eager, new_x, _ = hand_over_layers(monkeypatch, device)
+    x = new_x(requires_grad=True)  # both calls one signature: one graph, one set of gradient tensors
     for layer in (graphed, eager):
-        layer(layer(x)).sum().backward()  # call 1 eager, call 2 captures
+        layer(layer(x)).float().sum().backward()  # call 1 eager, call 2 captures
         layer.zero_grad(set_to_none=True)
     for i in range(2):
-        got, want = (layer(layer(x)).sum() for layer in (graphed, eager))
+        got, want = (layer(layer(x)).float().sum() for layer in (graphed, eager))
         got.backward(), want.backward()
         assert_same([p.grad for p in graphed.parameters()], [p.grad for p in eager.parameters()], f"twice in one graph, call {i + 1}")
         for layer in (graphed, eager):
