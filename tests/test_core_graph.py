@@ -203,7 +203,9 @@ def test_training_with_graphed_cores_is_training_without(tmp_path):
 
 def stand_in_capture(region, inputs, params):
     """core_graph._capture's contract on the CPU: the same aliases of the parameters and copies of the inputs, and
-    "graphs" whose replays run the region again on them, writing into the same output and gradient tensors."""
+    "graphs" whose replays run the region again on them, writing into the same output and gradient tensors. The
+    forward's replay fills the gradient tensors with NaN first: the real graphs share one memory pool, so the forward's
+    temporaries may overwrite them."""
     aliases = [p.detach().requires_grad_(p.requires_grad) for p in params]
     assert all(a.data_ptr() == p.data_ptr() for a, p in zip(aliases, params)), "aliases, not copies"
     statics = tuple(None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
@@ -227,6 +229,9 @@ def stand_in_capture(region, inputs, params):
     grads = tuple(None if g is None else torch.empty_like(g) for g in gradients(grad_outputs))  # None: unused, as the capture's
 
     def replay_forward():
+        for static in grads:  # a real forward graph may lay its temporaries where the backward puts the gradients
+            if static is not None:
+                static.fill_(float("nan"))
         forward()
         for static, o in zip(outputs, live["outs"]):
             static.copy_(o.detach())

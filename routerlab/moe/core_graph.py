@@ -23,7 +23,9 @@ gradients are handed over as the graph's own tensors, saving a copy of the exper
 at d=2048, E=64, h=1408), because AccumulateGrad keeps the tensor it is given as p.grad: before each backward replay
 the layer checks that nothing outside holds them. A p.grad that still does (micro-batches, zero_grad(set_to_none=False))
 is replaced by a copy first, as AccumulateGrad would have made; anything else that holds one (the same layer used twice
-in one graph) gets that backward computed eagerly, and the signature hands over copies from then on. A backward whose
+in one graph) gets that call computed eagerly, and the signature hands over copies from then on. The check runs before
+the forward's replay too: the forward and backward share a memory pool, so the forward's temporaries may lie where the
+backward puts a gradient (micro-batches: the next forward comes while p.grad holds the last backward's). A backward whose
 forward a later forward of the same signature overwrote (two micro-batches forward before either backward) replays its
 forward again on its saved inputs first: the same numbers, since the parameters cannot change in between (autograd's
 version counters check it) and the region draws nothing (to rounding where a kernel adds with atomics). The captured router may take other kernels than the eager one
@@ -162,6 +164,9 @@ def _run(layer, key: tuple, region, inputs: tuple, params) -> tuple[tuple[Tensor
     captured = graphs.captured[key]
     if captured is None:
         return region(params, *inputs)
+    if not _writable(captured, params):  # the forward's replay may reuse a held gradient's memory: this call is eager
+        captured.hands_over = False
+        return region(params, *inputs)
     return _Replay.apply(captured, len(inputs), *inputs, *params), captured.layout
 
 
@@ -202,8 +207,9 @@ def _uses(t: Tensor) -> int:
 
 
 def _writable(captured: _Captured, params) -> bool:
-    """Whether the backward may overwrite the gradients: nothing outside holds them, once a p.grad that still does is
-    replaced by a copy."""
+    """Whether a replay may overwrite the gradients: nothing outside holds them, once a p.grad that still does is
+    replaced by a copy. The backward writes them, and the forward may too: the two graphs share one memory pool, so the
+    forward's temporaries can lie where the backward later puts a gradient."""
     n_inputs = len(captured.grads) - len(params)
     for p, g, free in zip(params, captured.grads[n_inputs:], captured.uses[n_inputs:]):
         if g is None or _uses(g) == free:
