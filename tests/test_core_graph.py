@@ -244,7 +244,7 @@ def stand_in_capture(region, inputs, params):
     graph = types.SimpleNamespace
     uses = tuple(None if g is None else core_graph._uses(g) for g in grads)
     return core_graph._Captured(graph(replay=replay_forward), graph(replay=replay_backward), statics, outputs, grad_outputs, grads, layout,
-                                region, uses)
+                                uses)
 
 
 @pytest.mark.parametrize("router", ["softmax_topk", "hash"])

@@ -19,13 +19,12 @@ and not already inside a capture (train.cuda_graph's step) or a torch.compile tr
   later calls     inputs copied into the graph's tensors, the forward replayed; backward: the gradient of each
                   differentiable output copied in (zero where unused), the backward replayed
 A later replay never changes a tensor the caller holds. Outputs and the inputs' gradients are copies. The parameters'
-gradients are handed over as the graph's own tensors, saving a copy of the expert weights' gradients (0.5 ms a layer
-at d=2048, E=64, h=1408), because AccumulateGrad keeps the tensor it is given as p.grad: before each backward replay
-the layer checks that nothing outside holds them. A p.grad that still does (micro-batches, zero_grad(set_to_none=False))
-is replaced by a copy first, as AccumulateGrad would have made; anything else that holds one (the same layer used twice
-in one graph) gets that call computed eagerly, and the signature hands over copies from then on. The check runs before
-the forward's replay too: the forward and backward share a memory pool, so the forward's temporaries may lie where the
-backward puts a gradient (micro-batches: the next forward comes while p.grad holds the last backward's). A backward whose
+gradients are the graph's own tensors, handed over without a copy (AccumulateGrad keeps them as p.grad; the copy of
+the expert weights' gradients cost 0.5 ms a layer at d=2048, E=64, h=1408). So before each replay, forward and backward,
+the layer checks that nothing outside still holds them: the backward writes them, and the forward's temporaries may lie
+in the same memory (one pool for both graphs). A p.grad that still does (micro-batches, zero_grad(set_to_none=False))
+is replaced by a copy first, the copy AccumulateGrad would have made; anything else that holds one (the same layer used
+twice in one graph) gets that call computed eagerly, and the signature hands over copies from then on. A backward whose
 forward a later forward of the same signature overwrote (two micro-batches forward before either backward) replays its
 forward again on its saved inputs first: the same numbers, since the parameters cannot change in between (autograd's
 version counters check it) and the region draws nothing (to rounding where a kernel adds with atomics). The captured router may take other kernels than the eager one
@@ -57,7 +56,6 @@ class _Captured:
     grad_outputs: tuple[Tensor | None, ...]  # the gradient of each output the backward reads (None: not differentiable)
     grads: tuple[Tensor | None, ...]         # of each input, then each parameter (None where not wanted)
     layout: object                            # what the region returns besides tensors (the aux losses' names)
-    region: object                            # region(params, *inputs), for a backward that cannot replay
     uses: tuple[int | None, ...] = ()         # each gradient's storage use count while only the graphs hold it
     generation: int = 0                       # forwards replayed: a backward checks its forward is still there
     hands_over: bool = True                   # the parameters' gradients leave as the graph's tensors, not copies
@@ -167,7 +165,7 @@ def _run(layer, key: tuple, region, inputs: tuple, params) -> tuple[tuple[Tensor
     if not _writable(captured, params):  # the forward's replay may reuse a held gradient's memory: this call is eager
         captured.hands_over = False
         return region(params, *inputs)
-    return _Replay.apply(captured, len(inputs), *inputs, *params), captured.layout
+    return _Replay.apply(captured, region, len(inputs), *inputs, *params), captured.layout
 
 
 def _capture(region, inputs: tuple, params) -> _Captured | None:
@@ -198,7 +196,7 @@ def _capture(region, inputs: tuple, params) -> _Captured | None:
         return None
     grads = tuple(next(found) if t is not None and t.requires_grad else None for t in leaves)
     uses = tuple(None if g is None else _uses(g) for g in grads)
-    return _Captured(fwd, bwd, statics, tuple(o.detach() for o in outs), grad_outputs, grads, layout, region, uses)
+    return _Captured(fwd, bwd, statics, tuple(o.detach() for o in outs), grad_outputs, grads, layout, uses)
 
 
 def _uses(t: Tensor) -> int:
@@ -221,11 +219,11 @@ def _writable(captured: _Captured, params) -> bool:
     return True
 
 
-def _eager_gradients(captured: _Captured, saved, n_inputs: int, grad_outputs) -> list[Tensor | None]:
+def _eager_gradients(captured: _Captured, region, saved, n_inputs: int, grad_outputs) -> list[Tensor | None]:
     """The backward without the graphs: the region's forward again on the saved inputs, then autograd."""
     leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in saved]
     with torch.enable_grad():
-        outs, _ = captured.region(leaves[n_inputs:], *leaves[:n_inputs])
+        outs, _ = region(leaves[n_inputs:], *leaves[:n_inputs])
     pairs = [(o, g) for o, g, s in zip(outs, grad_outputs, captured.grad_outputs) if s is not None and g is not None]
     wanted = [t for t in leaves if t is not None and t.requires_grad]
     found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) if pairs else [None] * len(wanted))
@@ -242,13 +240,14 @@ def _replay_forward(captured: _Captured, inputs) -> None:
 
 class _Replay(torch.autograd.Function):
     """The captured forward and backward as one autograd node; copies in and out of the graphs' tensors, but for the
-    parameters' gradients (the module's docstring). apply(captured, number of inputs, *inputs, *parameters) -> copies
-    of the region's tensors."""
+    parameters' gradients (the module's docstring). apply(captured, region, number of inputs, *inputs, *parameters) ->
+    copies of the region's tensors; the region (which holds the layer) stays with the node, not the capture, so a
+    layer and its graphs form no reference cycle."""
 
     @staticmethod
-    def forward(ctx, captured: _Captured, n_inputs: int, *given: Tensor | None):
+    def forward(ctx, captured: _Captured, region, n_inputs: int, *given: Tensor | None):
         _replay_forward(captured, given[:n_inputs])
-        ctx.captured, ctx.generation, ctx.n_inputs = captured, captured.generation, n_inputs
+        ctx.captured, ctx.region, ctx.generation, ctx.n_inputs = captured, region, captured.generation, n_inputs
         ctx.save_for_backward(*given)  # the inputs, for a second replay, and the parameters' version counters
         outputs = tuple(t.clone() for t in captured.outputs)
         ctx.mark_non_differentiable(*(o for o, g in zip(outputs, captured.grad_outputs) if g is None))
@@ -261,7 +260,7 @@ class _Replay(torch.autograd.Function):
         saved = ctx.saved_tensors
         if not _writable(captured, saved[n_inputs:]):
             captured.hands_over = False
-            return (None, None, *_eager_gradients(captured, saved, n_inputs, grad_outputs))
+            return (None, None, None, *_eager_gradients(captured, ctx.region, saved, n_inputs, grad_outputs))
         if ctx.generation != captured.generation:  # a later forward replaced this one's activations: bring them back
             _replay_forward(captured, saved[:n_inputs])
         for static, grad in zip(captured.grad_outputs, grad_outputs):
@@ -269,4 +268,4 @@ class _Replay(torch.autograd.Function):
                 static.zero_() if grad is None else static.copy_(grad)
         captured.bwd.replay()
         grads = (None if g is None else g.detach() if i >= n_inputs and captured.hands_over else g.clone() for i, g in enumerate(captured.grads))
-        return (None, None, *grads)
+        return (None, None, None, *grads)
