@@ -72,9 +72,8 @@ def main() -> None:
             counts = loads(T, E, k, skew, gen)
             offs = counts.cumsum(0).to(device=dev, dtype=torch.int32)
             grouped_ms = sum(time_cuda(f, it) for f in six(x, w_in, w_out, g, gy, gh, offs))
-            # split: rows [0, E*C) are the padded [E, C] layout (each expert's first min(load, C) rows, zeros after),
-            # rows [E*C, N) the overflow in expert order; the buffers keep their static size N - E*C = 0 ... so the
-            # overflow lives in buffers of N rows (the static worst case) of which offs_over[-1] are read
+            # split: the main part is the [E, C] layout (each expert's first min(load, C) rows); the overflow, in expert
+            # order, lives in buffers of N rows (a static worst case) of which grouped_mm reads offs_over[-1]
             over = (counts - C).clamp(min=0)
             offs_over = over.cumsum(0).to(device=dev, dtype=torch.int32)
             xo, go, gyo, gho = (torch.randn(N, t.shape[1], device=dev, dtype=bf) for t in (x, g, gy, gh))

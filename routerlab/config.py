@@ -104,10 +104,10 @@ class TrainConfig(Strict):
     # layers too; "auto" = off for now (measured slower in the trainer before a router fix; see compile.py)
     compile: Literal["auto", "off", "dense", "moe"] = "auto"
     tf32: bool = True  # float32 matmuls on CUDA (fp32 runs; the float32 router gates of bf16 runs) in TF32; false = full fp32
-    # CUDA: capture each step's forward + backward once as a CUDA graph and replay it (routerlab/step_graph.py) when
-    # the step qualifies (one process, one micro-batch, routers declared graph-safe, no extra loss terms); where only the
-    # routers are graph-safe, each MoE layer's dispatch + experts + combine instead (routerlab/moe/core_graph.py);
-    # false: every kernel launched eagerly; CPU: ignored
+    # CUDA: capture a micro-batch's forward + backward once as a CUDA graph and replay it (routerlab/step_graph.py) when
+    # the step qualifies (one process, routers declared graph-safe, no extra loss terms); where only the routers are
+    # graph-safe, each MoE layer's dispatch + experts + combine instead, with the router where its forward is pure
+    # (routerlab/moe/core_graph.py); false: every kernel launched eagerly; CPU: ignored
     cuda_graph: bool = True
     # CUDA: the AdamW step as routerlab's Triton kernel (routerlab/adamw.py: fewer bytes moved) or torch's fused
     # AdamW; the same state and semantics either way. CPU: torch's AdamW, ignored

@@ -56,7 +56,7 @@ class _Captured:
     grad_outputs: tuple[Tensor | None, ...]  # the gradient of each output the backward reads (None: not differentiable)
     grads: tuple[Tensor | None, ...]         # of each input, then each parameter (None where not wanted)
     layout: object                            # what the region returns besides tensors (the aux losses' names)
-    uses: tuple[int | None, ...] = ()         # each gradient's storage use count while only the graphs hold it
+    uses: tuple[int | None, ...]              # each gradient's storage use count while only the graphs hold it
     generation: int = 0                       # forwards replayed: a backward checks its forward is still there
     hands_over: bool = True                   # the parameters' gradients leave as the graph's tensors, not copies
 
