@@ -23,6 +23,7 @@ import torch
 
 from routerlab.ablate.report import summarize
 from routerlab.bench.trainer import PRESETS, steady_tokens_per_s
+from routerlab.checkpoint import atomic_write_text
 from routerlab.config import load_config
 from routerlab.train import Trainer
 
@@ -71,8 +72,7 @@ def main() -> None:
         print(f"  {case}: graphed / eager tokens/s, pair by pair {', '.join(f'{r:.3f}' for r in ratios)}; mean {s.mean:.3f}"
               f" (95% t-interval {s.low:.3f} to {s.high:.3f})", flush=True)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

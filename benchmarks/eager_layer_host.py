@@ -25,6 +25,7 @@ import time
 import torch
 
 from routerlab.bench.core import IdealBmm, fwd_bwd, graph_ms, kernel_ms, make_layer, parse_shapes, time_cuda
+from routerlab.checkpoint import atomic_write_text
 
 
 def host_ms(fn, iters: int) -> float:
@@ -101,8 +102,7 @@ def main() -> None:
         del layer, xs
         torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+        atomic_write_text(args.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 import torch
 
 from routerlab.bench.core import time_cuda
+from routerlab.checkpoint import atomic_write_text
 from routerlab.moe.kernels import grouped_mm
 
 SHAPES = [(16384, 1024, 512, 64, 6), (16384, 1024, 512, 8, 1), (8192, 1024, 2816, 16, 2), (16384, 2048, 1408, 64, 6)]
@@ -112,8 +113,7 @@ def main() -> None:
         del w_in, w_out, x, g, gy, gh, xo, go, gyo, gho
         torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        atomic_write_text(args.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
